@@ -1,0 +1,237 @@
+"""create_app(settings): the FastAPI factory and its lifespan, which wires store, models and
+worker together and takes them down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.api import health, jobs
+from service.config import Settings
+from service.errors import AipError, PayloadTooLarge
+from service.models.host import ModelHost
+from service.store.migrate import migrate
+from service.store.queue import Queue
+from service.store.reads import Reads
+from service.store.sqlite import read_engine
+from service.worker import Worker
+
+log = logging.getLogger("aip")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    queue: Queue
+    reads: Reads
+    host: ModelHost
+    worker: Worker
+    started: float
+
+
+class DataDirLock:
+    """One service per data directory: two workers on one queue would fight over leases."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "aip.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RuntimeError(
+                f"another aip service is already using {self.path.parent}; stop it, or give "
+                "this one its own --data-dir"
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+class BodyLimit:
+    """Refuse an oversized request body with 413 before it is read: by Content-Length when
+    declared, else by counting the bytes as they stream in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_error(send, self._error())
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._error()
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the request body is larger than {self.limit:,} bytes (AIP_MAX_UPLOAD_BYTES)"
+        )
+
+
+async def _send_error(send: Send, error: AipError) -> None:
+    response = JSONResponse(error.to_dict(), status_code=error.status)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AipError)
+    async def _aip_error(_: Request, exc: AipError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
+        return JSONResponse({"code": "invalid_request", "message": message}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"code": code, "message": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+            status_code=500,
+        )
+
+
+async def _load_models(host: ModelHost, worker: Worker) -> None:
+    try:
+        await host.load_all()
+    except AipError as exc:
+        log.error("%s", exc.message)
+        return
+    worker.start()
+
+
+async def _expire_leases(queue: Queue, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            requeued, failed = await queue.recover(expired_only=True)
+        except Exception:
+            log.exception("lease check failed")
+            continue
+        if requeued or failed:
+            log.warning("expired leases: %d jobs queued again, %d failed", requeued, failed)
+
+
+def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
+    """The app for `settings`. A `host` passed in is shared (tests) and not closed here."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.monotonic()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = DataDirLock(settings.data_dir)
+        lock.acquire()
+        tasks: list[asyncio.Task[Any]] = []
+        owned_host = host is None
+        models = host or ModelHost({"detector": settings.detector, "reasoner": settings.reasoner})
+        queue: Queue | None = None
+        reads: Reads | None = None
+        try:
+            applied = await asyncio.to_thread(migrate, settings.database)
+            if applied:
+                log.info("database %s migrated to %s", settings.database, applied[-1])
+            queue = await Queue.open(settings.database)
+            requeued, failed = await queue.recover(expired_only=False)
+            if requeued or failed:
+                log.warning(
+                    "recovered %d interrupted jobs (%d failed for good)", requeued + failed, failed
+                )
+            reads = Reads(read_engine(settings.database))
+            worker = Worker(settings, queue, models)
+            app.state.services = Services(settings, queue, reads, models, worker, started)
+            log.info(
+                "aip %s started on %s; queue %s",
+                __version__,
+                settings.database,
+                await queue.counts(),
+            )
+            if models.ready:
+                worker.start()
+            else:
+                tasks.append(asyncio.create_task(_load_models(models, worker)))
+            tasks.append(asyncio.create_task(_expire_leases(queue, settings.lease_seconds)))
+            yield
+            await worker.stop()
+            log.info("aip stopped; queue %s", await queue.counts())
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if reads is not None:
+                await reads.close()
+            if queue is not None:
+                await queue.close()
+            if owned_host:
+                await models.close()
+            lock.release()
+
+    app = FastAPI(
+        title="aerial-intelligence-pipeline",
+        version=__version__,
+        description="Local-first visual AI jobs: Falcon Perception detection, then Gemma 4 "
+        "reasoning, persisted in SQLite.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 1024 * 1024)
+    _install_error_handlers(app)
+    app.include_router(health.router, prefix="/v1")
+    app.include_router(jobs.router, prefix="/v1")
+    return app

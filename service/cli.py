@@ -1,0 +1,285 @@
+"""The `aip` command: `serve` runs the service; the other commands are its HTTP clients, plus
+`models tiny` to write demo checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from service import __version__
+from service.config import Settings
+from service.errors import AipError
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        data_dir=getattr(args, "data_dir", None),
+        inbox=getattr(args, "inbox", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        detector=getattr(args, "detector", None),
+        reasoner=getattr(args, "reasoner", None),
+        token=getattr(args, "token", None),
+        demo=getattr(args, "demo", None) or None,
+    )
+
+
+def prepare_models(settings: Settings) -> Settings:
+    """Point the settings at weights on disk: tiny checkpoints for --demo, otherwise the
+    configured sources, downloaded once (with progress) when they are hub ids not yet cached."""
+    if settings.demo:
+        from service.models.tiny import build_tiny_checkpoints
+
+        print(
+            f"aip: demo mode: tiny random-weight checkpoints in {settings.demo_models_dir}",
+            file=sys.stderr,
+        )
+        detector, reasoner = build_tiny_checkpoints(settings.demo_models_dir)
+        return settings.replace(detector=str(detector), reasoner=str(reasoner))
+    from service.models.sources import resolve
+
+    detector = resolve("detector", settings.detector, allow_download=True)
+    reasoner = resolve("reasoner", settings.reasoner, allow_download=True)
+    return settings.replace(detector=str(detector), reasoner=str(reasoner))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not _is_loopback(settings.host) and not settings.token:
+        print(
+            f"aip: refusing to listen on {settings.host} without a token: set AIP_TOKEN (or "
+            "--token) so only clients that know it can reach your images",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = prepare_models(settings)
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 2,
+    )
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from service.models.sources import resolve
+
+    settings = _settings(args)
+    roles = [args.role] if args.role else ["detector", "reasoner"]
+    for role in roles:
+        source = settings.detector if role == "detector" else settings.reasoner
+        try:
+            path = resolve(role, source, allow_download=True)
+        except AipError as exc:
+            print(f"aip: {exc.message}", file=sys.stderr)
+            return 2
+        print(f"{role}: {source} -> {path}")
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from service.models.tiny import build_tiny_checkpoints
+
+    detector, reasoner = build_tiny_checkpoints(Path(args.dir))
+    print(f"detector: {detector}\nreasoner: {reasoner}")
+    return 0
+
+
+# -- HTTP clients -----------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, settings: Settings, url: str | None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self.http = httpx.Client(base_url=url or settings.base_url, headers=headers, timeout=60)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        import httpx
+
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise SystemExit(
+                f"aip: no service answers at {self.http.base_url}; start it with `aip serve`"
+            ) from None
+        body = response.json() if response.content else {}
+        if response.status_code >= 400:
+            raise SystemExit(
+                f"aip: {body.get('code', response.status_code)}: "
+                f"{body.get('message', response.text)}"
+            )
+        return body
+
+
+def _print_job(job: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(job, indent=2))
+        return
+    print(
+        f"job {job['id']}: {job['status']} (attempt {job['attempts']}/{job['max_attempts']}) "
+        f"{job['input']['name']} {job['input']['width']}x{job['input']['height']}"
+    )
+    if job.get("error"):
+        print(f"  error: {job['error']['code']}: {job['error']['message']}")
+    result = job.get("result")
+    if result:
+        print(f"  detections: {len(result['detections'])}")
+        for d in result["detections"]:
+            print(f"    {d['number']}. {d['label']} {d['box']}")
+        print(f"  reasoning: {result['reasoning']}")
+    if job.get("timings_ms"):
+        print("  timings (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in job["timings_ms"].items()))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = Client(_settings(args), args.url)
+    path = Path(args.image)
+    if not path.is_file():
+        print(f"aip: no file at {path}", file=sys.stderr)
+        return 2
+    data: dict[str, Any] = {"queries": args.query or []}
+    if args.prompt:
+        data["prompt"] = args.prompt
+    with path.open("rb") as f:
+        job = client.call("POST", "/v1/jobs", files={"image": (path.name, f)}, data=data)
+    if args.wait:
+        while job["status"] not in TERMINAL:
+            time.sleep(0.5)
+            job = client.call("GET", f"/v1/jobs/{job['id']}")
+    _print_job(job, args.json)
+    return 1 if args.wait and job["status"] != "succeeded" else 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    client = Client(_settings(args), args.url)
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.status:
+        params["status"] = args.status
+    page = client.call("GET", "/v1/jobs", params=params)
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    for job in page["jobs"]:
+        found = len(job["result"]["detections"]) if job.get("result") else "-"
+        print(
+            f"{job['id']:>6}  {job['status']:<9}  {job['created_at']}  "
+            f"{found!s:>3} found  {job['input']['name']}"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    _print_job(Client(_settings(args), args.url).call("GET", f"/v1/jobs/{args.id}"), args.json)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = Client(_settings(args), args.url).call("POST", f"/v1/jobs/{args.id}/cancel")
+    _print_job(job, args.json)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    job = Client(_settings(args), args.url).call("POST", f"/v1/jobs/{args.id}/retry")
+    _print_job(job, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aip", description="Local-first visual AI jobs.")
+    parser.add_argument("--version", action="version", version=f"aip {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service (API, worker, models)")
+    serve.add_argument(
+        "--demo", action="store_true", help="run offline on tiny random-weight checkpoints"
+    )
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--inbox", type=Path)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--detector", help="hub id or local folder (AIP_DETECTOR)")
+    serve.add_argument("--reasoner", help="hub id or local folder (AIP_REASONER)")
+    serve.add_argument("--token", help="bearer token clients must send (AIP_TOKEN)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--url", help="service address (default from AIP_HOST/AIP_PORT)")
+        sub.add_argument("--json", action="store_true", help="print the raw JSON")
+        return sub
+
+    submit = client_command("submit", "submit an image")
+    submit.add_argument("image")
+    submit.add_argument("--query", "-q", action="append", help="detection query (repeatable)")
+    submit.add_argument("--prompt", "-p", help="question for the reasoning model")
+    submit.add_argument("--wait", action="store_true", help="wait for the result")
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = client_command("jobs", "list jobs, newest first")
+    jobs.add_argument("--status")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(func=cmd_jobs)
+
+    for name, func, text in (
+        ("show", cmd_show, "show one job"),
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("retry", cmd_retry, "queue a failed job again"),
+    ):
+        sub = client_command(name, text)
+        sub.add_argument("id", type=int)
+        sub.set_defaults(func=func)
+
+    models = commands.add_parser("models", help="model checkpoints")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    pull = model_commands.add_parser("pull", help="download the configured models once")
+    pull.add_argument("role", nargs="?", choices=["detector", "reasoner"])
+    pull.add_argument("--detector")
+    pull.add_argument("--reasoner")
+    pull.set_defaults(func=cmd_models_pull)
+    tiny = model_commands.add_parser("tiny", help="write tiny random-weight checkpoints")
+    tiny.add_argument("dir")
+    tiny.set_defaults(func=cmd_models_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

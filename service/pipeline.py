@@ -1,0 +1,127 @@
+"""Detection, then reasoning over the image and what was detected: pure orchestration over two
+small model protocols; knows neither mlx nor the database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from service.detection import Detection
+from service.errors import InvalidInput
+
+
+class Detector(Protocol):
+    def detect(self, image: Image.Image, query: str) -> list[Detection]: ...
+
+
+class Reasoner(Protocol):
+    def reason(self, image: Image.Image, prompt: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class JobParams:
+    queries: tuple[str, ...]
+    prompt: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"queries": list(self.queries), "prompt": self.prompt, "options": self.options}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobParams:
+        return cls(tuple(raw["queries"]), raw["prompt"], dict(raw.get("options") or {}))
+
+
+def parse_queries(values: Iterable[str]) -> list[str]:
+    """Repeatable values, each possibly comma-separated: ["car, truck", "person"] -> 3."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def build_params(
+    queries: Sequence[str] | None,
+    prompt: str | None,
+    *,
+    default_queries: Sequence[str],
+    default_prompt: str,
+    max_queries: int,
+    max_prompt_chars: int,
+    max_query_chars: int = 200,
+) -> JobParams:
+    chosen = parse_queries(queries) if queries else list(default_queries)
+    unique = list(dict.fromkeys(chosen))
+    if not unique:
+        raise InvalidInput("at least one detection query is needed", code="invalid_queries")
+    if len(unique) > max_queries:
+        raise InvalidInput(
+            f"{len(unique)} detection queries; at most {max_queries} per job",
+            code="invalid_queries",
+        )
+    for query in unique:
+        if len(query) > max_query_chars:
+            raise InvalidInput(
+                f"detection query of {len(query)} characters; at most {max_query_chars}",
+                code="invalid_queries",
+            )
+    text = default_prompt if prompt is None or not prompt.strip() else prompt.strip()
+    if len(text) > max_prompt_chars:
+        raise InvalidInput(
+            f"prompt of {len(text)} characters; at most {max_prompt_chars}", code="invalid_prompt"
+        )
+    return JobParams(tuple(unique), text)
+
+
+def reasoning_prompt(question: str, detections: Sequence[Detection]) -> str:
+    """The reasoner sees the numbered detections (numbers match the stored ones) and the
+    user's question."""
+    if detections:
+        width, height = detections[0].image_size
+        lines = [
+            f"An object detector found {len(detections)} objects in this "
+            f"{width}x{height} image (boxes are [x1, y1, x2, y2] in pixels):"
+        ]
+        lines += [
+            f"{n}. {d.label} at [{', '.join(str(round(v)) for v in d.box)}]"
+            for n, d in enumerate(detections, start=1)
+        ]
+    else:
+        lines = ["An object detector found no objects for the requested queries."]
+    return "\n".join([*lines, "", question])
+
+
+@dataclass(frozen=True)
+class Analysis:
+    detections: list[Detection]
+    reasoning: str
+    timings: dict[str, float]
+
+
+def analyse(
+    image: Image.Image,
+    params: JobParams,
+    detector: Detector,
+    reasoner: Reasoner,
+    *,
+    checkpoint: Callable[[str], None] = lambda stage: None,
+) -> Analysis:
+    """Run every query through the detector, then the reasoner once.
+
+    `checkpoint(stage)` is called at each stage boundary and may raise to stop the job there
+    (cancellation, timeout, shutdown)."""
+    detections: list[Detection] = []
+    began = time.perf_counter()
+    for query in params.queries:
+        checkpoint(f"detect:{query}")
+        detections.extend(detector.detect(image, query))
+    detected = time.perf_counter()
+    checkpoint("reason")
+    reasoning = reasoner.reason(image, reasoning_prompt(params.prompt, detections))
+    reasoned = time.perf_counter()
+    return Analysis(
+        detections=detections,
+        reasoning=reasoning,
+        timings={"detect": (detected - began) * 1000, "reason": (reasoned - detected) * 1000},
+    )

@@ -1,0 +1,1 @@
+"""Persistence: the SQLite file, its migrations, the job queue and the read models."""

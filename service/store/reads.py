@@ -1,0 +1,188 @@
+"""Read models: a job as the API shows it, and pages of jobs; reads only, never writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from service.errors import InvalidInput, NotFound
+from service.store.queue import STATUSES
+from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
+
+MAX_PAGE = 200
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _detection_view(row: DetectionRow, image: ImageRow) -> dict[str, Any]:
+    box = [row.x1, row.y1, row.x2, row.y2]
+    out: dict[str, Any] = {
+        "number": row.idx,
+        "label": row.label,
+        "box": [round(v, 2) for v in box],
+        "box_normalized": [
+            round(box[0] / image.width, 6),
+            round(box[1] / image.height, 6),
+            round(box[2] / image.width, 6),
+            round(box[3] / image.height, 6),
+        ],
+    }
+    if row.mask is not None:
+        out["mask"] = json.loads(row.mask)
+    return out
+
+
+def job_view(
+    job: JobRow,
+    image: ImageRow,
+    result: ResultRow | None,
+    detections: Sequence[DetectionRow],
+    attempts: Sequence[AttemptRow] | None = None,
+) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": job.id,
+        "status": job.status,
+        "source": job.source,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "cancel_requested": bool(job.cancel_requested),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "input": {
+            "name": job.input_name,
+            "sha256": image.sha256,
+            "bytes": image.bytes,
+            "width": image.width,
+            "height": image.height,
+            "format": image.format,
+            "exif": json.loads(image.exif) if image.exif else None,
+        },
+        "params": json.loads(job.params),
+        "timings_ms": {k: round(v, 1) for k, v in json.loads(job.timings or "{}").items()},
+        "models": json.loads(job.models or "{}"),
+        "result": None,
+        "error": (
+            {"code": job.error_code, "message": job.error_message} if job.error_code else None
+        ),
+        "links": {"self": f"/v1/jobs/{job.id}", "image": f"/v1/jobs/{job.id}/image"},
+    }
+    if result is not None:
+        view["result"] = {
+            "detections": [_detection_view(d, image) for d in detections],
+            "reasoning": result.reasoning,
+        }
+    if attempts is not None:
+        view["attempt_history"] = [
+            {
+                "attempt": a.attempt,
+                "worker": a.worker,
+                "started_at": iso(a.started_at),
+                "finished_at": iso(a.finished_at),
+                "outcome": a.outcome or "running",
+                "error": {"code": a.error_code, "message": a.error_message}
+                if a.error_code
+                else None,
+            }
+            for a in attempts
+        ]
+    return view
+
+
+class Reads:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def job(self, job_id: int) -> dict[str, Any]:
+        async with AsyncSession(self._engine) as session:
+            job = await session.get(JobRow, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+            image = await session.get(ImageRow, job.image_sha256)
+            assert image is not None
+            result = await session.get(ResultRow, job_id)
+            detections = (
+                await session.exec(
+                    select(DetectionRow)
+                    .where(DetectionRow.job_id == job_id)
+                    .order_by(col(DetectionRow.idx))
+                )
+            ).all()
+            attempts = (
+                await session.exec(
+                    select(AttemptRow)
+                    .where(AttemptRow.job_id == job_id)
+                    .order_by(col(AttemptRow.id))
+                )
+            ).all()
+            return job_view(job, image, result, detections, attempts)
+
+    async def image_of(self, job_id: int) -> ImageRow:
+        async with AsyncSession(self._engine) as session:
+            job = await session.get(JobRow, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+            image = await session.get(ImageRow, job.image_sha256)
+            assert image is not None
+            return image
+
+    async def page(
+        self, *, status: str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> dict[str, Any]:
+        """Newest first. The cursor is the last id seen: ids only grow, so jobs arriving
+        while a client pages are never shown twice and never shift a page."""
+        if status is not None and status not in STATUSES:
+            raise InvalidInput(
+                f"unknown status {status!r}; use one of {', '.join(STATUSES)}",
+                code="invalid_filter",
+            )
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be 1..{MAX_PAGE}", code="invalid_filter")
+        query = (
+            select(JobRow, ImageRow, ResultRow)
+            .join(ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
+            .outerjoin(ResultRow, col(ResultRow.job_id) == col(JobRow.id))
+        )
+        if status is not None:
+            query = query.where(JobRow.status == status)
+        if cursor is not None:
+            try:
+                before = int(cursor)
+            except ValueError:
+                raise InvalidInput(
+                    "cursor is not one this service issued", code="invalid_cursor"
+                ) from None
+            query = query.where(col(JobRow.id) < before)
+        query = query.order_by(col(JobRow.id).desc()).limit(limit + 1)
+        async with AsyncSession(self._engine) as session:
+            rows = (await session.exec(query)).all()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            ids = [job.id for job, _, _ in rows]
+            detections: dict[int, list[DetectionRow]] = {}
+            if ids:
+                found = await session.exec(
+                    select(DetectionRow)
+                    .where(col(DetectionRow.job_id).in_(ids))
+                    .order_by(col(DetectionRow.job_id), col(DetectionRow.idx))
+                )
+                for d in found.all():
+                    detections.setdefault(d.job_id, []).append(d)
+        jobs = [
+            job_view(job, image, result, detections.get(job.id or 0, []))
+            for job, image, result in rows
+        ]
+        return {"jobs": jobs, "next_cursor": str(ids[-1]) if more and ids else None}

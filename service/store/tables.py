@@ -1,0 +1,79 @@
+"""SQLModel mirrors of the tables that `migrations/` creates, for typed reads (never DDL)."""
+
+from __future__ import annotations
+
+from sqlmodel import Field, SQLModel
+
+
+class ImageRow(SQLModel, table=True):
+    __tablename__ = "images"
+
+    sha256: str = Field(primary_key=True)
+    bytes: int
+    width: int
+    height: int
+    format: str
+    path: str
+    exif: str | None = None
+    created_at: float
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: str
+    source: str
+    image_sha256: str = Field(foreign_key="images.sha256")
+    input_name: str
+    params: str
+    attempts: int
+    max_attempts: int
+    run_after: float
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    timings: str | None = None
+    models: str | None = None
+    cancel_requested: int = 0
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+class ResultRow(SQLModel, table=True):
+    __tablename__ = "results"
+
+    job_id: int = Field(primary_key=True, foreign_key="jobs.id")
+    reasoning: str
+    created_at: float
+
+
+class DetectionRow(SQLModel, table=True):
+    __tablename__ = "detections"
+
+    job_id: int = Field(primary_key=True, foreign_key="results.job_id")
+    idx: int = Field(primary_key=True)
+    label: str
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    mask: str | None = None
+
+
+class AttemptRow(SQLModel, table=True):
+    __tablename__ = "job_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id")
+    attempt: int
+    worker: str
+    started_at: float
+    finished_at: float | None = None
+    outcome: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None

@@ -1,0 +1,212 @@
+"""The drain loop: claim a job, decode its image, run the pipeline on the model thread while
+heartbeating the lease, then persist the outcome. Knows the queue and the host, not HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from service.config import Settings
+from service.errors import JobFailure
+from service.intake import open_stored
+from service.models.host import ModelHost
+from service.pipeline import JobParams, analyse
+from service.policy import backoff_seconds, classify
+from service.store.queue import Claim, Outcome, Queue
+
+log = logging.getLogger("aip.worker")
+
+
+class StopJob(Exception):
+    """Raised at a stage boundary to abandon the running job (cancel, timeout, shutdown)."""
+
+    def __init__(self, why: str, message: str) -> None:
+        super().__init__(message)
+        self.why = why
+        self.message = message
+
+
+class Worker:
+    def __init__(self, settings: Settings, queue: Queue, host: ModelHost) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.host = host
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.current: Claim | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._job_done = asyncio.Event()
+        self._stop_reason: tuple[str, str] | None = None
+        self._stop_flag = threading.Event()
+
+    def notify(self) -> None:
+        """A job was queued: stop sleeping."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="aip-worker")
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                claim = await self.queue.claim(self.id, self.settings.lease_seconds)
+            except Exception:
+                log.exception("claiming a job failed; trying again shortly")
+                claim = None
+            if claim is None:
+                await self._sleep()
+                continue
+            self._job_done.clear()
+            self.current = claim
+            try:
+                await self.process(claim)
+            except Exception:  # the loop must survive anything one job does
+                log.exception("job %s: unexpected error while finishing it", claim.job_id)
+            finally:
+                self.current = None
+                self._job_done.set()
+
+    async def _sleep(self) -> None:
+        timeout = self.settings.poll_interval_seconds
+        next_at = await self.queue.next_run_after()
+        if next_at is not None:
+            timeout = min(timeout, max(next_at - time.time(), 0.0))
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
+
+    async def process(self, claim: Claim) -> None:
+        began = time.perf_counter()
+        timings: dict[str, float] = {
+            "queue_wait": max(claim.started_at - claim.created_at, 0) * 1000
+        }
+        self._stop_reason = None
+        self._stop_flag.clear()
+        deadline = time.monotonic() + self.settings.job_timeout_seconds
+        heartbeat = asyncio.create_task(self._heartbeat(claim, deadline))
+        models = self.host.identity()
+        try:
+            params = JobParams.from_dict(claim.params)
+            decode_began = time.perf_counter()
+            try:
+                image = await asyncio.to_thread(
+                    open_stored, self.settings.data_dir, claim.image_path
+                )
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise JobFailure(
+                    "corrupt_image",
+                    f"the stored image could not be decoded: {exc}",
+                    transient=False,
+                ) from exc
+            timings["decode"] = (time.perf_counter() - decode_began) * 1000
+            analysis = await self.host.infer(
+                lambda detector, reasoner: analyse(
+                    image, params, detector, reasoner, checkpoint=self._checkpoint
+                )
+            )
+            timings.update(analysis.timings)
+        except StopJob as stop:
+            await self._stopped(claim, stop, timings, models)
+            return
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            failure = classify(exc)
+            retry_in = backoff_seconds(claim.attempt) if failure.transient else None
+            status = await self.queue.fail(
+                claim, failure, retry_in=retry_in, timings=timings, models=models
+            )
+            log.warning(
+                "job %s attempt %s failed (%s: %s) -> %s",
+                claim.job_id,
+                claim.attempt,
+                failure.code,
+                failure.message,
+                status or "lease lost",
+            )
+            return
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
+        outcome = Outcome(analysis.detections, analysis.reasoning, timings, models)
+        if await self.queue.complete(claim, outcome):
+            log.info(
+                "job %s succeeded: %d detections in %.0f ms",
+                claim.job_id,
+                len(analysis.detections),
+                timings["total"] - timings["queue_wait"],
+            )
+        else:
+            log.warning("job %s: lease lost before completion; result discarded", claim.job_id)
+
+    def _checkpoint(self, stage: str) -> None:
+        """Called on the model thread between stages."""
+        if self._stop_flag.is_set() and self._stop_reason is not None:
+            why, message = self._stop_reason
+            raise StopJob(why, f"{message} (before {stage})")
+
+    def _request_stop(self, why: str, message: str) -> None:
+        self._stop_reason = (why, message)
+        self._stop_flag.set()
+
+    async def _heartbeat(self, claim: Claim, deadline: float) -> None:
+        interval = max(self.settings.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0.01)))
+            if time.monotonic() >= deadline:
+                self._request_stop(
+                    "timeout", f"timed out after {self.settings.job_timeout_seconds:g} s"
+                )
+            try:
+                beat = await self.queue.heartbeat(claim, self.settings.lease_seconds)
+            except Exception:
+                log.exception("job %s: heartbeat failed", claim.job_id)
+                continue
+            if not beat.owned:
+                self._request_stop("lease_lost", "the lease was lost")
+                return
+            if beat.cancel_requested:
+                self._request_stop("cancelled", "cancelled while running")
+
+    async def _stopped(
+        self, claim: Claim, stop: StopJob, timings: dict[str, float], models: dict[str, Any]
+    ) -> None:
+        if stop.why == "cancelled":
+            await self.queue.finish_cancelled(claim, stop.message)
+        elif stop.why == "timeout":
+            failure = JobFailure("timeout", stop.message, transient=False)
+            await self.queue.fail(claim, failure, retry_in=None, timings=timings, models=models)
+        elif stop.why == "shutdown":
+            await self.queue.release(claim)
+        log.info("job %s stopped: %s", claim.job_id, stop.message)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop claiming; give the running job `grace` seconds to finish, then stop it at its
+        next stage boundary and hand its lease back so the next start runs it again."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self._stopping = True
+        self._wake.set()
+        if self._task is None:
+            return
+        claim = self.current
+        if claim is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._job_done.wait(), timeout=grace)
+            if self.current is claim:
+                self._request_stop("shutdown", "the service is shutting down")
+                # The model call may be mid-inference and cannot be interrupted; give the
+                # lease back now so the job is not left to wait for lease expiry.
+                await self.queue.release(claim)
+                self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny checkpoints built once, a loaded model host shared by every service
+started in a test, a real uvicorn server on 127.0.0.1, and images made on the fly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+
+from service.app import create_app
+from service.config import Settings
+from service.models.host import ModelHost
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from service.models.tiny import build_tiny_checkpoints
+
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def model_host(tiny_checkpoints: tuple[Path, Path]) -> Iterator[ModelHost]:
+    """Both tiny models loaded once through mlx-vlm and shared by every service in the run."""
+    detector, reasoner = tiny_checkpoints
+    host = ModelHost({"detector": str(detector), "reasoner": str(reasoner)})
+    asyncio.run(host.load_all())
+    yield host
+    asyncio.run(host.close())
+
+
+def make_image(
+    width: int = 320, height: int = 240, fmt: str = "JPEG", color: tuple[int, int, int] = (40, 120, 200),
+    **save: Any,
+) -> bytes:
+    image = Image.new("RGB", (width, height), color)
+    for x in range(0, width, 16):  # some structure, so encoders have something to chew
+        image.paste((x % 255, 255 - x % 255, 90), (x, 0, x + 8, height // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+class RunningService:
+    """The real app under uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, settings: Settings, host: ModelHost | None) -> None:
+        self.settings = settings
+        self.app = create_app(settings, host=host)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=headers)
+
+    def start(self) -> RunningService:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("service did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=60)
+        self.client.close()
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    def submit(self, image: bytes | None = None, name: str = "frame.jpg", **data: Any) -> httpx.Response:
+        return self.client.post(
+            "/v1/jobs", files={"image": (name, image or make_image(), "image/jpeg")}, data=data
+        )
+
+    def wait(self, job_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in statuses:
+                return job  # type: ignore[no-any-return]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", poll_interval_seconds=0.2)
+
+
+@pytest.fixture
+def serve(model_host: ModelHost) -> Iterator[Callable[..., RunningService]]:
+    """Start services (stopped at the end of the test); all share the loaded tiny models."""
+    started: list[RunningService] = []
+
+    def _serve(settings: Settings, host: ModelHost | None = model_host) -> RunningService:
+        service = RunningService(settings, host).start()
+        started.append(service)
+        return service
+
+    yield _serve
+    for service in started:
+        if service._thread.is_alive():
+            service.stop()

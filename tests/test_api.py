@@ -1,0 +1,272 @@
+"""The real app over HTTP (uvicorn on 127.0.0.1) with real tiny checkpoints through mlx-vlm."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from service.config import Settings
+from service.detection import Detection
+from tests.conftest import RunningService, make_image
+
+Serve = Callable[..., RunningService]
+
+
+def test_submit_poll_succeeds_with_detections_reasoning_timings_and_models(
+    settings: Settings, serve: Serve
+) -> None:
+    service = serve(settings)
+    response = service.submit(make_image(320, 240), queries="car, person", prompt="What is here?")
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running")
+    assert job["params"] == {"queries": ["car", "person"], "prompt": "What is here?",
+                             "options": {}}
+
+    done = service.wait(job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1 and done["error"] is None
+    assert done["input"]["width"] == 320 and done["input"]["height"] == 240
+    assert len(done["input"]["sha256"]) == 64
+    result = done["result"]
+    assert isinstance(result["reasoning"], str)
+    for number, detection in enumerate(result["detections"], start=1):
+        assert detection["number"] == number and detection["label"] in ("car", "person")
+        x1, y1, x2, y2 = detection["box"]
+        assert 0 <= x1 <= x2 <= 320 and 0 <= y1 <= y2 <= 240
+    assert set(done["timings_ms"]) >= {"queue_wait", "decode", "detect", "reason", "persist"}
+    assert all(v >= 0 for v in done["timings_ms"].values())
+    models = done["models"]
+    assert set(models) == {"detector", "reasoner"}
+    assert all(len(m["revision"]) == 12 for m in models.values())
+    stored = service.client.get(f"/v1/jobs/{job['id']}/image")
+    assert stored.status_code == 200 and stored.headers["content-type"] == "image/jpeg"
+    assert Image.open(__import__("io").BytesIO(stored.content)).size == (320, 240)
+
+
+def test_result_survives_a_restart_on_the_same_data_dir(settings: Settings, serve: Serve) -> None:
+    first = serve(settings)
+    job_id = first.submit(queries="roof").json()["id"]
+    before = first.wait(job_id)
+    assert before["status"] == "succeeded"
+    first.stop()
+
+    second = serve(settings)
+    after = second.client.get(f"/v1/jobs/{job_id}").json()
+    assert after["status"] == "succeeded"
+    assert after["result"] == before["result"]
+    assert after["timings_ms"] == before["timings_ms"]
+    assert second.client.get(f"/v1/jobs/{job_id}/image").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"image": b""}, 422, "empty_image"),
+        ({"image": b"plain text, not a picture"}, 415, "not_an_image"),
+        ({"image": make_image(300, 300)[:500]}, 422, "corrupt_image"),
+        ({"prompt": "x" * 5000}, 422, "invalid_prompt"),
+        ({"queries": ",".join(f"q{i}" for i in range(40))}, 422, "invalid_queries"),
+        ({"surprise": "field"}, 422, "unknown_fields"),
+        ({"max_attempts": "0"}, 422, "invalid_option"),
+    ],
+    ids=["empty", "text", "truncated", "long-prompt", "many-queries", "unknown-field",
+         "bad-attempts"],
+)
+def test_bad_uploads_get_4xx_and_queue_nothing(
+    settings: Settings, serve: Serve, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    service = serve(settings)
+    image = kwargs.pop("image", None)
+    files = {"image": ("x.jpg", image if image is not None else make_image(), "image/jpeg")}
+    response = service.client.post("/v1/jobs", files=files, data=kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code and response.json()["message"]
+    assert service.client.get("/v1/jobs").json()["jobs"] == []
+    assert list((settings.data_dir / "images").glob("*/*")) == []
+
+
+def test_requests_that_are_not_uploads_get_clear_errors(settings: Settings, serve: Serve) -> None:
+    service = serve(settings)
+    missing = service.client.post("/v1/jobs", data={"prompt": "hi"})
+    assert missing.status_code == 422 and missing.json()["code"] == "missing_image"
+    wrong = service.client.post("/v1/jobs", content=b"raw", headers={"content-type": "text/plain"})
+    assert wrong.status_code == 415
+    unknown = service.client.get("/v1/jobs/999")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "job_not_found"
+    bad_filter = service.client.get("/v1/jobs", params={"status": "bogus"})
+    assert bad_filter.status_code == 422 and bad_filter.json()["code"] == "invalid_filter"
+    not_int = service.client.get("/v1/jobs/abc")
+    assert not_int.status_code == 422 and not_int.json()["code"] == "invalid_request"
+
+
+def test_oversized_upload_is_refused_with_413(tmp_path: Path, serve: Serve) -> None:
+    settings = Settings(data_dir=tmp_path / "data", max_upload_bytes=20_000)
+    service = serve(settings)
+    response = service.submit(make_image(1200, 1200, quality=100))
+    assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
+
+    def chunks() -> Any:  # no Content-Length: the limit is enforced while streaming
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+        for _ in range(100):
+            yield b"\0" * 65536
+
+    streamed = service.client.post(
+        "/v1/jobs", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert streamed.status_code == 413
+    assert service.client.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_a_model_that_raises_fails_the_job_with_the_reason_and_the_next_succeeds(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = serve(settings)
+    state = service.services.host.roles["detector"]
+    real = state.runtime
+
+    class Exploding:
+        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+            if query == "explode":
+                raise RuntimeError("kernel launch failed on the accelerator")
+            return list(real.detect(image, query))
+
+    monkeypatch.setattr(state, "runtime", Exploding())
+    bad = service.submit(queries="explode", max_attempts="1").json()
+    good = service.submit(queries="car").json()
+    failed = service.wait(bad["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "model_error"
+    assert "kernel launch failed" in failed["error"]["message"]
+    assert failed["attempt_history"][0]["error"]["code"] == "model_error"
+    assert service.wait(good["id"])["status"] == "succeeded"
+
+
+def test_health_answers_while_a_job_is_inside_inference(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = serve(settings)
+    state = service.services.host.roles["detector"]
+    real = state.runtime
+    inside, release = threading.Event(), threading.Event()
+
+    class Blocking:
+        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+            inside.set()
+            release.wait(timeout=60)
+            return list(real.detect(image, query))
+
+    monkeypatch.setattr(state, "runtime", Blocking())
+    job = service.submit(queries="car").json()
+    try:
+        assert inside.wait(timeout=60), "the worker never reached inference"
+        health = service.client.get("/v1/health")
+        assert health.status_code == 200
+        body = health.json()
+        assert body["status"] == "ok" and body["worker"]["current_job"] == job["id"]
+        assert body["queue"]["running"] == 1
+        assert {m["role"]: m["state"] for m in body["models"]} == {
+            "detector": "loaded", "reasoner": "loaded"}
+        assert service.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    finally:
+        release.set()
+    assert service.wait(job["id"])["status"] == "succeeded"
+
+
+def test_health_is_503_while_models_load(tmp_path: Path, serve: Serve,
+                                         tiny_checkpoints: tuple[Path, Path]) -> None:
+    from service.models.host import ModelHost
+
+    gate = threading.Event()
+    detector, reasoner = tiny_checkpoints
+
+    def slow_loader(path: Path) -> Any:
+        gate.wait(timeout=60)
+        return object()
+
+    host = ModelHost({"detector": str(detector), "reasoner": str(reasoner)},
+                     loaders={"detector": slow_loader, "reasoner": slow_loader})
+    service = serve(Settings(data_dir=tmp_path / "data"), host=host)
+    try:
+        loading = service.client.get("/v1/health")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        accepted = service.submit()  # jobs are accepted while models load
+        assert accepted.status_code == 202
+    finally:
+        gate.set()
+
+
+def test_cancel_a_queued_job_and_409_for_a_finished_one(settings: Settings, serve: Serve,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    service = serve(settings)
+    state = service.services.host.roles["detector"]
+    real = state.runtime
+    inside, release = threading.Event(), threading.Event()
+
+    class Blocking:
+        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+            inside.set()
+            release.wait(timeout=60)
+            return list(real.detect(image, query))
+
+    monkeypatch.setattr(state, "runtime", Blocking())
+    running = service.submit(queries="car").json()
+    assert inside.wait(timeout=60)
+    queued = service.submit(queries="car").json()
+    cancelled = service.client.post(f"/v1/jobs/{queued['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    release.set()
+    assert service.wait(running["id"])["status"] == "succeeded"
+    again = service.client.post(f"/v1/jobs/{running['id']}/cancel")
+    assert again.status_code == 409 and again.json()["code"] == "job_finished"
+    assert service.client.get(f"/v1/jobs/{queued['id']}").json()["result"] is None
+
+
+def test_list_is_newest_first_filtered_and_paged(settings: Settings, serve: Serve) -> None:
+    service = serve(settings)
+    service.services.worker._stopping = True  # keep them queued: this is about listing
+    ids = [service.submit(make_image(32 + i, 32)).json()["id"] for i in range(5)]
+    service.client.post(f"/v1/jobs/{ids[1]}/cancel")
+    page1 = service.client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page1["jobs"]] == ids[::-1][:2]
+    late = service.submit(make_image(99, 32)).json()["id"]  # arrives while paging
+    page2 = service.client.get("/v1/jobs", params={"limit": 2, "cursor": page1["next_cursor"]})
+    page3 = service.client.get("/v1/jobs", params={"limit": 2,
+                                                   "cursor": page2.json()["next_cursor"]})
+    seen = [j["id"] for p in (page1, page2.json(), page3.json()) for j in p["jobs"]]
+    assert seen == ids[::-1] and late not in seen
+    assert page3.json()["next_cursor"] is None
+    cancelled = service.client.get("/v1/jobs", params={"status": "cancelled"}).json()["jobs"]
+    assert [j["id"] for j in cancelled] == [ids[1]]
+
+
+def test_path_submission_inside_allowed_folder_only(tmp_path: Path, serve: Serve) -> None:
+    allowed = tmp_path / "drops"
+    allowed.mkdir()
+    (allowed / "frame.png").write_bytes(make_image(50, 40, fmt="PNG"))
+    (tmp_path / "private.png").write_bytes(make_image(50, 40, fmt="PNG"))
+    service = serve(Settings(data_dir=tmp_path / "data", allowed_dirs=(allowed,)))
+    ok = service.client.post("/v1/jobs", json={"path": str(allowed / "frame.png"),
+                                                "queries": ["car"]})
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["source"] == "path" and ok.json()["input"]["format"] == "PNG"
+    for escape in (str(allowed / ".." / "private.png"), str(tmp_path / "private.png")):
+        refused = service.client.post("/v1/jobs", json={"path": escape})
+        assert refused.status_code == 403 and refused.json()["code"] == "path_not_allowed"
+    assert service.wait(ok.json()["id"])["status"] == "succeeded"
+
+
+def test_database_lives_in_the_data_dir_with_wal(settings: Settings, serve: Serve) -> None:
+    service = serve(settings)
+    service.wait(service.submit().json()["id"])
+    db = settings.data_dir / "aip.db"
+    assert db.is_file()
+    mode = sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
