@@ -7,6 +7,8 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -81,6 +83,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
 
+    # uvicorn re-raises the stop signal once it has shut down; a stop we were asked for is
+    # a clean exit (status 0), which is what launchd and systemd must see.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: None)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -88,7 +94,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 2,
     )
-    return 0
+    # Everything is closed and durable by now. Skip interpreter teardown: an inference that
+    # shutdown gave up on may still hold MLX threads, whose C++ teardown can abort.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ class Settings:
     detect_max_tokens: int = 256
     reason_max_tokens: int = 256
     poll_interval_seconds: float = 1.0
+    retry_base_seconds: float = 2.0
 
     @property
     def database(self) -> Path:

@@ -100,6 +100,12 @@ class Worker:
                 image = await asyncio.to_thread(
                     open_stored, self.settings.data_dir, claim.image_path
                 )
+            except FileNotFoundError:
+                raise JobFailure(
+                    "input_missing",
+                    f"the stored input {claim.image_path} is gone from the data directory",
+                    transient=False,
+                ) from None
             except (OSError, ValueError, SyntaxError) as exc:
                 raise JobFailure(
                     "corrupt_image",
@@ -120,7 +126,11 @@ class Worker:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             failure = classify(exc)
-            retry_in = backoff_seconds(claim.attempt) if failure.transient else None
+            retry_in = (
+                backoff_seconds(claim.attempt, base=self.settings.retry_base_seconds)
+                if failure.transient
+                else None
+            )
             status = await self.queue.fail(
                 claim, failure, retry_in=retry_in, timings=timings, models=models
             )
@@ -154,6 +164,11 @@ class Worker:
         if self._stop_flag.is_set() and self._stop_reason is not None:
             why, message = self._stop_reason
             raise StopJob(why, f"{message} (before {stage})")
+
+    def cancel(self, job_id: int) -> None:
+        """Stop the running job at its next stage boundary, if it is this one."""
+        if self.current is not None and self.current.job_id == job_id:
+            self._request_stop("cancelled", "cancelled while running")
 
     def _request_stop(self, why: str, message: str) -> None:
         self._stop_reason = (why, message)

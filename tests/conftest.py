@@ -40,7 +40,10 @@ def model_host(tiny_checkpoints: tuple[Path, Path]) -> Iterator[ModelHost]:
 
 
 def make_image(
-    width: int = 320, height: int = 240, fmt: str = "JPEG", color: tuple[int, int, int] = (40, 120, 200),
+    width: int = 320,
+    height: int = 240,
+    fmt: str = "JPEG",
+    color: tuple[int, int, int] = (40, 120, 200),
     **save: Any,
 ) -> bytes:
     image = Image.new("RGB", (width, height), color)
@@ -62,12 +65,16 @@ class RunningService:
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
         headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
         self.client = httpx.Client(base_url=self.url, timeout=60, headers=headers)
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self._socket])
+        except SystemExit:  # uvicorn exits when start-up fails; start() reports it
+            pass
 
     def start(self) -> RunningService:
         self._thread.start()
@@ -87,13 +94,19 @@ class RunningService:
     def services(self) -> Any:
         return self.app.state.services
 
-    def submit(self, image: bytes | None = None, name: str = "frame.jpg", **data: Any) -> httpx.Response:
+    def submit(
+        self, image: bytes | None = None, name: str = "frame.jpg", **data: Any
+    ) -> httpx.Response:
         return self.client.post(
             "/v1/jobs", files={"image": (name, image or make_image(), "image/jpeg")}, data=data
         )
 
-    def wait(self, job_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
-             timeout: float = 120) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: int,
+        statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+        timeout: float = 120,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             job = self.client.get(f"/v1/jobs/{job_id}").json()

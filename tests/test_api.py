@@ -27,8 +27,7 @@ def test_submit_poll_succeeds_with_detections_reasoning_timings_and_models(
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] in ("queued", "running")
-    assert job["params"] == {"queries": ["car", "person"], "prompt": "What is here?",
-                             "options": {}}
+    assert job["params"] == {"queries": ["car", "person"], "prompt": "What is here?", "options": {}}
 
     done = service.wait(job["id"])
     assert done["status"] == "succeeded", done
@@ -77,8 +76,15 @@ def test_result_survives_a_restart_on_the_same_data_dir(settings: Settings, serv
         ({"surprise": "field"}, 422, "unknown_fields"),
         ({"max_attempts": "0"}, 422, "invalid_option"),
     ],
-    ids=["empty", "text", "truncated", "long-prompt", "many-queries", "unknown-field",
-         "bad-attempts"],
+    ids=[
+        "empty",
+        "text",
+        "truncated",
+        "long-prompt",
+        "many-queries",
+        "unknown-field",
+        "bad-attempts",
+    ],
 )
 def test_bad_uploads_get_4xx_and_queue_nothing(
     settings: Settings, serve: Serve, kwargs: dict[str, Any], status: int, code: str
@@ -114,7 +120,7 @@ def test_oversized_upload_is_refused_with_413(tmp_path: Path, serve: Serve) -> N
     assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
 
     def chunks() -> Any:  # no Content-Length: the limit is enforced while streaming
-        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
         for _ in range(100):
             yield b"\0" * 65536
 
@@ -173,15 +179,18 @@ def test_health_answers_while_a_job_is_inside_inference(
         assert body["status"] == "ok" and body["worker"]["current_job"] == job["id"]
         assert body["queue"]["running"] == 1
         assert {m["role"]: m["state"] for m in body["models"]} == {
-            "detector": "loaded", "reasoner": "loaded"}
+            "detector": "loaded",
+            "reasoner": "loaded",
+        }
         assert service.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     finally:
         release.set()
     assert service.wait(job["id"])["status"] == "succeeded"
 
 
-def test_health_is_503_while_models_load(tmp_path: Path, serve: Serve,
-                                         tiny_checkpoints: tuple[Path, Path]) -> None:
+def test_health_is_503_while_models_load(
+    tmp_path: Path, serve: Serve, tiny_checkpoints: tuple[Path, Path]
+) -> None:
     from service.models.host import ModelHost
 
     gate = threading.Event()
@@ -191,8 +200,10 @@ def test_health_is_503_while_models_load(tmp_path: Path, serve: Serve,
         gate.wait(timeout=60)
         return object()
 
-    host = ModelHost({"detector": str(detector), "reasoner": str(reasoner)},
-                     loaders={"detector": slow_loader, "reasoner": slow_loader})
+    host = ModelHost(
+        {"detector": str(detector), "reasoner": str(reasoner)},
+        loaders={"detector": slow_loader, "reasoner": slow_loader},
+    )
     service = serve(Settings(data_dir=tmp_path / "data"), host=host)
     try:
         loading = service.client.get("/v1/health")
@@ -203,8 +214,9 @@ def test_health_is_503_while_models_load(tmp_path: Path, serve: Serve,
         gate.set()
 
 
-def test_cancel_a_queued_job_and_409_for_a_finished_one(settings: Settings, serve: Serve,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancel_a_queued_job_and_409_for_a_finished_one(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = serve(settings)
     state = service.services.host.roles["detector"]
     real = state.runtime
@@ -229,22 +241,34 @@ def test_cancel_a_queued_job_and_409_for_a_finished_one(settings: Settings, serv
     assert service.client.get(f"/v1/jobs/{queued['id']}").json()["result"] is None
 
 
-def test_list_is_newest_first_filtered_and_paged(settings: Settings, serve: Serve) -> None:
+def test_list_is_newest_first_filtered_and_paged(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = serve(settings)
-    service.services.worker._stopping = True  # keep them queued: this is about listing
+    state = service.services.host.roles["detector"]
+    hold = threading.Event()
+
+    class Held:  # keeps the first job running and the rest queued: this is about listing
+        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+            hold.wait(timeout=60)
+            return []
+
+    monkeypatch.setattr(state, "runtime", Held())
     ids = [service.submit(make_image(32 + i, 32)).json()["id"] for i in range(5)]
     service.client.post(f"/v1/jobs/{ids[1]}/cancel")
     page1 = service.client.get("/v1/jobs", params={"limit": 2}).json()
     assert [j["id"] for j in page1["jobs"]] == ids[::-1][:2]
     late = service.submit(make_image(99, 32)).json()["id"]  # arrives while paging
     page2 = service.client.get("/v1/jobs", params={"limit": 2, "cursor": page1["next_cursor"]})
-    page3 = service.client.get("/v1/jobs", params={"limit": 2,
-                                                   "cursor": page2.json()["next_cursor"]})
+    page3 = service.client.get(
+        "/v1/jobs", params={"limit": 2, "cursor": page2.json()["next_cursor"]}
+    )
     seen = [j["id"] for p in (page1, page2.json(), page3.json()) for j in p["jobs"]]
     assert seen == ids[::-1] and late not in seen
     assert page3.json()["next_cursor"] is None
     cancelled = service.client.get("/v1/jobs", params={"status": "cancelled"}).json()["jobs"]
     assert [j["id"] for j in cancelled] == [ids[1]]
+    hold.set()
 
 
 def test_path_submission_inside_allowed_folder_only(tmp_path: Path, serve: Serve) -> None:
@@ -253,8 +277,9 @@ def test_path_submission_inside_allowed_folder_only(tmp_path: Path, serve: Serve
     (allowed / "frame.png").write_bytes(make_image(50, 40, fmt="PNG"))
     (tmp_path / "private.png").write_bytes(make_image(50, 40, fmt="PNG"))
     service = serve(Settings(data_dir=tmp_path / "data", allowed_dirs=(allowed,)))
-    ok = service.client.post("/v1/jobs", json={"path": str(allowed / "frame.png"),
-                                                "queries": ["car"]})
+    ok = service.client.post(
+        "/v1/jobs", json={"path": str(allowed / "frame.png"), "queries": ["car"]}
+    )
     assert ok.status_code == 202, ok.text
     assert ok.json()["source"] == "path" and ok.json()["input"]["format"] == "PNG"
     for escape in (str(allowed / ".." / "private.png"), str(tmp_path / "private.png")):

@@ -12,8 +12,12 @@ from service.errors import InvalidInput, JobFailure
 from service.pipeline import analyse, build_params, parse_queries, reasoning_prompt
 from service.policy import backoff_seconds, classify
 
-LIMITS = {"default_queries": ["car"], "default_prompt": "Describe.", "max_queries": 3,
-          "max_prompt_chars": 50}
+LIMITS = {
+    "default_queries": ["car"],
+    "default_prompt": "Describe.",
+    "max_queries": 3,
+    "max_prompt_chars": 50,
+}
 
 
 def test_queries_repeatable_or_comma_separated_deduplicated() -> None:
@@ -33,7 +37,10 @@ def test_params_outside_limits_are_refused(queries: list[str] | None, prompt: st
 
 
 def test_reasoning_prompt_numbers_detections_as_stored() -> None:
-    boxes = [Detection("car", (1, 2, 30, 40), (100, 80)), Detection("roof", (0, 0, 5, 5), (100, 80))]
+    boxes = [
+        Detection("car", (1, 2, 30, 40), (100, 80)),
+        Detection("roof", (0, 0, 5, 5), (100, 80)),
+    ]
     text = reasoning_prompt("How many cars?", boxes)
     assert "1. car at [1, 2, 30, 40]" in text and "2. roof at [0, 0, 5, 5]" in text
     assert text.endswith("How many cars?") and "100x80" in text

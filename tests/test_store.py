@@ -14,8 +14,9 @@ from service.store.migrate import load_migrations, migrate, schema_version, spli
 from service.store.queue import ImageRecord, Outcome, Queue
 from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
 
-IMAGE = ImageRecord(sha256="ab" * 32, bytes=10, width=100, height=50, format="JPEG",
-                    path="images/ab/x.jpg")
+IMAGE = ImageRecord(
+    sha256="ab" * 32, bytes=10, width=100, height=50, format="JPEG", path="images/ab/x.jpg"
+)
 PARAMS = {"queries": ["car"], "prompt": "what?", "options": {}}
 
 
@@ -40,9 +41,7 @@ def test_upgrade_from_first_migration_keeps_rows(tmp_path: Path) -> None:
     db = tmp_path / "aip.db"
     assert migrate(db, upto=1) == [1]
     conn = sqlite3.connect(db)
-    conn.execute(
-        "INSERT INTO images VALUES ('s', 3, 4, 5, 'PNG', 'images/s.png', NULL, 1.0)"
-    )
+    conn.execute("INSERT INTO images VALUES ('s', 3, 4, 5, 'PNG', 'images/s.png', NULL, 1.0)")
     conn.execute(
         "INSERT INTO jobs (status, image_sha256, input_name, params, run_after, created_at)"
         " VALUES ('succeeded', 's', 'old.png', '{}', 1.0, 1.0)"
@@ -139,7 +138,7 @@ def test_completion_is_fenced_by_owner_and_attempt(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         queue = await _queue(tmp_path / "aip.db", clock)
-        job_id, _ = await queue.enqueue(IMAGE, PARAMS, input_name="a.jpg")
+        await queue.enqueue(IMAGE, PARAMS, input_name="a.jpg")
         stale = await queue.claim("old-worker", lease_seconds=10)
         assert stale is not None
         clock.now += 11  # the lease runs out; the job goes back and a new worker takes it
@@ -257,14 +256,17 @@ def test_release_gives_the_job_back_without_spending_an_attempt(tmp_path: Path) 
 def test_idempotency_key_returns_original_or_conflicts(tmp_path: Path) -> None:
     async def scenario() -> None:
         queue = await _queue(tmp_path / "aip.db")
-        first = await queue.enqueue(IMAGE, PARAMS, input_name="a", idempotency_key="k",
-                                    request_hash="h1")
-        again = await queue.enqueue(IMAGE, PARAMS, input_name="a", idempotency_key="k",
-                                    request_hash="h1")
+        first = await queue.enqueue(
+            IMAGE, PARAMS, input_name="a", idempotency_key="k", request_hash="h1"
+        )
+        again = await queue.enqueue(
+            IMAGE, PARAMS, input_name="a", idempotency_key="k", request_hash="h1"
+        )
         assert first == (1, True) and again == (1, False)
         with pytest.raises(Conflict):
-            await queue.enqueue(IMAGE, PARAMS, input_name="a", idempotency_key="k",
-                                request_hash="h2")
+            await queue.enqueue(
+                IMAGE, PARAMS, input_name="a", idempotency_key="k", request_hash="h2"
+            )
         assert (await queue.counts())["queued"] == 1
         await queue.close()
 

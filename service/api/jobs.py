@@ -208,6 +208,8 @@ async def show_job(request: Request, job_id: int) -> dict[str, Any]:
 async def cancel_job(request: Request, job_id: int) -> JSONResponse:
     svc = services(request)
     status = await svc.queue.request_cancel(job_id)
+    if status == "running":
+        svc.worker.cancel(job_id)
     view = await svc.reads.job(job_id)
     return JSONResponse(view, status_code=200 if status == "cancelled" else 202)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,14 +36,17 @@ class ModelThread:
         while True:
             item = self._calls.get()
             if item is None:
+                _release_mlx_streams()
                 return
             fn, loop, future = item
             try:
-                result = fn()
+                outcome: tuple[Any, BaseException | None] = (fn(), None)
             except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:
+                pass  # the caller's loop closed meanwhile (shutdown gave up on this call)
 
     async def run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -50,8 +54,19 @@ class ModelThread:
         self._calls.put((fn, loop, future))
         return await future
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued calls, release the thread's MLX streams and end the thread."""
         self._calls.put(None)
+        self._thread.join(timeout)
+
+
+def _release_mlx_streams() -> None:
+    """MLX streams are per thread; a thread that leaves its streams behind can abort the
+    process at exit ("terminate called without an active exception")."""
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        mx.synchronize()
+        mx.clear_streams()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -174,4 +189,4 @@ class ModelHost:
     async def close(self) -> None:
         for state in self.roles.values():
             state.runtime, state.state = None, "unloaded"
-        self._thread.close()
+        await asyncio.to_thread(self._thread.close)
