@@ -15,11 +15,11 @@ from service.errors import InvalidInput
 
 
 class Detector(Protocol):
-    def detect(self, image: Image.Image, query: str) -> list[Detection]: ...
+    def detect(self, image: Image.Image, query: str, *, max_new_tokens: int) -> list[Detection]: ...
 
 
 class Reasoner(Protocol):
-    def reason(self, image: Image.Image, prompt: str) -> str: ...
+    def reason(self, image: Image.Image, prompt: str, *, max_tokens: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ def analyse(
     detector: Detector,
     reasoner: Reasoner,
     *,
+    detect_tokens: int = 256,
+    reason_tokens: int = 256,
     checkpoint: Callable[[str], None] = lambda stage: None,
 ) -> Analysis:
     """Run every query through the detector, then the reasoner once.
@@ -115,10 +117,12 @@ def analyse(
     began = time.perf_counter()
     for query in params.queries:
         checkpoint(f"detect:{query}")
-        detections.extend(detector.detect(image, query))
+        detections.extend(detector.detect(image, query, max_new_tokens=detect_tokens))
     detected = time.perf_counter()
     checkpoint("reason")
-    reasoning = reasoner.reason(image, reasoning_prompt(params.prompt, detections))
+    reasoning = reasoner.reason(
+        image, reasoning_prompt(params.prompt, detections), max_tokens=reason_tokens
+    )
     reasoned = time.perf_counter()
     return Analysis(
         detections=detections,

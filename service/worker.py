@@ -115,7 +115,13 @@ class Worker:
             timings["decode"] = (time.perf_counter() - decode_began) * 1000
             analysis = await self.host.infer(
                 lambda detector, reasoner: analyse(
-                    image, params, detector, reasoner, checkpoint=self._checkpoint
+                    image,
+                    params,
+                    detector,
+                    reasoner,
+                    detect_tokens=self.settings.detect_max_tokens,
+                    reason_tokens=self.settings.reason_max_tokens,
+                    checkpoint=self._checkpoint,
                 )
             )
             timings.update(analysis.timings)

@@ -4,6 +4,7 @@ started in a test, a real uvicorn server on 127.0.0.1, and images made on the fl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
 import threading
@@ -71,10 +72,9 @@ class RunningService:
         self.client = httpx.Client(base_url=self.url, timeout=60, headers=headers)
 
     def _run(self) -> None:
-        try:
+        # uvicorn exits when start-up fails; start() reports it.
+        with contextlib.suppress(SystemExit):
             self.server.run(sockets=[self._socket])
-        except SystemExit:  # uvicorn exits when start-up fails; start() reports it
-            pass
 
     def start(self) -> RunningService:
         self._thread.start()
@@ -117,9 +117,19 @@ class RunningService:
             time.sleep(0.05)
 
 
+def make_settings(tmp_path: Path, **changes: Any) -> Settings:
+    """Settings for a service under test: its own data dir, short generations."""
+    defaults: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "poll_interval_seconds": 0.2,
+        "reason_max_tokens": 24,
+    }
+    return Settings(**{**defaults, **changes})
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", poll_interval_seconds=0.2)
+    return make_settings(tmp_path)
 
 
 @pytest.fixture

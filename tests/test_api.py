@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.detection import Detection
-from tests.conftest import RunningService, make_image
+from tests.conftest import RunningService, make_image, make_settings
 
 Serve = Callable[..., RunningService]
 
@@ -114,7 +114,7 @@ def test_requests_that_are_not_uploads_get_clear_errors(settings: Settings, serv
 
 
 def test_oversized_upload_is_refused_with_413(tmp_path: Path, serve: Serve) -> None:
-    settings = Settings(data_dir=tmp_path / "data", max_upload_bytes=20_000)
+    settings = make_settings(tmp_path, max_upload_bytes=20_000)
     service = serve(settings)
     response = service.submit(make_image(1200, 1200, quality=100))
     assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
@@ -139,10 +139,10 @@ def test_a_model_that_raises_fails_the_job_with_the_reason_and_the_next_succeeds
     real = state.runtime
 
     class Exploding:
-        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
             if query == "explode":
                 raise RuntimeError("kernel launch failed on the accelerator")
-            return list(real.detect(image, query))
+            return list(real.detect(image, query, **kw))
 
     monkeypatch.setattr(state, "runtime", Exploding())
     bad = service.submit(queries="explode", max_attempts="1").json()
@@ -164,10 +164,10 @@ def test_health_answers_while_a_job_is_inside_inference(
     inside, release = threading.Event(), threading.Event()
 
     class Blocking:
-        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
             inside.set()
             release.wait(timeout=60)
-            return list(real.detect(image, query))
+            return list(real.detect(image, query, **kw))
 
     monkeypatch.setattr(state, "runtime", Blocking())
     job = service.submit(queries="car").json()
@@ -204,7 +204,7 @@ def test_health_is_503_while_models_load(
         {"detector": str(detector), "reasoner": str(reasoner)},
         loaders={"detector": slow_loader, "reasoner": slow_loader},
     )
-    service = serve(Settings(data_dir=tmp_path / "data"), host=host)
+    service = serve(make_settings(tmp_path), host=host)
     try:
         loading = service.client.get("/v1/health")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
@@ -223,10 +223,10 @@ def test_cancel_a_queued_job_and_409_for_a_finished_one(
     inside, release = threading.Event(), threading.Event()
 
     class Blocking:
-        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
             inside.set()
             release.wait(timeout=60)
-            return list(real.detect(image, query))
+            return list(real.detect(image, query, **kw))
 
     monkeypatch.setattr(state, "runtime", Blocking())
     running = service.submit(queries="car").json()
@@ -249,7 +249,7 @@ def test_list_is_newest_first_filtered_and_paged(
     hold = threading.Event()
 
     class Held:  # keeps the first job running and the rest queued: this is about listing
-        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
             hold.wait(timeout=60)
             return []
 
@@ -276,7 +276,7 @@ def test_path_submission_inside_allowed_folder_only(tmp_path: Path, serve: Serve
     allowed.mkdir()
     (allowed / "frame.png").write_bytes(make_image(50, 40, fmt="PNG"))
     (tmp_path / "private.png").write_bytes(make_image(50, 40, fmt="PNG"))
-    service = serve(Settings(data_dir=tmp_path / "data", allowed_dirs=(allowed,)))
+    service = serve(make_settings(tmp_path, allowed_dirs=(allowed,)))
     ok = service.client.post(
         "/v1/jobs", json={"path": str(allowed / "frame.png"), "queries": ["car"]}
     )

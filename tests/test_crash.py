@@ -27,11 +27,18 @@ def _free_port() -> int:
 
 def _start(data_dir: Path, port: int, checkpoints: tuple[Path, Path]) -> subprocess.Popen[bytes]:
     detector, reasoner = checkpoints
-    env = {**os.environ, "AIP_DATA_DIR": str(data_dir), "AIP_PORT": str(port),
-           "AIP_DETECTOR": str(detector), "AIP_REASONER": str(reasoner)}
+    env = {
+        **os.environ,
+        "AIP_DATA_DIR": str(data_dir),
+        "AIP_PORT": str(port),
+        "AIP_DETECTOR": str(detector),
+        "AIP_REASONER": str(reasoner),
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

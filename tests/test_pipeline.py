@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -51,7 +52,7 @@ class FakeDetector:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def detect(self, image: Image.Image, query: str) -> list[Detection]:
+    def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
         self.calls.append(query)
         return [Detection(query, (0, 0, 1, 1), image.size)]
 
@@ -60,7 +61,7 @@ class FakeReasoner:
     def __init__(self) -> None:
         self.prompts: list[str] = []
 
-    def reason(self, image: Image.Image, prompt: str) -> str:
+    def reason(self, image: Image.Image, prompt: str, **kw: Any) -> str:
         self.prompts.append(prompt)
         return "fine"
 

@@ -13,7 +13,7 @@ from PIL import Image
 from service.cli import main
 from service.config import Settings
 from service.detection import Detection
-from tests.conftest import RunningService, make_image
+from tests.conftest import RunningService, make_image, make_settings
 
 Serve = Callable[..., RunningService]
 
@@ -27,10 +27,10 @@ class Gate:
         self.release = threading.Event()
         self.hold = hold or (lambda: self.release.wait(timeout=60))
 
-    def detect(self, image: Image.Image, query: str) -> list[Detection]:
+    def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
         self.inside.set()
         self.hold()
-        return list(self.real.detect(image, query))
+        return list(self.real.detect(image, query, **kw))
 
 
 def _gate(service: RunningService, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> Gate:
@@ -43,7 +43,7 @@ def _gate(service: RunningService, monkeypatch: pytest.MonkeyPatch, **kw: Any) -
 def test_shutdown_mid_job_releases_it_and_the_next_start_finishes_it(
     tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", shutdown_grace_seconds=0.2)
+    settings = make_settings(tmp_path, shutdown_grace_seconds=0.2)
     first = serve(settings)
     gate = _gate(first, monkeypatch)
     job_id = first.submit(queries="car").json()["id"]
@@ -62,7 +62,7 @@ def test_shutdown_mid_job_releases_it_and_the_next_start_finishes_it(
 def test_shutdown_within_grace_lets_the_job_finish(
     tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", shutdown_grace_seconds=60)
+    settings = make_settings(tmp_path, shutdown_grace_seconds=60)
     service = serve(settings)
     gate = _gate(service, monkeypatch)
     job_id = service.submit(queries="car").json()["id"]
@@ -81,16 +81,16 @@ def test_shutdown_within_grace_lets_the_job_finish(
 def test_a_transient_error_retries_and_then_succeeds(
     tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service = serve(Settings(data_dir=tmp_path / "data", retry_base_seconds=0.05))
+    service = serve(make_settings(tmp_path, retry_base_seconds=0.05))
     state = service.services.host.roles["detector"]
     real, calls = state.runtime, []
 
     class FlakyOnce:
-        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
             calls.append(query)
             if len(calls) == 1:
                 raise MemoryError()
-            return list(real.detect(image, query))
+            return list(real.detect(image, query, **kw))
 
     monkeypatch.setattr(state, "runtime", FlakyOnce())
     done = service.wait(service.submit(queries="car").json()["id"])
@@ -136,7 +136,7 @@ def test_cancel_a_running_job_stops_it_at_the_next_stage(
 def test_a_job_over_its_timeout_fails_with_the_reason(
     tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", job_timeout_seconds=0.3, lease_seconds=0.3)
+    settings = make_settings(tmp_path, job_timeout_seconds=0.3, lease_seconds=0.3)
     service = serve(settings)
     worker = service.services.worker
     # Hold inference until the worker has decided the job is over time (no wall-clock race).
@@ -147,14 +147,15 @@ def test_a_job_over_its_timeout_fails_with_the_reason(
     assert done["attempts"] == 1
 
 
-def test_retry_endpoint_requeues_a_failed_job(settings: Settings, serve: Serve,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retry_endpoint_requeues_a_failed_job(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = serve(settings)
     state = service.services.host.roles["detector"]
     real = state.runtime
 
     class Broken:
-        def detect(self, image: Image.Image, query: str) -> list[Detection]:
+        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
             raise RuntimeError("broken")
 
     monkeypatch.setattr(state, "runtime", Broken())
@@ -177,14 +178,15 @@ def test_idempotency_key_returns_the_original_job(settings: Settings, serve: Ser
     again = service.client.post("/v1/jobs", files=files, data={"queries": "car"}, headers=headers)
     assert first.status_code == 202 and again.status_code == 200
     assert first.json()["id"] == again.json()["id"]
-    changed = service.client.post("/v1/jobs", files=files, data={"queries": "boat"},
-                                  headers=headers)
+    changed = service.client.post(
+        "/v1/jobs", files=files, data={"queries": "boat"}, headers=headers
+    )
     assert changed.status_code == 409 and changed.json()["code"] == "idempotency_conflict"
     assert len(service.client.get("/v1/jobs").json()["jobs"]) == 1
 
 
 def test_with_a_token_every_route_but_health_needs_it(tmp_path: Path, serve: Serve) -> None:
-    service = serve(Settings(data_dir=tmp_path / "data", token="s3cret"))
+    service = serve(make_settings(tmp_path, token="s3cret"))
     anonymous = service.client
     anonymous.headers.pop("Authorization")
     assert anonymous.get("/v1/health").status_code == 200
@@ -208,7 +210,7 @@ def test_non_loopback_bind_without_token_refuses_to_start(
 
 
 def test_decompression_bomb_upload_is_refused(tmp_path: Path, serve: Serve) -> None:
-    service = serve(Settings(data_dir=tmp_path / "data", max_pixels=1_000_000))
+    service = serve(make_settings(tmp_path, max_pixels=1_000_000))
     response = service.submit(make_image(2000, 1000, fmt="PNG"), name="bomb.png")
     assert response.status_code == 413 and response.json()["code"] == "too_many_pixels"
 

@@ -46,15 +46,18 @@ class FalconDetector:
     def __init__(self, model: Any, processor: Any) -> None:
         self.model = model
         self.processor = processor
+        self._specials = mlx_runtime.special_tokens(processor)
         self._lock = threading.Lock()
 
     def detect(
         self, image: Image.Image, query: str, *, max_new_tokens: int = 64
     ) -> list[Detection]:
-        rgb = image.convert("RGB")
+        """Boxes for one referring expression; each is labelled with `query` as given."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        text = mlx_runtime.plain_text(query, self._specials)
         with self._lock:
             raw = self.model.generate_perception(
-                self.processor, image=rgb, query=query, max_new_tokens=max_new_tokens
+                self.processor, image=rgb, query=text, max_new_tokens=max_new_tokens
             )
         return to_detections(raw, query, rgb.size)
 

@@ -4,9 +4,9 @@ inference on its single dedicated thread, off the event loop, one at a time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.errors import ModelUnavailable
+from service.models.mlx_runtime import release_thread_streams
 from service.models.sources import ROLES, bytes_on_disk, go_offline, resolve, revision_of
 
 log = logging.getLogger("aip.models")
@@ -36,17 +37,16 @@ class ModelThread:
         while True:
             item = self._calls.get()
             if item is None:
-                _release_mlx_streams()
+                release_thread_streams()
                 return
             fn, loop, future = item
             try:
                 outcome: tuple[Any, BaseException | None] = (fn(), None)
             except BaseException as exc:
                 outcome = (None, exc)
-            try:
+            # The caller's loop may have closed meanwhile (shutdown gave up on this call).
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, future, *outcome)
-            except RuntimeError:
-                pass  # the caller's loop closed meanwhile (shutdown gave up on this call)
 
     async def run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -58,15 +58,6 @@ class ModelThread:
         """Finish queued calls, release the thread's MLX streams and end the thread."""
         self._calls.put(None)
         self._thread.join(timeout)
-
-
-def _release_mlx_streams() -> None:
-    """MLX streams are per thread; a thread that leaves its streams behind can abort the
-    process at exit ("terminate called without an active exception")."""
-    mx = sys.modules.get("mlx.core")
-    if mx is not None:
-        mx.synchronize()
-        mx.clear_streams()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

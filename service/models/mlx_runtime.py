@@ -1,8 +1,10 @@
-"""What both MLX runtimes share: loading a checkpoint folder and picking the fast weight dtype."""
+"""What both MLX runtimes share: loading, the CPU dtype rule, user-text hygiene, thread teardown."""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,13 @@ def use_fast_dtype(model: Any) -> int:
     if not on_cpu():
         return 0
     quantised = tuple(
-        f"{name}." for name, module in model.named_modules()
+        f"{name}."
+        for name, module in model.named_modules()
         if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding)
     )
     cast = [
         (name, value.astype(mx.float32))
-        for name, value in tree_flatten(model.parameters())
+        for name, value in dict(tree_flatten(model.parameters())).items()
         if value.dtype in (mx.bfloat16, mx.float16) and not name.startswith(quantised)
     ]
     if cast:
@@ -49,3 +52,29 @@ def load(path: Path) -> tuple[Any, Any]:
         model, processor = mlx_vlm.load(str(path))
     use_fast_dtype(model)
     return model, processor
+
+
+def special_tokens(processor: Any) -> tuple[str, ...]:
+    """The tokenizer's special-token strings, longest first."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    return tuple(sorted({t.content for t in added if t.special}, key=len, reverse=True))
+
+
+def plain_text(text: str, specials: Sequence[str]) -> str:
+    """User text with special tokens taken out: typed into a query or prompt they would be
+    parsed as control tokens, and an extra image placeholder makes the processor fail.
+    Repeated, because taking one out can join the pieces of another."""
+    while any(token in text for token in specials):
+        for token in specials:
+            text = text.replace(token, "")
+    return text
+
+
+def release_thread_streams() -> None:
+    """MLX streams belong to the thread that made them. A thread that ran inference must call
+    this before it ends, or the process aborts ("terminate called without an active
+    exception"); mlx-vlm's atexit hook covers the main thread only. No-op without mlx."""
+    mx = sys.modules.get("mlx.core")
+    if mx is not None and hasattr(mx, "clear_streams"):
+        mx.clear_streams()
