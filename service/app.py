@@ -21,10 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api import health, jobs
+from service.api import health, inbox, jobs
 from service.config import Settings
 from service.errors import AipError, PayloadTooLarge
+from service.inbox.watcher import InboxWatcher
 from service.models.host import ModelHost
+from service.store.ledger import Ledger
 from service.store.migrate import migrate
 from service.store.queue import Queue
 from service.store.reads import Reads
@@ -42,6 +44,7 @@ class Services:
     host: ModelHost
     worker: Worker
     started: float
+    inbox: InboxWatcher | None = None
 
 
 class DataDirLock:
@@ -194,7 +197,10 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 )
             reads = Reads(read_engine(settings.database))
             worker = Worker(settings, queue, models)
-            app.state.services = Services(settings, queue, reads, models, worker, started)
+            watcher = None
+            if settings.inbox_enabled:
+                watcher = InboxWatcher(settings, Ledger(queue), worker.notify)
+            app.state.services = Services(settings, queue, reads, models, worker, started, watcher)
             log.info(
                 "aip %s started on %s; queue %s",
                 __version__,
@@ -206,7 +212,12 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             else:
                 tasks.append(asyncio.create_task(_load_models(models, worker)))
             tasks.append(asyncio.create_task(_expire_leases(queue, settings.lease_seconds)))
+            if watcher is not None:
+                watcher.start()
+                log.info("watching %s for images (%s)", watcher.root, watcher.mode)
             yield
+            if watcher is not None:
+                await watcher.stop()
             await worker.stop()
             log.info("aip stopped; queue %s", await queue.counts())
         finally:
@@ -234,4 +245,5 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(health.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
+    app.include_router(inbox.router, prefix="/v1")
     return app

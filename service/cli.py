@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service import __version__
+from service import __version__, deploy
 from service.config import Settings
 from service.errors import AipError
+from service.logs import configure_logging
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -71,9 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, settings.logs_dir, stderr=settings.log_stderr)
     try:
         settings = prepare_models(settings)
     except AipError as exc:
@@ -92,6 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's records go through configure_logging's handlers
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 2,
     )
     # Everything is closed and durable by now. Skip interpreter teardown: an inference that
@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = model_commands.add_parser("tiny", help="write tiny random-weight checkpoints")
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_models_tiny)
+    deploy.register(commands)
     return parser
 
 

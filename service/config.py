@@ -23,6 +23,21 @@ def default_data_dir() -> Path:
     return Path(base) / "aip"
 
 
+def default_log_dir(data_dir: Path) -> Path:
+    """Where macOS users look for logs (Console.app lists it); elsewhere beside the data."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Logs" / "aip"
+    return data_dir / "logs"
+
+
+def checkout_inbox() -> Path | None:
+    """Run from a source checkout, the repository's own `inbox/` is the default inbox."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "inbox").is_dir():
+        return root / "inbox"
+    return None
+
+
 def _split_list(value: str, sep: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(sep) if part.strip())
 
@@ -32,6 +47,8 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     db_path: Path | None = None  # defaults to data_dir / "aip.db"
     inbox: Path | None = None  # defaults to data_dir / "inbox"
+    log_dir: Path | None = None  # defaults to default_log_dir(data_dir)
+    log_stderr: bool = True  # off under launchd, whose stderr file is never rotated
     detector: str = DEFAULT_DETECTOR
     reasoner: str = DEFAULT_REASONER
     demo: bool = False
@@ -53,6 +70,11 @@ class Settings:
     reason_max_tokens: int = 256
     poll_interval_seconds: float = 1.0
     retry_base_seconds: float = 2.0
+    inbox_enabled: bool = True
+    inbox_move: bool = True
+    inbox_settle_seconds: float = 1.0
+    inbox_rescan_seconds: float = 180.0
+    inbox_polling: bool = False
 
     @property
     def database(self) -> Path:
@@ -65,6 +87,10 @@ class Settings:
     @property
     def inbox_dir(self) -> Path:
         return self.inbox or self.data_dir / "inbox"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.log_dir or default_log_dir(self.data_dir)
 
     @property
     def demo_models_dir(self) -> Path:
@@ -83,7 +109,12 @@ class Settings:
         """Environment first, then explicit overrides (CLI flags); `None` overrides are ignored."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        paths = {"AIP_DATA_DIR": "data_dir", "AIP_DB": "db_path", "AIP_INBOX": "inbox"}
+        paths = {
+            "AIP_DATA_DIR": "data_dir",
+            "AIP_DB": "db_path",
+            "AIP_INBOX": "inbox",
+            "AIP_LOG_DIR": "log_dir",
+        }
         for key, name in paths.items():
             if env.get(key):
                 values[name] = Path(env[key]).expanduser()
@@ -105,6 +136,8 @@ class Settings:
             "AIP_LEASE_SECONDS": ("lease_seconds", float),
             "AIP_JOB_TIMEOUT": ("job_timeout_seconds", float),
             "AIP_SHUTDOWN_GRACE": ("shutdown_grace_seconds", float),
+            "AIP_INBOX_SETTLE": ("inbox_settle_seconds", float),
+            "AIP_INBOX_RESCAN": ("inbox_rescan_seconds", float),
         }
         for key, (name, kind) in numbers.items():
             if env.get(key):
@@ -118,7 +151,17 @@ class Settings:
             values["allowed_dirs"] = tuple(
                 Path(p).expanduser() for p in _split_list(env["AIP_ALLOWED_DIRS"], os.pathsep)
             )
-        if env.get("AIP_DEMO", "").lower() in ("1", "true", "yes"):
-            values["demo"] = True
+        flags = {
+            "AIP_DEMO": "demo",
+            "AIP_INBOX_ENABLED": "inbox_enabled",
+            "AIP_INBOX_MOVE": "inbox_move",
+            "AIP_INBOX_POLLING": "inbox_polling",
+            "AIP_LOG_STDERR": "log_stderr",
+        }
+        for key, name in flags.items():
+            if env.get(key):
+                values[name] = env[key].strip().lower() in ("1", "true", "yes", "on")
+        if "inbox" not in values and checkout_inbox() is not None:
+            values["inbox"] = checkout_inbox()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -31,6 +31,7 @@ def _start(data_dir: Path, port: int, checkpoints: tuple[Path, Path]) -> subproc
         **os.environ,
         "AIP_DATA_DIR": str(data_dir),
         "AIP_PORT": str(port),
+        "AIP_INBOX": str(data_dir / "inbox"),
         "AIP_DETECTOR": str(detector),
         "AIP_REASONER": str(reasoner),
     }

@@ -12,7 +12,14 @@ from service.detection import Detection
 from service.errors import Conflict, JobFailure
 from service.store.migrate import load_migrations, migrate, schema_version, split_statements
 from service.store.queue import ImageRecord, Outcome, Queue
-from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
+from service.store.tables import (
+    AttemptRow,
+    DetectionRow,
+    ImageRow,
+    InboxFileRow,
+    JobRow,
+    ResultRow,
+)
 
 IMAGE = ImageRecord(
     sha256="ab" * 32, bytes=10, width=100, height=50, format="JPEG", path="images/ab/x.jpg"
@@ -99,7 +106,7 @@ def test_sqlmodel_tables_mirror_the_migrated_schema(tmp_path: Path) -> None:
     db = tmp_path / "aip.db"
     migrate(db)
     conn = sqlite3.connect(db)
-    for table in (ImageRow, JobRow, ResultRow, DetectionRow, AttemptRow):
+    for table in (ImageRow, JobRow, ResultRow, DetectionRow, AttemptRow, InboxFileRow):
         name = table.__tablename__
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({name})")}
         assert columns == set(table.model_fields), name

@@ -193,10 +193,13 @@ async def list_jobs(
     status: str | None = Query(
         default=None, description="queued|running|succeeded|failed|cancelled"
     ),
+    source: str | None = Query(default=None, description="api|path|inbox"),
     cursor: str | None = Query(default=None, description="next_cursor from the previous page"),
     limit: int = Query(default=50),
 ) -> dict[str, Any]:
-    return await services(request).reads.page(status=status, cursor=cursor, limit=limit)
+    return await services(request).reads.page(
+        status=status, source=source, cursor=cursor, limit=limit
+    )
 
 
 @router.get("/jobs/{job_id}", summary="One job: status, input, parameters, timings, result")

@@ -112,8 +112,11 @@ class ModelHost:
         sources: dict[str, str],
         *,
         loaders: dict[str, Loader] | None = None,
+        resolve_sources: bool = True,
     ) -> None:
+        """`loaders` and `resolve_sources=False` let tests host stand-in models."""
         self.roles = {role: RoleState(role, sources[role]) for role in ROLES}
+        self._resolve = resolve_sources
         self._loaders = loaders
         self._thread = ModelThread()
 
@@ -138,7 +141,11 @@ class ModelHost:
         began = time.perf_counter()
         try:
             # Downloads happen before start (`aip serve`, `aip models pull`), never here.
-            path = await asyncio.to_thread(resolve, role, state.source, allow_download=False)
+            path = (
+                await asyncio.to_thread(resolve, role, state.source, allow_download=False)
+                if self._resolve
+                else Path(state.source)
+            )
             go_offline()
             if self._loaders is None:
                 self._loaders = await self._thread.run(default_loaders)

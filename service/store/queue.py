@@ -83,7 +83,8 @@ class Queue:
         await self._conn.close()
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction on the writer connection (BEGIN IMMEDIATE ... COMMIT)."""
         async with self._lock:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -92,6 +93,12 @@ class Queue:
                 await self._conn.execute("ROLLBACK")
                 raise
             await self._conn.execute("COMMIT")
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The writer connection for a read that must see the latest commits (no BEGIN)."""
+        async with self._lock:
+            yield self._conn
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -108,8 +115,7 @@ class Queue:
     ) -> tuple[int, bool]:
         """Queue a job; returns (job id, created). An idempotency key seen before returns the
         original job when the request matches, and is a conflict when it does not."""
-        now = self._clock()
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             if idempotency_key is not None:
                 cursor = await db.execute(
                     "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?",
@@ -124,45 +130,73 @@ class Queue:
                             code="idempotency_conflict",
                         )
                     return int(row["id"]), False
-            await db.execute(
-                "INSERT OR IGNORE INTO images (sha256, bytes, width, height, format, path, exif,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    image.sha256,
-                    image.bytes,
-                    image.width,
-                    image.height,
-                    image.format,
-                    image.path,
-                    json.dumps(image.exif) if image.exif else None,
-                    now,
-                ),
+            job_id = await self.insert_job(
+                db,
+                image,
+                params,
+                input_name=input_name,
+                source=source,
+                max_attempts=max_attempts,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
             )
-            cursor = await db.execute(
-                "INSERT INTO jobs (source, image_sha256, input_name, params, max_attempts,"
-                " run_after, created_at, idempotency_key, request_hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    source,
-                    image.sha256,
-                    input_name,
-                    json.dumps(params),
-                    max_attempts,
-                    now,
-                    now,
-                    idempotency_key,
-                    request_hash,
-                ),
-            )
-            assert cursor.lastrowid is not None
-            return cursor.lastrowid, True
+            return job_id, True
+
+    async def insert_job(
+        self,
+        db: aiosqlite.Connection,
+        image: ImageRecord,
+        params: dict[str, Any],
+        *,
+        input_name: str,
+        source: str,
+        max_attempts: int,
+        source_path: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> int:
+        """Insert a queued job (and its image, once) inside the caller's transaction."""
+        now = self._clock()
+        await db.execute(
+            "INSERT OR IGNORE INTO images (sha256, bytes, width, height, format, path, exif,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                image.sha256,
+                image.bytes,
+                image.width,
+                image.height,
+                image.format,
+                image.path,
+                json.dumps(image.exif) if image.exif else None,
+                now,
+            ),
+        )
+        cursor = await db.execute(
+            "INSERT INTO jobs (source, source_path, image_sha256, input_name, params,"
+            " max_attempts, run_after, created_at, idempotency_key, request_hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                source,
+                source_path,
+                image.sha256,
+                input_name,
+                json.dumps(params),
+                max_attempts,
+                now,
+                now,
+                idempotency_key,
+                request_hash,
+            ),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
 
     # -- the worker's side ----------------------------------------------------------------
 
     async def claim(self, owner: str, lease_seconds: float) -> Claim | None:
         """Atomically take the oldest runnable queued job, or None."""
         now = self._clock()
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             cursor = await db.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
                 " lease_owner = ?, lease_until = ?, started_at = coalesce(started_at, ?)"
@@ -233,7 +267,7 @@ class Queue:
 
     async def complete(self, claim: Claim, outcome: Outcome) -> bool:
         """Write result, detections, timings and status in one transaction; False if fenced off."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             began = time.perf_counter()
             if not await self._owns(db, claim):
                 return False
@@ -277,7 +311,7 @@ class Queue:
     ) -> str | None:
         """Record a failed attempt. With `retry_in` and attempts left the job is queued again
         after that delay; otherwise it ends `failed`. Returns the new status, None if fenced."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             if not await self._owns(db, claim):
                 return None
             cursor = await db.execute(
@@ -306,7 +340,7 @@ class Queue:
             return "queued" if retry else "failed"
 
     async def finish_cancelled(self, claim: Claim, reason: str) -> bool:
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             if not await self._owns(db, claim):
                 return False
             failure = JobFailure("cancelled", reason, transient=False)
@@ -320,7 +354,7 @@ class Queue:
 
     async def release(self, claim: Claim) -> bool:
         """Give a running job back (shutdown): queued again, the attempt not counted."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             if not await self._owns(db, claim):
                 return False
             await self._end_attempt(db, claim, "released", None)
@@ -339,7 +373,7 @@ class Queue:
         now = self._clock()
         lease_filter = " AND lease_until < ?" if expired_only else ""
         args: tuple[Any, ...] = (now,) if expired_only else ()
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             cursor = await db.execute(
                 "SELECT id, attempts, max_attempts, lease_owner FROM jobs"
                 " WHERE status = 'running'" + lease_filter,
@@ -381,7 +415,7 @@ class Queue:
 
     async def request_cancel(self, job_id: int) -> str:
         """Cancel a queued job now; ask a running one to stop at its next stage boundary."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             status = await self._status(db, job_id)
             if status == "queued":
                 await db.execute(
@@ -397,7 +431,7 @@ class Queue:
 
     async def retry(self, job_id: int) -> None:
         """Queue a failed or cancelled job again with a fresh attempt budget."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             status = await self._status(db, job_id)
             if status not in ("failed", "cancelled"):
                 raise Conflict(
@@ -419,18 +453,16 @@ class Queue:
         return str(row["status"])
 
     async def counts(self) -> dict[str, int]:
-        async with self._lock:
-            cursor = await self._conn.execute(
-                "SELECT status, count(*) AS n FROM jobs GROUP BY status"
-            )
+        async with self.reading() as db:
+            cursor = await db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
             rows = await cursor.fetchall()
         found = {row["status"]: row["n"] for row in rows}
         return {status: int(found.get(status, 0)) for status in STATUSES}
 
     async def next_run_after(self) -> float | None:
         """When the earliest queued job becomes runnable (for the worker's sleep)."""
-        async with self._lock:
-            cursor = await self._conn.execute(
+        async with self.reading() as db:
+            cursor = await db.execute(
                 "SELECT min(run_after) AS t FROM jobs WHERE status = 'queued'"
             )
             row = await cursor.fetchone()

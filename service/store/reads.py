@@ -53,6 +53,7 @@ def job_view(
         "id": job.id,
         "status": job.status,
         "source": job.source,
+        "source_path": job.source_path,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "cancel_requested": bool(job.cancel_requested),
@@ -140,7 +141,12 @@ class Reads:
             return image
 
     async def page(
-        self, *, status: str | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        source: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
     ) -> dict[str, Any]:
         """Newest first. The cursor is the last id seen: ids only grow, so jobs arriving
         while a client pages are never shown twice and never shift a page."""
@@ -158,6 +164,8 @@ class Reads:
         )
         if status is not None:
             query = query.where(JobRow.status == status)
+        if source is not None:
+            query = query.where(JobRow.source == source)
         if cursor is not None:
             try:
                 before = int(cursor)

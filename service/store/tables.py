@@ -42,6 +42,23 @@ class JobRow(SQLModel, table=True):
     cancel_requested: int = 0
     idempotency_key: str | None = None
     request_hash: str | None = None
+    source_path: str | None = None
+
+
+class InboxFileRow(SQLModel, table=True):
+    __tablename__ = "inbox_files"
+
+    id: int | None = Field(default=None, primary_key=True)
+    relative_path: str
+    sha256: str | None = None
+    size: int
+    mtime_ns: int
+    outcome: str
+    job_id: int | None = Field(default=None, foreign_key="jobs.id")
+    error_code: str | None = None
+    error_message: str | None = None
+    filed_to: str | None = None
+    seen_at: float
 
 
 class ResultRow(SQLModel, table=True):

@@ -1,0 +1,1 @@
+"""The watched inbox: files dropped into a folder become jobs, exactly once."""

@@ -1,0 +1,115 @@
+"""Pure rules of the inbox: which files count, and the job parameters a file gets from the
+folder configs above it and its sidecar."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+FILING_FOLDERS = ("processed", "failed")
+FOLDER_CONFIG = "aip.json"
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".mpo"}
+)
+# Names that editors, browsers, copy tools and macOS use while a file is incomplete or as junk.
+TEMPORARY = ("*.part", "*.partial", "*.crdownload", "*.download", "*.tmp", "*.temp", "*.swp",
+             "~$*", "*~", "Thumbs.db", "desktop.ini")  # fmt: skip
+_PARAM_KEYS = {"queries", "prompt", "max_attempts"}
+_FOLDER_KEYS = _PARAM_KEYS | {"sidecar"}
+
+
+def kind_of(relative_path: str) -> str:
+    """`ignore`, `config`, `sidecar`, `image` or `other` (a file to reject: not an image)."""
+    parts = PurePosixPath(relative_path).parts
+    if not parts or parts[0] in FILING_FOLDERS or any(p.startswith(".") for p in parts):
+        return "ignore"  # hidden files and folders, macOS ._* and .DS_Store, our own filing
+    name = parts[-1]
+    if any(fnmatch.fnmatch(name, pattern) for pattern in TEMPORARY):
+        return "ignore"
+    if name == FOLDER_CONFIG:
+        return "config"
+    suffix = PurePosixPath(name).suffix.lower()
+    if suffix == ".json":
+        return "sidecar"
+    return "image" if suffix in IMAGE_SUFFIXES else "other"
+
+
+def ignored_folder(relative_dir: str) -> bool:
+    """Folders never walked: hidden ones and the inbox's own filing folders."""
+    parts = PurePosixPath(relative_dir).parts
+    return bool(parts) and (parts[0] in FILING_FOLDERS or any(p.startswith(".") for p in parts))
+
+
+def sidecar_of(relative_path: str) -> str:
+    """`a/b/frame.jpg` -> `a/b/frame.json`."""
+    return str(PurePosixPath(relative_path).with_suffix(".json"))
+
+
+class ParamsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class FileParams:
+    queries: list[str] | None
+    prompt: str | None
+    max_attempts: int | None
+    sidecar_required: bool
+
+
+def _read_json(path: Path, allowed: set[str]) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ParamsError(f"{path.name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path.name} must hold a JSON object")
+    unknown = set(data) - allowed
+    if unknown:
+        raise ParamsError(
+            f"{path.name} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
+    return data
+
+
+def _check(data: dict[str, Any], where: str) -> dict[str, Any]:
+    queries = data.get("queries")
+    if isinstance(queries, str):
+        data["queries"] = [queries]
+    elif queries is not None and not (
+        isinstance(queries, list) and all(isinstance(q, str) for q in queries)
+    ):
+        raise ParamsError(f"{where}: queries must be a string or a list of strings")
+    if "prompt" in data and not isinstance(data["prompt"], str):
+        raise ParamsError(f"{where}: prompt must be a string")
+    attempts = data.get("max_attempts")
+    if attempts is not None and not (isinstance(attempts, int) and 1 <= attempts <= 10):
+        raise ParamsError(f"{where}: max_attempts must be a whole number 1..10")
+    if data.get("sidecar", "optional") not in ("optional", "required"):
+        raise ParamsError(f'{where}: sidecar must be "optional" or "required"')
+    return data
+
+
+def params_for(root: Path, relative_path: str) -> FileParams:
+    """Folder configs apply from the inbox root down (deeper ones override); the file's own
+    sidecar overrides them all."""
+    merged: dict[str, Any] = {}
+    folder = root
+    for part in ("", *PurePosixPath(relative_path).parts[:-1]):
+        folder = folder / part if part else folder
+        config = folder / FOLDER_CONFIG
+        if config.is_file():
+            where = str(PurePosixPath(relative_path).parent / FOLDER_CONFIG)
+            merged.update(_check(_read_json(config, _FOLDER_KEYS), where))
+    sidecar = root / sidecar_of(relative_path)
+    if sidecar.is_file():
+        merged.update(_check(_read_json(sidecar, _PARAM_KEYS), sidecar_of(relative_path)))
+    return FileParams(
+        queries=merged.get("queries"),
+        prompt=merged.get("prompt"),
+        max_attempts=merged.get("max_attempts"),
+        sidecar_required=merged.get("sidecar") == "required",
+    )

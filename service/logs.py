@@ -1,0 +1,65 @@
+"""The service's own log: a size-capped rotating file in the log directory, plus stderr; it
+knows where and how much to write, never what the service does."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+
+LOG_FILE = "aip.log"
+MAX_BYTES = 10 * 1024 * 1024
+BACKUPS = 5  # at most (BACKUPS + 1) * MAX_BYTES on disk, however long the service runs
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# uvicorn's loggers keep their own handlers unless told otherwise; emptied, they propagate to
+# the root logger and so reach the same file (uvicorn.run must get log_config=None).
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
+def configure_logging(
+    level: str,
+    log_dir: Path | None,
+    *,
+    stderr: bool = True,
+    max_bytes: int = MAX_BYTES,
+    backups: int = BACKUPS,
+) -> Path | None:
+    """Route every log record (ours and uvicorn's) to `log_dir/aip.log`, rotated at
+    `max_bytes` with `backups` old files kept, and to stderr when `stderr`. Returns the log
+    file, or None when there is none (no `log_dir`, or it cannot be written: said on stderr)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level.upper())
+    formatter = logging.Formatter(FORMAT)
+    if stderr:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(formatter)
+        root.addHandler(console)
+    for name in UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    if log_dir is None:
+        return None
+    path = log_dir / LOG_FILE
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+    except OSError as exc:
+        print(
+            f"aip: cannot write the log in {log_dir} ({exc}); logging to stderr only",
+            file=sys.stderr,
+        )
+        if not stderr:
+            console = logging.StreamHandler(sys.stderr)
+            console.setFormatter(formatter)
+            root.addHandler(console)
+        return None
+    file_handler.setFormatter(formatter)
+    root.addHandler(file_handler)
+    return path
