@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api import health, inbox, jobs
+from service.api import health, history, inbox, jobs
 from service.config import Settings
 from service.errors import AipError, PayloadTooLarge
 from service.inbox.watcher import InboxWatcher
@@ -246,4 +246,5 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     app.include_router(health.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(inbox.router, prefix="/v1")
+    app.include_router(history.router, prefix="/v1")
     return app

@@ -195,9 +195,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = Client(_settings(args), args.url)
-    params: dict[str, Any] = {"limit": args.limit}
-    if args.status:
-        params["status"] = args.status
+    params: dict[str, Any] = {"limit": args.limit, **_filters(args)}
     page = client.call("GET", "/v1/jobs", params=params)
     if args.json:
         print(json.dumps(page, indent=2))
@@ -225,6 +223,64 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     job = Client(_settings(args), args.url).call("POST", f"/v1/jobs/{args.id}/retry")
     _print_job(job, args.json)
+    return 0
+
+
+FILTERS = ("status", "source", "created_after", "created_before", "captured_after",
+           "captured_before", "folder", "label", "min_count", "q")  # fmt: skip
+
+
+def _add_filters(sub: argparse.ArgumentParser) -> None:
+    for name in FILTERS:
+        sub.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=int if name == "min_count" else str
+        )
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in FILTERS if getattr(args, name) is not None}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    client = Client(_settings(args), args.url)
+    try:
+        with client.http.stream(
+            "GET", f"/v1/exports/jobs.{args.format}", params=_filters(args)
+        ) as response:
+            if response.status_code >= 400:
+                body = json.loads(response.read() or b"{}")
+                print(f"aip: {body.get('code')}: {body.get('message')}", file=sys.stderr)
+                return 2
+            for chunk in response.iter_bytes():
+                sys.stdout.buffer.write(chunk)
+    except BrokenPipeError:
+        pass
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    print(
+        json.dumps(
+            Client(_settings(args), args.url).call("GET", "/v1/stats", params=_filters(args)),
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    body = {
+        "older_than": args.older_than,
+        "keep_results": args.keep_results,
+        "dry_run": args.dry_run,
+    }
+    report = Client(_settings(args), args.url).call("POST", "/v1/prune", json=body)
+    verb = "would free" if args.dry_run else "freed"
+    print(
+        f"{verb} {report['bytes_freed']:,} bytes: {report['images_removed']} stored images, "
+        f"{report['jobs_removed']} jobs"
+    )
     return 0
 
 
@@ -261,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
 
     jobs = client_command("jobs", "list jobs, newest first")
-    jobs.add_argument("--status")
+    _add_filters(jobs)
     jobs.add_argument("--limit", type=int, default=20)
     jobs.set_defaults(func=cmd_jobs)
 
@@ -273,6 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub = client_command(name, text)
         sub.add_argument("id", type=int)
         sub.set_defaults(func=func)
+
+    export = client_command("export", "write the filtered jobs to stdout")
+    export.add_argument("--format", choices=["csv", "jsonl", "geojson", "coco"], default="csv")
+    _add_filters(export)
+    export.set_defaults(func=cmd_export)
+
+    stats = client_command("stats", "statistics over the filtered jobs")
+    _add_filters(stats)
+    stats.set_defaults(func=cmd_stats)
+
+    prune = client_command("prune", "remove finished jobs older than an age")
+    prune.add_argument("--older-than", required=True, help="e.g. 30d, 12h")
+    prune.add_argument(
+        "--keep-results", action="store_true", help="remove only the stored images, keep the rows"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    prune.set_defaults(func=cmd_prune)
 
     models = commands.add_parser("models", help="model checkpoints")
     model_commands = models.add_subparsers(dest="models_command", required=True)

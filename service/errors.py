@@ -44,6 +44,11 @@ class Conflict(AipError):
     code = "conflict"
 
 
+class Gone(AipError):
+    status = 410
+    code = "gone"
+
+
 class Forbidden(AipError):
     status = 403
     code = "forbidden"
@@ -52,6 +57,13 @@ class Forbidden(AipError):
 class Unauthorized(AipError):
     status = 401
     code = "unauthorized"
+
+
+class OverBudget(AipError):
+    """A model load that would not fit the memory budget; the message gives both numbers."""
+
+    status = 409
+    code = "over_budget"
 
 
 class ModelUnavailable(AipError):

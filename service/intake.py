@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -77,6 +78,31 @@ def read_exif(image: Image.Image) -> dict[str, Any] | None:
     return out or None
 
 
+_DJI = re.compile(
+    rb"drone-dji:(RelativeAltitude|AbsoluteAltitude|GimbalPitchDegree|GimbalYawDegree|"
+    rb'GimbalRollDegree|FlightYawDegree)\s*=\s*"([-+0-9.]+)"'
+)
+_DJI_NAMES = {
+    b"RelativeAltitude": "relative_altitude",
+    b"AbsoluteAltitude": "absolute_altitude",
+    b"GimbalPitchDegree": "gimbal_pitch",
+    b"GimbalYawDegree": "gimbal_yaw",
+    b"GimbalRollDegree": "gimbal_roll",
+    b"FlightYawDegree": "flight_yaw",
+}
+
+
+def read_dji_xmp(data: bytes) -> dict[str, float] | None:
+    """DJI drones write flight and gimbal attitude into an XMP packet near the file's start."""
+    found = {}
+    for name, value in _DJI.findall(data[: 512 * 1024]):
+        try:
+            found[_DJI_NAMES[name]] = float(value)
+        except ValueError:
+            continue
+    return found or None
+
+
 def inspect_image(data: bytes, *, max_pixels: int) -> ImageRecord:
     """Validate fully (header, pixel count, every byte decodes) and describe the image as it
     will be seen upright (EXIF orientation applied)."""
@@ -95,6 +121,9 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageRecord:
                 )
             fmt = image.format or "unknown"
             exif = read_exif(image)
+            dji = read_dji_xmp(data)
+            if dji:
+                exif = {**(exif or {}), "dji": dji}
             image.load()
             if exif and exif.get("orientation") in (5, 6, 7, 8):
                 width, height = height, width

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
 from service.api.deps import require_token, services
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from service.api.filters import job_filter
+from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.intake import confined_path, inspect_image, store_image
 from service.pipeline import build_params
+from service.store.history import JobFilter
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_token)])
 
@@ -187,19 +189,15 @@ async def submit(
     )
 
 
-@router.get("/jobs", summary="Jobs, newest first")
+@router.get("/jobs", summary="Jobs, newest first, filtered")
 async def list_jobs(
     request: Request,
-    status: str | None = Query(
-        default=None, description="queued|running|succeeded|failed|cancelled"
-    ),
-    source: str | None = Query(default=None, description="api|path|inbox"),
+    where: Annotated[JobFilter, Depends(job_filter)],
+    sort: str = Query(default="created", description="created|finished (newest first)"),
     cursor: str | None = Query(default=None, description="next_cursor from the previous page"),
     limit: int = Query(default=50),
 ) -> dict[str, Any]:
-    return await services(request).reads.page(
-        status=status, source=source, cursor=cursor, limit=limit
-    )
+    return await services(request).reads.page(where, sort=sort, cursor=cursor, limit=limit)
 
 
 @router.get("/jobs/{job_id}", summary="One job: status, input, parameters, timings, result")
@@ -229,6 +227,8 @@ async def retry_job(request: Request, job_id: int) -> dict[str, Any]:
 async def job_image(request: Request, job_id: int) -> FileResponse:
     svc = services(request)
     image = await svc.reads.image_of(job_id)
+    if image.pruned_at is not None:
+        raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_pruned")
     return FileResponse(
         svc.settings.data_dir / image.path,
         media_type=_MEDIA.get(image.format, "application/octet-stream"),

@@ -40,6 +40,14 @@ class ImageRecord:
     path: str  # relative to the data directory
     exif: dict[str, Any] | None = None
 
+    @property
+    def captured_at(self) -> str | None:
+        """EXIF `YYYY:MM:DD HH:MM:SS` as ISO 8601 (the camera's local time)."""
+        raw = (self.exif or {}).get("captured_at")
+        if not isinstance(raw, str) or len(raw) < 19 or raw[4] != ":" or raw[7] != ":":
+            return None
+        return f"{raw[0:4]}-{raw[5:7]}-{raw[8:10]}T{raw[11:19]}"
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -159,7 +167,7 @@ class Queue:
         now = self._clock()
         await db.execute(
             "INSERT OR IGNORE INTO images (sha256, bytes, width, height, format, path, exif,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " created_at, captured_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 image.sha256,
                 image.bytes,
@@ -169,6 +177,7 @@ class Queue:
                 image.path,
                 json.dumps(image.exif) if image.exif else None,
                 now,
+                image.captured_at,
             ),
         )
         cursor = await db.execute(

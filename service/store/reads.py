@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +12,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from service.errors import InvalidInput, NotFound
-from service.store.queue import STATUSES
+from service.store.history import Cursor, JobFilter, after_cursor, sort_column
 from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
 
 MAX_PAGE = 200
@@ -67,7 +67,9 @@ def job_view(
             "width": image.width,
             "height": image.height,
             "format": image.format,
+            "captured_at": image.captured_at,
             "exif": json.loads(image.exif) if image.exif else None,
+            "stored": image.pruned_at is None,
         },
         "params": json.loads(job.params),
         "timings_ms": {k: round(v, 1) for k, v in json.loads(job.timings or "{}").items()},
@@ -102,13 +104,13 @@ def job_view(
 
 class Reads:
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+        self.engine = engine
 
     async def close(self) -> None:
-        await self._engine.dispose()
+        await self.engine.dispose()
 
     async def job(self, job_id: int) -> dict[str, Any]:
-        async with AsyncSession(self._engine) as session:
+        async with AsyncSession(self.engine) as session:
             job = await session.get(JobRow, job_id)
             if job is None:
                 raise NotFound(f"job {job_id} does not exist", code="job_not_found")
@@ -132,7 +134,7 @@ class Reads:
             return job_view(job, image, result, detections, attempts)
 
     async def image_of(self, job_id: int) -> ImageRow:
-        async with AsyncSession(self._engine) as session:
+        async with AsyncSession(self.engine) as session:
             job = await session.get(JobRow, job_id)
             if job is None:
                 raise NotFound(f"job {job_id} does not exist", code="job_not_found")
@@ -140,42 +142,46 @@ class Reads:
             assert image is not None
             return image
 
+    async def iter_jobs(
+        self, where: JobFilter, *, sort: str = "created", batch: int = 200
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every matching job, newest first, read a page at a time."""
+        cursor = None
+        while True:
+            page = await self.page(where, sort=sort, cursor=cursor, limit=batch)
+            for job in page["jobs"]:
+                yield job
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
     async def page(
         self,
+        where: JobFilter | None = None,
         *,
-        status: str | None = None,
-        source: str | None = None,
+        sort: str = "created",
         cursor: str | None = None,
         limit: int = 50,
     ) -> dict[str, Any]:
-        """Newest first. The cursor is the last id seen: ids only grow, so jobs arriving
-        while a client pages are never shown twice and never shift a page."""
-        if status is not None and status not in STATUSES:
-            raise InvalidInput(
-                f"unknown status {status!r}; use one of {', '.join(STATUSES)}",
-                code="invalid_filter",
-            )
+        """Newest first by created or finished time. Keyset pagination on (time, id): jobs
+        arriving or finishing while a client pages land before its first page, so pages
+        never skip or repeat a job."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be 1..{MAX_PAGE}", code="invalid_filter")
+        key = sort_column(sort)
         query = (
             select(JobRow, ImageRow, ResultRow)
             .join(ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
             .outerjoin(ResultRow, col(ResultRow.job_id) == col(JobRow.id))
         )
-        if status is not None:
-            query = query.where(JobRow.status == status)
-        if source is not None:
-            query = query.where(JobRow.source == source)
+        for condition in (where or JobFilter()).conditions():
+            query = query.where(condition)
+        if sort == "finished":
+            query = query.where(key.is_not(None))
         if cursor is not None:
-            try:
-                before = int(cursor)
-            except ValueError:
-                raise InvalidInput(
-                    "cursor is not one this service issued", code="invalid_cursor"
-                ) from None
-            query = query.where(col(JobRow.id) < before)
-        query = query.order_by(col(JobRow.id).desc()).limit(limit + 1)
-        async with AsyncSession(self._engine) as session:
+            query = query.where(after_cursor(sort, Cursor.decode(cursor, sort)))
+        query = query.order_by(key.desc(), col(JobRow.id).desc()).limit(limit + 1)
+        async with AsyncSession(self.engine) as session:
             rows = (await session.exec(query)).all()
             more = len(rows) > limit
             rows = rows[:limit]
@@ -193,4 +199,9 @@ class Reads:
             job_view(job, image, result, detections.get(job.id or 0, []))
             for job, image, result in rows
         ]
-        return {"jobs": jobs, "next_cursor": str(ids[-1]) if more and ids else None}
+        next_cursor = None
+        if more and rows:
+            last = rows[-1][0]
+            last_key = last.finished_at if sort == "finished" else last.created_at
+            next_cursor = Cursor(sort, float(last_key or 0), int(last.id or 0)).encode()
+        return {"jobs": jobs, "next_cursor": next_cursor}

@@ -16,6 +16,8 @@ class ImageRow(SQLModel, table=True):
     path: str
     exif: str | None = None
     created_at: float
+    captured_at: str | None = None
+    pruned_at: float | None = None
 
 
 class JobRow(SQLModel, table=True):

@@ -1,0 +1,78 @@
+"""History routes: statistics, streamed exports, the annotated image, and retention."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from service.annotate import annotate, to_jpeg
+from service.api.deps import require_token, services
+from service.api.filters import job_filter
+from service.errors import Gone, InvalidInput, NotFound
+from service.exports import FORMATS, WRITERS
+from service.intake import open_stored
+from service.store.history import JobFilter
+from service.store.retention import parse_age, preview, prune
+from service.store.stats import job_stats
+
+router = APIRouter(tags=["history"], dependencies=[Depends(require_token)])
+Filter = Annotated[JobFilter, Depends(job_filter)]
+
+
+@router.get("/stats", summary="Jobs by status and day, detections per label, mean timings")
+async def stats(request: Request, where: Filter) -> dict[str, Any]:
+    return await job_stats(services(request).reads.engine, where)
+
+
+@router.get("/exports/jobs.{fmt}", summary="Stream the filtered jobs as csv|jsonl|geojson|coco")
+async def export(request: Request, fmt: str, where: Filter) -> StreamingResponse:
+    if fmt not in WRITERS:
+        raise NotFound(
+            f"no export format {fmt!r}; use one of {', '.join(FORMATS)}", code="unknown_format"
+        )
+    chunks = WRITERS[fmt](services(request).reads.iter_jobs(where))
+    return StreamingResponse(
+        chunks,
+        media_type=FORMATS[fmt],
+        headers={"Content-Disposition": f'attachment; filename="jobs.{fmt}"'},
+    )
+
+
+@router.get("/jobs/{job_id}/annotated", summary="The input with numbered boxes and masks")
+async def annotated(request: Request, job_id: int) -> Response:
+    svc = services(request)
+    job = await svc.reads.job(job_id)
+    image_row = await svc.reads.image_of(job_id)
+    if image_row.pruned_at is not None:
+        raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_pruned")
+    detections = (job.get("result") or {}).get("detections") or []
+
+    def render() -> bytes:
+        return to_jpeg(annotate(open_stored(svc.settings.data_dir, image_row.path), detections))
+
+    return Response(await asyncio.to_thread(render), media_type="image/jpeg")
+
+
+class PruneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    older_than: str
+    keep_results: bool = False
+    dry_run: bool = False
+
+
+@router.post("/prune", summary="Remove finished jobs (or only their images) older than an age")
+async def prune_history(request: Request, body: PruneRequest) -> dict[str, Any]:
+    svc = services(request)
+    try:
+        age = parse_age(body.older_than)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="invalid_age") from None
+    run = preview if body.dry_run else prune
+    report = await run(
+        svc.queue, svc.settings.data_dir, older_than_seconds=age, keep_results=body.keep_results
+    )
+    return {"dry_run": body.dry_run, **report.to_dict()}

@@ -1,0 +1,167 @@
+"""Exports of job history in formats other tools read: CSV, JSON Lines, GeoJSON, COCO. Each
+is a stream of text chunks over a stream of job views, so memory stays flat at any size."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from service import __version__
+
+Jobs = AsyncIterator[dict[str, Any]]
+FORMATS = {
+    "csv": "text/csv; charset=utf-8",
+    "jsonl": "application/x-ndjson",
+    "geojson": "application/geo+json",
+    "coco": "application/json",
+}
+CSV_COLUMNS = [
+    "job_id", "status", "source", "source_path", "input_name", "created_at", "finished_at",
+    "width", "height", "captured_at", "latitude", "longitude", "altitude",
+    "detection", "label", "x1", "y1", "x2", "y2", "reasoning",
+]  # fmt: skip
+
+
+def _gps(job: dict[str, Any]) -> dict[str, Any]:
+    exif = job["input"].get("exif") or {}
+    return exif.get("gps") or {}
+
+
+def _line(values: list[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(values)
+    return buffer.getvalue()
+
+
+async def to_csv(jobs: Jobs) -> AsyncIterator[str]:
+    """One row per detection, and one row for each job without detections."""
+    yield _line(CSV_COLUMNS)
+    async for job in jobs:
+        gps, result = _gps(job), job.get("result") or {}
+        base = [
+            job["id"], job["status"], job["source"], job.get("source_path") or "",
+            job["input"]["name"], job["created_at"], job["finished_at"] or "",
+            job["input"]["width"], job["input"]["height"], job["input"].get("captured_at") or "",
+            gps.get("latitude", ""), gps.get("longitude", ""), gps.get("altitude", ""),
+        ]  # fmt: skip
+        reasoning = result.get("reasoning", "")
+        detections = result.get("detections") or []
+        if not detections:
+            yield _line([*base, "", "", "", "", "", "", reasoning])
+        for d in detections:
+            yield _line([*base, d["number"], d["label"], *d["box"], reasoning])
+
+
+async def to_jsonl(jobs: Jobs) -> AsyncIterator[str]:
+    async for job in jobs:
+        yield json.dumps(job, ensure_ascii=False) + "\n"
+
+
+def _counts(job: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for d in (job.get("result") or {}).get("detections") or []:
+        counts[d["label"]] = counts.get(d["label"], 0) + 1
+    return counts
+
+
+async def to_geojson(jobs: Jobs) -> AsyncIterator[str]:
+    """A FeatureCollection with one Point (longitude, latitude[, altitude]) per geotagged job."""
+    yield '{"type": "FeatureCollection", "features": ['
+    first = True
+    async for job in jobs:
+        gps = _gps(job)
+        if "latitude" not in gps or "longitude" not in gps:
+            continue
+        position = [gps["longitude"], gps["latitude"]]
+        if "altitude" in gps:
+            position.append(gps["altitude"])
+        feature = {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": position},
+            "properties": {
+                "job_id": job["id"],
+                "name": job["input"]["name"],
+                "status": job["status"],
+                "captured_at": job["input"].get("captured_at"),
+                "counts": _counts(job),
+                "reasoning": (job.get("result") or {}).get("reasoning"),
+            },
+        }
+        yield ("" if first else ",") + "\n" + json.dumps(feature, ensure_ascii=False)
+        first = False
+    yield "\n]}\n"
+
+
+def _coco_rle(mask: dict[str, Any]) -> dict[str, Any]:
+    """Our row-major run lengths to COCO's column-major uncompressed RLE."""
+    import numpy as np
+
+    height, width = mask["size"]
+    flat = np.zeros(height * width, dtype=bool)
+    position, value = 0, False
+    for run in mask["counts"]:
+        flat[position : position + run] = value
+        position, value = position + run, not value
+    column_major = flat.reshape(height, width).flatten(order="F")
+    changes = np.flatnonzero(column_major[1:] != column_major[:-1]) + 1
+    counts = np.diff(np.concatenate(([0], changes, [column_major.size]))).tolist()
+    if column_major.size and column_major[0]:
+        counts = [0, *counts]
+    return {"size": [height, width], "counts": counts}
+
+
+async def to_coco(jobs: Jobs) -> AsyncIterator[str]:
+    """COCO detection JSON: images, then annotations (bbox [x, y, w, h]), then categories.
+    Annotations wait in a temporary file so the jobs are read once."""
+    yield json.dumps(
+        {"info": {"description": "aip export", "version": __version__}, "licenses": []}
+    )[:-1]
+    yield ', "images": ['
+    categories: dict[str, int] = {}
+    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, mode="w+") as spool:
+        first_image = first_annotation = True
+        annotation_id = 0
+        async for job in jobs:
+            if job.get("result") is None:
+                continue
+            image = {
+                "id": job["id"],
+                "file_name": job.get("source_path") or job["input"]["name"],
+                "width": job["input"]["width"],
+                "height": job["input"]["height"],
+            }
+            yield ("" if first_image else ",") + json.dumps(image, ensure_ascii=False)
+            first_image = False
+            for d in job["result"]["detections"]:
+                x1, y1, x2, y2 = d["box"]
+                annotation_id += 1
+                annotation: dict[str, Any] = {
+                    "id": annotation_id,
+                    "image_id": job["id"],
+                    "category_id": categories.setdefault(d["label"], len(categories) + 1),
+                    "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "area": round((x2 - x1) * (y2 - y1), 2),
+                    "iscrowd": 0,
+                }
+                if d.get("mask"):
+                    annotation["segmentation"] = _coco_rle(d["mask"])
+                spool.write(("" if first_annotation else ",") + json.dumps(annotation))
+                first_annotation = False
+        yield '], "annotations": ['
+        spool.seek(0)
+        while chunk := spool.read(64 * 1024):
+            yield chunk
+    names = [{"id": i, "name": name, "supercategory": "object"} for name, i in categories.items()]
+    yield '], "categories": ' + json.dumps(names, ensure_ascii=False) + "}\n"
+
+
+WRITERS: dict[str, Callable[[Jobs], AsyncIterator[str]]] = {
+    "csv": to_csv,
+    "jsonl": to_jsonl,
+    "geojson": to_geojson,
+    "coco": to_coco,
+}

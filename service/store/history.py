@@ -1,0 +1,190 @@
+"""History filters: one validated JobFilter turned into SQL conditions, shared by the job list,
+statistics and exports; and the opaque cursor for stable keyset pagination."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, text
+from sqlmodel import col
+
+from service.errors import InvalidInput
+from service.store.queue import STATUSES
+from service.store.tables import DetectionRow, ImageRow, JobRow
+
+SORTS = ("created", "finished")
+
+
+def parse_time(value: str, name: str) -> float:
+    """ISO 8601 date or date-time (naive means UTC), or Unix seconds."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{name}={value!r} is not a date or time (use e.g. 2026-11-23 or 2026-11-23T08:00:00Z)",
+            code="invalid_filter",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def parse_local_time(value: str, name: str) -> str:
+    """Capture times are the camera's local time: compared as ISO text, no zone."""
+    try:
+        return datetime.fromisoformat(value).replace(tzinfo=None).isoformat()
+    except ValueError:
+        raise InvalidInput(
+            f"{name}={value!r} is not a date or time", code="invalid_filter"
+        ) from None
+
+
+def fts_query(words: str) -> str:
+    """Every word must appear (quoted, so user text can never be FTS syntax)."""
+    terms = [w.replace('"', '""') for w in words.split() if w.strip()]
+    if not terms:
+        raise InvalidInput("q must contain at least one word", code="invalid_filter")
+    return " ".join(f'"{t}"' for t in terms)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    status: str | None = None
+    source: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    captured_after: str | None = None
+    captured_before: str | None = None
+    folder: str | None = None
+    label: str | None = None
+    min_count: int | None = None
+    q: str | None = None
+
+    @classmethod
+    def parse(cls, **raw: str | int | None) -> JobFilter:
+        """From query-string values; anything malformed is a 422 with the reason."""
+        given = {k: v for k, v in raw.items() if v not in (None, "")}
+        status = given.get("status")
+        if status is not None and status not in STATUSES:
+            raise InvalidInput(
+                f"unknown status {status!r}; use one of {', '.join(STATUSES)}",
+                code="invalid_filter",
+            )
+        min_count = given.get("min_count")
+        if min_count is not None:
+            if not isinstance(min_count, int) or min_count < 1:
+                raise InvalidInput("min_count must be a whole number >= 1", code="invalid_filter")
+            if "label" not in given:
+                raise InvalidInput("min_count needs a label to count", code="invalid_filter")
+        values: dict[str, Any] = {
+            "status": status,
+            "source": given.get("source"),
+            "folder": str(given["folder"]).strip("/") + "/" if "folder" in given else None,
+            "label": given.get("label"),
+            "min_count": min_count,
+            "q": fts_query(str(given["q"])) if "q" in given else None,
+        }
+        for name in ("created_after", "created_before"):
+            if name in given:
+                values[name] = parse_time(str(given[name]), name)
+        for name in ("captured_after", "captured_before"):
+            if name in given:
+                values[name] = parse_local_time(str(given[name]), name)
+        return cls(**values)
+
+    def as_query(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        """Conditions over JobRow (ImageRow joined when capture time is asked for)."""
+        where: list[ColumnElement[bool]] = []
+        if self.status:
+            where.append(col(JobRow.status) == self.status)
+        if self.source:
+            where.append(col(JobRow.source) == self.source)
+        if self.created_after is not None:
+            where.append(col(JobRow.created_at) >= self.created_after)
+        if self.created_before is not None:
+            where.append(col(JobRow.created_at) < self.created_before)
+        if self.folder:
+            # A range on the indexed column rather than LIKE: no escaping, uses the index.
+            where.append(
+                and_(
+                    col(JobRow.source_path) >= self.folder,
+                    col(JobRow.source_path) < self.folder[:-1] + "0",
+                )
+            )
+        if self.captured_after or self.captured_before:
+            captured = select(col(ImageRow.sha256)).where(col(ImageRow.captured_at).is_not(None))
+            if self.captured_after:
+                captured = captured.where(col(ImageRow.captured_at) >= self.captured_after)
+            if self.captured_before:
+                captured = captured.where(col(ImageRow.captured_at) < self.captured_before)
+            where.append(col(JobRow.image_sha256).in_(captured))
+        if self.label and self.min_count:
+            count = (
+                select(func.count())
+                .where(col(DetectionRow.job_id) == col(JobRow.id))
+                .where(col(DetectionRow.label) == self.label)
+                .scalar_subquery()
+            )
+            where.append(count >= self.min_count)
+        elif self.label:
+            where.append(
+                exists()
+                .where(col(DetectionRow.job_id) == col(JobRow.id))
+                .where(col(DetectionRow.label) == self.label)
+            )
+        if self.q:
+            matches = text("SELECT rowid FROM jobs_fts WHERE jobs_fts MATCH :fts").bindparams(
+                fts=self.q
+            )
+            where.append(col(JobRow.id).in_(matches))
+        return where
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the previous page ended: the sort key and id of its last job."""
+
+    sort: str
+    key: float
+    id: int
+
+    def encode(self) -> str:
+        raw = json.dumps([self.sort, self.key, self.id]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, value: str, sort: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            kind, key, job_id = json.loads(raw)
+            cursor = cls(str(kind), float(key), int(job_id))
+        except (ValueError, TypeError):
+            raise InvalidInput(
+                "cursor is not one this service issued", code="invalid_cursor"
+            ) from None
+        if cursor.sort != sort:
+            raise InvalidInput("cursor belongs to another sort order", code="invalid_cursor")
+        return cursor
+
+
+def sort_column(sort: str) -> Any:
+    if sort not in SORTS:
+        raise InvalidInput(f"sort must be one of {', '.join(SORTS)}", code="invalid_filter")
+    return col(JobRow.finished_at) if sort == "finished" else col(JobRow.created_at)
+
+
+def after_cursor(sort: str, cursor: Cursor) -> ColumnElement[bool]:
+    """Strictly after the cursor in (key desc, id desc) order."""
+    key = sort_column(sort)
+    return or_(key < cursor.key, and_(key == cursor.key, col(JobRow.id) < cursor.id))

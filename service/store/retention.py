@@ -1,0 +1,106 @@
+"""Retention: removes finished jobs older than a cutoff (rows, stored images, or both); never
+touches queued or running work. Deletes go through the queue's writer connection."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from service.store.queue import TERMINAL, Queue
+
+
+@dataclass
+class Pruned:
+    jobs_removed: int = 0
+    images_removed: int = 0
+    bytes_freed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def prune(
+    queue: Queue,
+    data_dir: Path,
+    *,
+    older_than_seconds: float,
+    keep_results: bool,
+    dry_run: bool = False,
+) -> Pruned:
+    """Finished jobs whose finish is older than the cutoff lose their stored image; without
+    `keep_results` their rows go too. An image still used by any other job is kept."""
+    terminal = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
+    old = f"SELECT id FROM jobs WHERE status IN ({terminal}) AND finished_at < :cutoff"
+    args = {"cutoff": time.time() - older_than_seconds, "now": time.time()}
+    report = Pruned()
+    async with queue.transaction() as db:
+        count = await (await db.execute(f"SELECT count(*) FROM ({old})", args)).fetchone()
+        if not count or not count[0]:
+            return report
+        # Images used only by old jobs (a newer or unfinished job keeps its image).
+        images = list(
+            await (
+                await db.execute(
+                    "SELECT sha256, path, bytes FROM images WHERE pruned_at IS NULL"
+                    f" AND sha256 IN (SELECT image_sha256 FROM jobs WHERE id IN ({old}))"
+                    f" AND sha256 NOT IN (SELECT image_sha256 FROM jobs WHERE id NOT IN ({old}))",
+                    args,
+                )
+            ).fetchall()
+        )
+        report.images_removed = len(images)
+        report.bytes_freed = sum(int(row[2]) for row in images)
+        report.jobs_removed = 0 if keep_results else int(count[0])
+        if dry_run:
+            raise _DryRun(report)
+        await db.executemany(
+            "UPDATE images SET pruned_at = ? WHERE sha256 = ?",
+            [(args["now"], row[0]) for row in images],
+        )
+        if not keep_results:
+            await db.execute(f"DELETE FROM inbox_files WHERE job_id IN ({old})", args)
+            await db.execute(f"DELETE FROM jobs WHERE id IN ({old})", args)
+            await db.execute(
+                "DELETE FROM images WHERE pruned_at IS NOT NULL AND sha256 NOT IN"
+                " (SELECT image_sha256 FROM jobs)"
+            )
+    # Files go after the rows are committed: a crash in between leaves a stray file, never a
+    # row pointing at a missing one.
+    for _sha, path, _size in images:
+        (data_dir / path).unlink(missing_ok=True)
+    return report
+
+
+class _DryRun(Exception):
+    def __init__(self, report: Pruned) -> None:
+        self.report = report
+
+
+async def preview(
+    queue: Queue, data_dir: Path, *, older_than_seconds: float, keep_results: bool
+) -> Pruned:
+    """What `prune` would remove, computed in a transaction that is rolled back."""
+    try:
+        return await prune(
+            queue,
+            data_dir,
+            older_than_seconds=older_than_seconds,
+            keep_results=keep_results,
+            dry_run=True,
+        )
+    except _DryRun as done:
+        return done.report
+
+
+def parse_age(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s` or plain seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    value = text.strip().lower()
+    try:
+        if value and value[-1] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an age like 30d, 12h or 90m") from None

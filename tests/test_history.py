@@ -1,0 +1,332 @@
+"""Results history over a real database: filters, pagination, statistics, exports read back by
+their reference readers, EXIF GPS to GeoJSON, the annotated image, and retention."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geojson
+import pytest
+from PIL import Image, ImageChops
+from pycocotools.coco import COCO
+
+from service.config import Settings
+from tests.conftest import RunningService, make_image
+
+Serve = Callable[..., RunningService]
+DAY = 86400.0
+NOW = time.time()
+
+
+@dataclass
+class Seed:
+    id: int
+    status: str
+    source: str
+    created_at: float
+    source_path: str | None
+    captured_at: str | None
+    labels: list[str] = field(default_factory=list)
+    reasoning: str = ""
+    prompt: str = "Describe."
+
+
+WORDS = ["flooding", "tractor", "erosion", "roof damage", "clear skies", "debris"]
+
+
+def seed(db_path: Path, n: int, rand: random.Random, start_id: int = 10_000) -> list[Seed]:
+    """Rows written straight into the database, the way the queue writes them."""
+    db = sqlite3.connect(db_path)
+    seeds = []
+    for k in range(n):
+        job_id = start_id + k
+        sha = f"{job_id:064x}"
+        status = rand.choice(["succeeded"] * 4 + ["failed", "queued", "cancelled"])
+        source = rand.choice(["api", "inbox", "path"])
+        folder = rand.choice(["flights/tue", "flights/wed", "site-a"])
+        s = Seed(
+            id=job_id,
+            status=status,
+            source=source,
+            created_at=NOW - rand.uniform(0, 10 * DAY),
+            source_path=f"{folder}/IMG_{k}.jpg" if source == "inbox" else None,
+            captured_at=f"2026-11-{rand.randint(10, 20):02d}T{rand.randint(0, 23):02d}:00:00"
+            if rand.random() < 0.7
+            else None,
+            prompt=rand.choice(["Describe.", "Any flooding here?", "Count the vehicles."]),
+        )
+        if status == "succeeded":
+            s.labels = [rand.choice(["car", "truck", "person"]) for _ in range(rand.randint(0, 5))]
+            s.reasoning = " and ".join(rand.sample(WORDS, 2))
+        db.execute(
+            "INSERT INTO images (sha256, bytes, width, height, format, path, created_at,"
+            " captured_at) VALUES (?, 100, 200, 100, 'JPEG', ?, ?, ?)",
+            (sha, f"images/{sha[:2]}/{sha}.jpg", s.created_at, s.captured_at),
+        )
+        finished = s.created_at + 5 if status in ("succeeded", "failed", "cancelled") else None
+        db.execute(
+            "INSERT INTO jobs (id, status, source, source_path, image_sha256, input_name, params,"
+            " run_after, created_at, finished_at, attempts, timings)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            (
+                job_id,
+                status,
+                source,
+                s.source_path,
+                sha,
+                f"IMG_{k}.jpg",
+                json.dumps({"queries": ["car"], "prompt": s.prompt, "options": {}}),
+                # Seeded queued work is scheduled far ahead: the worker must not run it.
+                s.created_at + (30 * DAY if status == "queued" else 0),
+                s.created_at,
+                finished,
+                json.dumps({"detect": 100.0, "reason": 50.0}) if status == "succeeded" else None,
+            ),
+        )
+        if status == "succeeded":
+            db.execute("INSERT INTO results VALUES (?, ?, ?)", (job_id, s.reasoning, finished))
+            db.executemany(
+                "INSERT INTO detections (job_id, idx, label, x1, y1, x2, y2) VALUES"
+                " (?, ?, ?, 10, 10, 50, 40)",
+                [(job_id, i + 1, label) for i, label in enumerate(s.labels)],
+            )
+        seeds.append(s)
+    db.commit()
+    db.close()
+    return seeds
+
+
+def all_ids(service: RunningService, **params: Any) -> list[int]:
+    ids, cursor = [], None
+    while True:
+        query = {**params, "limit": 37, **({"cursor": cursor} if cursor else {})}
+        response = service.client.get("/v1/jobs", params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        ids += [j["id"] for j in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return ids
+
+
+@pytest.fixture
+def seeded(settings: Settings, serve: Serve) -> tuple[RunningService, list[Seed]]:
+    service = serve(settings)
+    return service, seed(settings.database, 300, random.Random(7))
+
+
+def test_each_filter_returns_exactly_the_expected_jobs(
+    seeded: tuple[RunningService, list[Seed]],
+) -> None:
+    service, seeds = seeded
+    cutoff = NOW - 4 * DAY
+
+    def expect(keep: Callable[[Seed], bool]) -> list[int]:
+        chosen = [s for s in seeds if keep(s)]
+        return [s.id for s in sorted(chosen, key=lambda s: (s.created_at, s.id), reverse=True)]
+
+    cases: list[tuple[dict[str, Any], Callable[[Seed], bool]]] = [
+        ({}, lambda s: True),
+        ({"status": "failed"}, lambda s: s.status == "failed"),
+        ({"source": "inbox"}, lambda s: s.source == "inbox"),
+        ({"created_after": str(cutoff)}, lambda s: s.created_at >= cutoff),
+        (
+            {"created_before": str(cutoff), "status": "succeeded"},
+            lambda s: s.created_at < cutoff and s.status == "succeeded",
+        ),
+        ({"folder": "flights/tue"}, lambda s: (s.source_path or "").startswith("flights/tue/")),
+        ({"folder": "flights"}, lambda s: (s.source_path or "").startswith("flights/")),
+        ({"label": "truck"}, lambda s: "truck" in s.labels),
+        ({"label": "car", "min_count": 3}, lambda s: s.labels.count("car") >= 3),
+        ({"q": "flooding"}, lambda s: "flooding" in s.reasoning or "flooding" in s.prompt),
+        ({"q": "roof damage"}, lambda s: "roof" in s.reasoning and "damage" in s.reasoning),
+        (
+            {"captured_after": "2026-11-15", "captured_before": "2026-11-17"},
+            lambda s: s.captured_at is not None and "2026-11-15" <= s.captured_at < "2026-11-17",
+        ),
+    ]
+    for params, keep in cases:
+        expected = expect(keep)
+        assert expected, f"the seed should exercise {params}"
+        assert all_ids(service, **params) == expected, params
+
+
+def test_bad_filters_are_422(seeded: tuple[RunningService, list[Seed]]) -> None:
+    service, _ = seeded
+    for params in (
+        {"created_after": "last tuesday"},
+        {"min_count": "2"},
+        {"sort": "size"},
+        {"cursor": "nonsense"},
+        {"q": "   "},
+    ):
+        response = service.client.get("/v1/jobs", params=params)
+        assert response.status_code == 422, params
+        assert response.json()["code"] in ("invalid_filter", "invalid_cursor")
+
+
+def test_pagination_neither_skips_nor_repeats_while_jobs_arrive_and_finish(
+    seeded: tuple[RunningService, list[Seed]],
+) -> None:
+    service, seeds = seeded
+    for sort in ("created", "finished"):
+        expected = {s.id for s in seeds if sort == "created" or s.status not in ("queued",)}
+        seen: list[int] = []
+        cursor = None
+        extra = 20_000 if sort == "created" else 30_000
+        while True:
+            query = {"sort": sort, "limit": 25, **({"cursor": cursor} if cursor else {})}
+            page = service.client.get("/v1/jobs", params=query).json()
+            seen += [j["id"] for j in page["jobs"]]
+            # New work lands between pages: newer created and newer finished times.
+            seed(service.settings.database, 3, random.Random(len(seen)), start_id=extra)
+            extra += 3
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen)), f"{sort}: a job was repeated"
+        assert set(seen) >= expected, f"{sort}: a job was skipped"
+
+
+def test_stats_follow_the_filters(seeded: tuple[RunningService, list[Seed]]) -> None:
+    service, seeds = seeded
+    body = service.client.get("/v1/stats", params={"source": "inbox"}).json()
+    inbox = [s for s in seeds if s.source == "inbox"]
+    assert body["jobs"] == len(inbox)
+    assert body["by_status"] == {
+        st: sum(1 for s in inbox if s.status == st) for st in {s.status for s in inbox}
+    }
+    trucks = sum(s.labels.count("truck") for s in inbox)
+    assert body["detections_per_label"]["truck"]["detections"] == trucks
+    assert sum(d["jobs"] for d in body["per_day"]) == len(inbox)
+    assert body["mean_timings_ms"]["detect"] == 100.0
+
+
+def _gps_jpeg() -> bytes:
+    image = Image.new("RGB", (320, 240), (30, 90, 40))
+    exif = Image.Exif()
+    exif[0x0132] = "2026:11:17 09:30:00"
+    gps = {1: "N", 2: (47.0, 22.0, 30.0), 3: "E", 4: (8.0, 32.0, 24.0), 5: 0, 6: 432.1}
+    exif[0x8825] = gps
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_exports_read_back_by_reference_readers(
+    settings: Settings, serve: Serve, tmp_path: Path
+) -> None:
+    service = serve(settings)
+    geo = service.wait(service.submit(_gps_jpeg(), queries="car, roof").json()["id"])
+    plain = service.wait(service.submit(make_image(64, 48), queries="person").json()["id"])
+    assert geo["status"] == plain["status"] == "succeeded"
+    assert geo["input"]["captured_at"] == "2026-11-17T09:30:00"
+    jobs = {j["id"]: j for j in (geo, plain)}
+    detections = sum(len(j["result"]["detections"]) for j in jobs.values())
+    assert detections >= 2, "the tiny detector emits one box per query"
+
+    rows = list(csv.DictReader(io.StringIO(service.client.get("/v1/exports/jobs.csv").text)))
+    assert len(rows) == sum(max(1, len(j["result"]["detections"])) for j in jobs.values())
+    geo_rows = [r for r in rows if int(r["job_id"]) == geo["id"]]
+    first = geo["result"]["detections"][0]
+    assert geo_rows[0]["label"] == first["label"]
+    assert [float(geo_rows[0][k]) for k in ("x1", "y1", "x2", "y2")] == first["box"]
+
+    lines = service.client.get("/v1/exports/jobs.jsonl").text.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [plain["id"], geo["id"]]
+    assert json.loads(lines[1])["result"] == geo["result"]
+
+    collection = geojson.loads(service.client.get("/v1/exports/jobs.geojson").text)
+    assert collection.is_valid, collection.errors()
+    (point,) = collection["features"]  # only the geotagged job
+    lon, lat, alt = point["geometry"]["coordinates"]
+    assert (lat, lon, alt) == pytest.approx((47.375, 8.54, 432.1))
+    assert point["properties"]["job_id"] == geo["id"]
+    assert sum(point["properties"]["counts"].values()) == len(geo["result"]["detections"])
+
+    coco_path = tmp_path / "coco.json"
+    coco_path.write_bytes(service.client.get("/v1/exports/jobs.coco").content)
+    coco = COCO(str(coco_path))
+    assert sorted(coco.getImgIds()) == sorted(jobs)
+    assert len(coco.getAnnIds()) == detections
+    ann = coco.loadAnns(coco.getAnnIds(imgIds=[geo["id"]]))[0]
+    x1, y1, x2, y2 = geo["result"]["detections"][0]["box"]
+    assert ann["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.01)
+    assert coco.loadCats(ann["category_id"])[0]["name"] == geo["result"]["detections"][0]["label"]
+    filtered = service.client.get("/v1/exports/jobs.jsonl", params={"label": "person"}).text
+    assert [json.loads(line)["id"] for line in filtered.splitlines()] == [plain["id"]]
+    assert service.client.get("/v1/exports/jobs.xml").status_code == 404
+
+
+def test_annotated_image_draws_the_boxes(settings: Settings, serve: Serve) -> None:
+    service = serve(settings)
+    job = service.wait(service.submit(make_image(640, 480), queries="car").json()["id"])
+    response = service.client.get(f"/v1/jobs/{job['id']}/annotated")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    drawn = Image.open(io.BytesIO(response.content)).convert("RGB")
+    original = Image.open(
+        io.BytesIO(service.client.get(f"/v1/jobs/{job['id']}/image").content)
+    ).convert("RGB")
+    assert drawn.size == original.size
+    x1, y1, x2, _ = (round(v) for v in job["result"]["detections"][0]["box"])
+    edge = ImageChops.difference(drawn, original).crop((x1, y1, x2 + 1, y1 + 2))
+    assert max(band[1] for band in edge.getextrema()) > 60, "the box edge is drawn"
+
+
+def test_prune_removes_what_it_says_and_nothing_else(settings: Settings, serve: Serve) -> None:
+    service = serve(settings)
+    old = service.wait(service.submit(make_image(50, 50)).json()["id"])
+    shared_old = service.wait(service.submit(make_image(51, 51)).json()["id"])
+    shared_new = service.wait(service.submit(make_image(51, 51), queries="x").json()["id"])
+    db = sqlite3.connect(settings.database)
+    long_ago = NOW - 40 * DAY
+    db.execute(
+        "UPDATE jobs SET created_at = ?, finished_at = ? WHERE id IN (?, ?)",
+        (long_ago, long_ago, old["id"], shared_old["id"]),
+    )
+    db.commit()
+    queued_old = seed(settings.database, 40, random.Random(3), start_id=50_000)
+    pending = [s.id for s in queued_old if s.status == "queued"]
+    db.execute(
+        f"UPDATE jobs SET created_at = ? WHERE id IN ({','.join(map(str, pending))})", (long_ago,)
+    )
+    db.commit()
+    before = {r[0] for r in db.execute("SELECT id FROM jobs")}
+    old_file = settings.data_dir / "images" / old["input"]["sha256"][:2]
+
+    dry = service.client.post("/v1/prune", json={"older_than": "30d", "dry_run": True}).json()
+    assert dry == {
+        "dry_run": True,
+        "jobs_removed": 2,
+        "images_removed": 1,
+        "bytes_freed": old["input"]["bytes"],
+    }
+    assert {r[0] for r in db.execute("SELECT id FROM jobs")} == before
+
+    kept = service.client.post("/v1/prune", json={"older_than": "30d", "keep_results": True})
+    assert kept.json()["images_removed"] == 1 and kept.json()["jobs_removed"] == 0
+    assert service.client.get(f"/v1/jobs/{old['id']}/image").status_code == 410
+    assert service.client.get(f"/v1/jobs/{old['id']}").json()["result"] == old["result"]
+    assert not any(old_file.glob(f"{old['input']['sha256']}*"))
+
+    done = service.client.post("/v1/prune", json={"older_than": "30d"}).json()
+    assert done["jobs_removed"] == 2 and done["images_removed"] == 0
+    after = {r[0] for r in db.execute("SELECT id FROM jobs")}
+    assert after == before - {old["id"], shared_old["id"]}
+    assert set(pending) <= after  # queued work is never touched
+    assert service.client.get(f"/v1/jobs/{shared_new['id']}/image").status_code == 200
+    assert db.execute("SELECT count(*) FROM results WHERE job_id = ?", (old["id"],)).fetchone() == (
+        0,
+    )
+    hits = db.execute("SELECT rowid FROM jobs_fts WHERE rowid = ?", (old["id"],)).fetchall()
+    assert hits == []
+    assert service.client.post("/v1/prune", json={"older_than": "soon"}).status_code == 422
