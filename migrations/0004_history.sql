@@ -13,6 +13,7 @@ WHERE json_extract(exif, '$.captured_at') GLOB '[0-9][0-9][0-9][0-9]:[0-9][0-9]:
 
 CREATE INDEX images_captured ON images (captured_at);
 CREATE INDEX jobs_created ON jobs (created_at, id);
+CREATE INDEX jobs_status_created ON jobs (status, created_at, id);
 CREATE INDEX jobs_finished ON jobs (finished_at, id) WHERE finished_at IS NOT NULL;
 CREATE INDEX jobs_source_path ON jobs (source_path) WHERE source_path IS NOT NULL;
 CREATE INDEX jobs_image ON jobs (image_sha256);

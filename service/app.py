@@ -30,6 +30,7 @@ from service.store.ledger import Ledger
 from service.store.migrate import migrate
 from service.store.queue import Queue
 from service.store.reads import Reads
+from service.store.retention import parse_age, prune
 from service.store.sqlite import read_engine
 from service.worker import Worker
 
@@ -171,6 +172,23 @@ async def _expire_leases(queue: Queue, every: float) -> None:
             log.warning("expired leases: %d jobs queued again, %d failed", requeued, failed)
 
 
+async def _apply_retention(queue: Queue, settings: Settings, age: float) -> None:
+    """The configured retention policy, applied hourly (keep everything unless configured)."""
+    while True:
+        try:
+            report = await prune(
+                queue,
+                settings.data_dir,
+                older_than_seconds=age,
+                keep_results=settings.retention_keep_results,
+            )
+            if report.images_removed or report.jobs_removed:
+                log.info("retention %s: %s", settings.retention, report.to_dict())
+        except Exception:
+            log.exception("retention failed; will try again")
+        await asyncio.sleep(3600)
+
+
 def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     """The app for `settings`. A `host` passed in is shared (tests) and not closed here."""
 
@@ -212,6 +230,9 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             else:
                 tasks.append(asyncio.create_task(_load_models(models, worker)))
             tasks.append(asyncio.create_task(_expire_leases(queue, settings.lease_seconds)))
+            if settings.retention:
+                age = parse_age(settings.retention)
+                tasks.append(asyncio.create_task(_apply_retention(queue, settings, age)))
             if watcher is not None:
                 watcher.start()
                 log.info("watching %s for images (%s)", watcher.root, watcher.mode)

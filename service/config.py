@@ -75,6 +75,8 @@ class Settings:
     inbox_settle_seconds: float = 1.0
     inbox_rescan_seconds: float = 180.0
     inbox_polling: bool = False
+    retention: str | None = None  # e.g. "90d": finished jobs older than this are pruned
+    retention_keep_results: bool = False  # prune only the stored images, keep the rows
 
     @property
     def database(self) -> Path:
@@ -124,6 +126,7 @@ class Settings:
             "AIP_HOST": "host",
             "AIP_TOKEN": "token",
             "AIP_PROMPT": "default_prompt",
+            "AIP_RETENTION": "retention",
         }
         for key, name in strings.items():
             if env.get(key):
@@ -156,6 +159,7 @@ class Settings:
             "AIP_INBOX_ENABLED": "inbox_enabled",
             "AIP_INBOX_MOVE": "inbox_move",
             "AIP_INBOX_POLLING": "inbox_polling",
+            "AIP_RETENTION_KEEP_RESULTS": "retention_keep_results",
             "AIP_LOG_STDERR": "log_stderr",
         }
         for key, name in flags.items():

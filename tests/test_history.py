@@ -330,3 +330,29 @@ def test_prune_removes_what_it_says_and_nothing_else(settings: Settings, serve: 
     hits = db.execute("SELECT rowid FROM jobs_fts WHERE rowid = ?", (old["id"],)).fetchall()
     assert hits == []
     assert service.client.post("/v1/prune", json={"older_than": "soon"}).status_code == 422
+
+
+def test_a_retention_policy_is_applied_by_the_service(tmp_path: Path, serve: Serve) -> None:
+    from service.store.migrate import migrate
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, retention="30d")
+    migrate(settings.database)
+    seeds = seed(settings.database, 30, random.Random(11))
+    db = sqlite3.connect(settings.database)
+    finished = [s.id for s in seeds if s.status != "queued"]
+    db.execute(
+        f"UPDATE jobs SET finished_at = ? WHERE id IN ({','.join(map(str, finished))})",
+        (NOW - 31 * DAY,),
+    )
+    db.commit()
+    service = serve(settings)
+
+    def remaining() -> set[int]:
+        return {row[0] for row in db.execute("SELECT id FROM jobs")}
+
+    deadline = time.monotonic() + 30
+    while remaining() & set(finished) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert remaining() == {s.id for s in seeds if s.status == "queued"}
+    assert service.client.get("/v1/health").status_code == 200
