@@ -9,20 +9,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from service.detection import decode_mask
+
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
 ]  # fmt: skip
-
-
-def _mask_array(mask: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.bool_]]:
-    height, width = mask["size"]
-    flat = np.zeros(height * width, dtype=bool)
-    position, value = 0, False
-    for run in mask["counts"]:
-        flat[position : position + run] = value
-        position, value = position + run, not value
-    return flat.reshape(height, width)
 
 
 def annotate(image: Image.Image, detections: list[dict[str, Any]]) -> Image.Image:
@@ -35,7 +27,7 @@ def annotate(image: Image.Image, detections: list[dict[str, Any]]) -> Image.Imag
     for d in detections:
         colour = colours.setdefault(d["label"], PALETTE[len(colours) % len(PALETTE)])
         if d.get("mask"):
-            region = Image.fromarray(_mask_array(d["mask"]).astype(np.uint8) * 96, mode="L")
+            region = Image.fromarray(decode_mask(d["mask"]).astype(np.uint8) * 96, mode="L")
             if region.size != canvas.size:
                 region = region.resize(canvas.size, Image.Resampling.NEAREST)
             canvas.paste(Image.new("RGB", canvas.size, colour), mask=region)

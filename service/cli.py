@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -18,17 +17,9 @@ from service import __version__, deploy
 from service.config import Settings
 from service.errors import AipError
 from service.logs import configure_logging
+from service.models.commands import register as model_commands_register
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -65,7 +56,7 @@ def prepare_models(settings: Settings) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if not _is_loopback(settings.host) and not settings.token:
+    if settings.exposed_without_token:
         print(
             f"aip: refusing to listen on {settings.host} without a token: set AIP_TOKEN (or "
             "--token) so only clients that know it can reach your images",
@@ -357,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = model_commands.add_parser("tiny", help="write tiny random-weight checkpoints")
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_models_tiny)
+    model_commands_register(model_commands)
     deploy.register(commands)
     return parser
 

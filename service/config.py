@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import sys
 from collections.abc import Mapping
@@ -38,8 +39,46 @@ def checkout_inbox() -> Path | None:
     return None
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _split_list(value: str, sep: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(sep) if part.strip())
+
+
+def _model_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """AIP_MEMORY_BUDGET (bytes, or 8G, 512M...), AIP_{DETECTOR,REASONER}_KEEP_ALIVE (`pinned`
+    or seconds), AIP_{DETECTOR,REASONER}_QUANTIZE (4 or 8), AIP_EVICT_IDLE."""
+    from service.models.budget import parse_bytes
+
+    values: dict[str, Any] = {}
+    if env.get("AIP_MEMORY_BUDGET"):
+        try:
+            values["memory_budget_bytes"] = parse_bytes(env["AIP_MEMORY_BUDGET"])
+        except ValueError as exc:
+            raise ValueError(f"AIP_MEMORY_BUDGET: {exc}") from None
+    for role in ("detector", "reasoner"):
+        key = f"AIP_{role.upper()}_KEEP_ALIVE"
+        keep = env.get(key, "").strip().lower()
+        if keep and keep != "pinned":
+            try:
+                values[f"{role}_keep_alive"] = float(keep)
+            except ValueError:
+                raise ValueError(f"{key}={keep!r}: use `pinned` or a number of seconds") from None
+        key = f"AIP_{role.upper()}_QUANTIZE"
+        if env.get(key):
+            if env[key].strip() not in ("4", "8"):
+                raise ValueError(f"{key}={env[key]!r}: use 4 or 8")
+            values[f"{role}_quantize"] = int(env[key])
+    if env.get("AIP_EVICT_IDLE"):
+        values["evict_idle"] = env["AIP_EVICT_IDLE"].strip().lower() in ("1", "true", "yes", "on")
+    return values
 
 
 @dataclass(frozen=True)
@@ -51,6 +90,12 @@ class Settings:
     log_stderr: bool = True  # off under launchd, whose stderr file is never rotated
     detector: str = DEFAULT_DETECTOR
     reasoner: str = DEFAULT_REASONER
+    detector_quantize: int | None = None  # 4 or 8: load a cached quantised copy instead
+    reasoner_quantize: int | None = None
+    detector_keep_alive: float | None = None  # None: pinned; else idle seconds before unload
+    reasoner_keep_alive: float | None = None
+    memory_budget_bytes: int | None = None  # None: the platform default (models/budget.py)
+    evict_idle: bool = False  # may a load that does not fit free the other, idle role
     demo: bool = False
     host: str = "127.0.0.1"
     port: int = 8765
@@ -97,6 +142,11 @@ class Settings:
     @property
     def demo_models_dir(self) -> Path:
         return self.data_dir / "models" / "demo"
+
+    @property
+    def exposed_without_token(self) -> bool:
+        """Listening beyond this machine with no token would hand the images to anyone."""
+        return not _is_loopback(self.host) and not self.token
 
     @property
     def base_url(self) -> str:
@@ -148,6 +198,7 @@ class Settings:
                     values[name] = kind(env[key])
                 except ValueError:
                     raise ValueError(f"{key}={env[key]!r} is not a number") from None
+        values.update(_model_settings(env))
         if env.get("AIP_QUERIES"):
             values["default_queries"] = _split_list(env["AIP_QUERIES"], ",")
         if env.get("AIP_ALLOWED_DIRS"):

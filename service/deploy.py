@@ -118,7 +118,6 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from service.cli import _is_loopback
 
     platform: Platform = args.platform or current_platform()
     settings = service_settings(
@@ -132,7 +131,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         token=args.token,
         demo=args.demo or None,
     )
-    if not _is_loopback(settings.host) and not settings.token:
+    if settings.exposed_without_token:
         print(
             f"aip: not installing: {settings.host} is not loopback and no token is set "
             "(AIP_TOKEN or --token)",

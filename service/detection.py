@@ -81,3 +81,16 @@ def encode_mask(rows: list[list[bool]] | Any) -> dict[str, Any]:
     if flat[0]:
         counts = [0, *counts]
     return {"size": [int(array.shape[0]), int(array.shape[1])], "counts": counts}
+
+
+def decode_mask(mask: dict[str, Any]) -> Any:
+    """The boolean (height, width) array an `encode_mask` result stands for."""
+    import numpy as np
+
+    height, width = mask["size"]
+    flat = np.zeros(height * width, dtype=bool)
+    position, value = 0, False
+    for run in mask["counts"]:
+        flat[position : position + run] = value
+        position, value = position + run, not value
+    return flat.reshape(height, width)

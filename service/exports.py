@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from service import __version__
+from service.detection import decode_mask
 
 Jobs = AsyncIterator[dict[str, Any]]
 FORMATS = {
@@ -101,12 +102,7 @@ def _coco_rle(mask: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     height, width = mask["size"]
-    flat = np.zeros(height * width, dtype=bool)
-    position, value = 0, False
-    for run in mask["counts"]:
-        flat[position : position + run] = value
-        position, value = position + run, not value
-    column_major = flat.reshape(height, width).flatten(order="F")
+    column_major = decode_mask(mask).flatten(order="F")
     changes = np.flatnonzero(column_major[1:] != column_major[:-1]) + 1
     counts = np.diff(np.concatenate(([0], changes, [column_major.size]))).tolist()
     if column_major.size and column_major[0]:

@@ -109,13 +109,18 @@ class Reads:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    @staticmethod
+    async def _job_and_image(session: AsyncSession, job_id: int) -> tuple[JobRow, ImageRow]:
+        job = await session.get(JobRow, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+        image = await session.get(ImageRow, job.image_sha256)
+        assert image is not None  # a foreign key guarantees it
+        return job, image
+
     async def job(self, job_id: int) -> dict[str, Any]:
         async with AsyncSession(self.engine) as session:
-            job = await session.get(JobRow, job_id)
-            if job is None:
-                raise NotFound(f"job {job_id} does not exist", code="job_not_found")
-            image = await session.get(ImageRow, job.image_sha256)
-            assert image is not None
+            job, image = await self._job_and_image(session, job_id)
             result = await session.get(ResultRow, job_id)
             detections = (
                 await session.exec(
@@ -135,12 +140,7 @@ class Reads:
 
     async def image_of(self, job_id: int) -> ImageRow:
         async with AsyncSession(self.engine) as session:
-            job = await session.get(JobRow, job_id)
-            if job is None:
-                raise NotFound(f"job {job_id} does not exist", code="job_not_found")
-            image = await session.get(ImageRow, job.image_sha256)
-            assert image is not None
-            return image
+            return (await self._job_and_image(session, job_id))[1]
 
     async def iter_jobs(
         self, where: JobFilter, *, sort: str = "created", batch: int = 200
