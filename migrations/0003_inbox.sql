@@ -11,7 +11,8 @@ CREATE TABLE inbox_files (
     sha256         TEXT,                 -- NULL when the file could not be read
     size           INTEGER NOT NULL,
     mtime_ns       INTEGER NOT NULL,
-    outcome        TEXT NOT NULL CHECK (outcome IN ('queued', 'duplicate', 'rejected')),
+    outcome        TEXT NOT NULL
+                   CHECK (outcome IN ('queued', 'duplicate', 'rejected', 'pruned')),
     job_id         INTEGER REFERENCES jobs (id),
     error_code     TEXT,
     error_message  TEXT,

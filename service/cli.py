@@ -23,6 +23,13 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return _read_settings(args)
+    except ValueError as exc:
+        raise SystemExit(f"aip: {exc}") from None
+
+
+def _read_settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
         data_dir=getattr(args, "data_dir", None),
         inbox=getattr(args, "inbox", None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -37,6 +38,19 @@ def checkout_inbox() -> Path | None:
     if (root / "pyproject.toml").is_file() and (root / "inbox").is_dir():
         return root / "inbox"
     return None
+
+
+def parse_age(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s` or plain seconds; finite and not negative."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    value = text.strip().lower()
+    try:
+        seconds = float(value[:-1]) * units[value[-1]] if value[-1:] in units else float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{text!r} is not an age like 30d, 12h or 90m")
+    return seconds
 
 
 def _is_loopback(host: str) -> bool:
@@ -122,6 +136,10 @@ class Settings:
     inbox_polling: bool = False
     retention: str | None = None  # e.g. "90d": finished jobs older than this are pruned
     retention_keep_results: bool = False  # prune only the stored images, keep the rows
+
+    def __post_init__(self) -> None:
+        if self.retention is not None:
+            parse_age(self.retention)  # a bad policy stops start-up before anything runs
 
     @property
     def database(self) -> Path:

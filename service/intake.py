@@ -16,6 +16,10 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from service.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMedia
 from service.store.queue import ImageRecord
 
+# The service enforces its own pixel limit (AIP_MAX_PIXELS) from the header before anything is
+# decoded; Pillow's built-in guard would refuse some images under that limit, mislabelled.
+Image.MAX_IMAGE_PIXELS = None
+
 _EXTENSIONS = {
     "JPEG": ".jpg",
     "PNG": ".png",
@@ -169,6 +173,7 @@ def store_image(data: bytes, record: ImageRecord, data_dir: Path) -> Path:
     """Write once, named by content; atomic so a crash never leaves a partial file."""
     target = data_dir / record.path
     if target.exists() and target.stat().st_size == record.bytes:
+        os.utime(target)  # fresh mtime: a retention run in progress will leave it alone
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
@@ -199,13 +204,34 @@ def confined_path(raw: str, allowed: tuple[Path, ...]) -> Path:
             "path submissions are off: set AIP_ALLOWED_DIRS to the folders clients may name",
             code="path_not_allowed",
         )
-    resolved = Path(raw).expanduser().resolve()
+    try:
+        resolved = Path(raw).expanduser().resolve()
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"not a usable path: {exc}", code="invalid_path") from None
     for folder in allowed:
         if resolved.is_relative_to(folder.expanduser().resolve()):
-            if not resolved.is_file():
-                raise NotFound(f"no file at {raw}", code="file_not_found")
+            try:
+                if not resolved.is_file():
+                    raise NotFound(f"no file at {raw}", code="file_not_found")
+            except OSError as exc:
+                raise InvalidInput(f"not a usable path: {exc}", code="invalid_path") from None
             return resolved
     raise Forbidden(
         f"{raw} is outside the folders this service may read (AIP_ALLOWED_DIRS)",
         code="path_not_allowed",
     )
+
+
+def read_confined(path: Path, max_bytes: int) -> bytes:
+    """Read a file `confined_path` resolved, refusing a symlink swapped in since then."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise Forbidden(
+            f"{path.name} could not be opened safely: {exc.strerror}", code="path_not_allowed"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"{path.name} is larger than {max_bytes:,} bytes")
+    return data

@@ -356,3 +356,39 @@ def test_a_retention_policy_is_applied_by_the_service(tmp_path: Path, serve: Ser
         time.sleep(0.05)
     assert remaining() == {s.id for s in seeds if s.status == "queued"}
     assert service.client.get("/v1/health").status_code == 200
+
+
+def test_out_of_range_inputs_are_4xx_never_500(seeded: tuple[RunningService, list[Seed]]) -> None:
+    service, _ = seeded
+    import base64
+
+    huge_cursor = base64.urlsafe_b64encode(b'["created", 1e400, 5]').decode().rstrip("=")
+    for path, params in (
+        ("/v1/jobs", {"label": "car", "min_count": "99999999999999999999999"}),
+        ("/v1/stats", {"label": "car", "min_count": "99999999999999999999999"}),
+        ("/v1/exports/jobs.csv", {"label": "car", "min_count": "99999999999999999999999"}),
+        ("/v1/jobs", {"cursor": huge_cursor}),
+        ("/v1/jobs", {"created_after": "tomorrow-ish"}),
+    ):
+        response = service.client.get(path, params=params)
+        assert response.status_code == 422, (path, params, response.text)
+        assert response.json()["code"] in ("invalid_filter", "invalid_cursor", "invalid_request")
+    assert service.client.get("/v1/jobs", params={"folder": "/"}).json()["jobs"]
+    response = service.client.post("/v1/prune", json={"older_than": "-5d"})
+    assert response.status_code == 422
+
+
+def test_the_same_bytes_after_pruning_are_stored_again(settings: Settings, serve: Serve) -> None:
+    service = serve(settings)
+    image = make_image(70, 70)
+    first = service.wait(service.submit(image).json()["id"])
+    db = sqlite3.connect(settings.database)
+    db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (NOW - 40 * DAY, first["id"]))
+    db.commit()
+    pruned = service.client.post("/v1/prune", json={"older_than": "30d", "keep_results": True})
+    assert pruned.json()["images_removed"] == 1
+    assert service.client.get(f"/v1/jobs/{first['id']}/image").status_code == 410
+    again = service.wait(service.submit(image).json()["id"])
+    assert again["status"] == "succeeded" and again["input"]["stored"] is True
+    assert service.client.get(f"/v1/jobs/{again['id']}/image").status_code == 200
+    assert service.client.get(f"/v1/jobs/{again['id']}/annotated").status_code == 200

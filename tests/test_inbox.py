@@ -305,3 +305,71 @@ def test_inbox_jobs_are_filtered_from_uploads(inbox_service: Callable[..., Runni
     assert [j["source"] for j in inbox_jobs(service)] == ["inbox"]
     every = service.client.get("/v1/jobs").json()["jobs"]
     assert sorted(j["source"] for j in every) == ["api", "inbox"]
+
+
+def test_the_watcher_survives_odd_files_and_folders(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service()
+    inbox = service.settings.inbox_dir
+    (inbox / "x").mkdir()
+    (inbox / "x" / "a.jpg").write_bytes(make_image(21, 21))
+    import shutil
+
+    shutil.rmtree(inbox / "x")
+    (inbox / "x").write_bytes(b"a file where a folder was")  # NotADirectoryError on stat
+    os.close(
+        os.open(os.path.join(os.fsencode(inbox), b"bad\xffname.jpg"), os.O_CREAT | os.O_WRONLY)
+    )
+    (inbox / "good.jpg").write_bytes(make_image(22, 22))
+    until(lambda: [j["source_path"] for j in inbox_jobs(service)] == ["good.jpg"], what="job")
+    status = service.client.get("/v1/inbox").json()
+    assert status["mode"] == "events"
+    (inbox / "later.jpg").write_bytes(make_image(23, 23))  # still ingesting afterwards
+    until(lambda: len(inbox_jobs(service)) == 2, what="a second job")
+
+
+def test_a_sidecar_still_being_written_is_waited_for(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service()
+    inbox = service.settings.inbox_dir
+    (inbox / "aip.json").write_text(json.dumps({"sidecar": "required", "queries": ["roof"]}))
+    (inbox / "r1.jpg").write_bytes(make_image(24, 24))
+    with (inbox / "r1.json").open("w") as sidecar:
+        sidecar.write('{"prompt": "half')
+        sidecar.flush()
+        time.sleep(0.6)  # longer than the settle delay
+        sidecar.write(' and whole"}')
+    job = until(lambda: inbox_jobs(service), what="the job")[0]
+    assert job["params"]["prompt"] == "half and whole"
+    assert not (inbox / "failed").exists()
+
+
+def test_an_image_named_aip_keeps_the_folder_config_in_place(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service()
+    inbox = service.settings.inbox_dir
+    (inbox / "cfg").mkdir()
+    (inbox / "cfg" / "aip.json").write_text(json.dumps({"queries": ["boat"]}))
+    (inbox / "cfg" / "aip.jpg").write_bytes(make_image(25, 25))
+    until(lambda: inbox_jobs(service), what="the job")
+    assert (inbox / "cfg" / "aip.json").exists()
+    (inbox / "cfg" / "next.jpg").write_bytes(make_image(26, 26))
+    until(lambda: len(inbox_jobs(service)) == 2, what="two jobs")
+    assert {j["params"]["queries"][0] for j in inbox_jobs(service)} == {"boat"}
+
+
+def test_pruning_with_moving_off_does_not_requeue_files(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service(inbox_move=False, inbox_rescan_seconds=0.3)
+    inbox = service.settings.inbox_dir
+    (inbox / "kept.jpg").write_bytes(make_image(27, 27))
+    job = until(lambda: inbox_jobs(service), what="the job")[0]
+    service.wait(job["id"])
+    pruned = service.client.post("/v1/prune", json={"older_than": "0s"}).json()
+    assert pruned["jobs_removed"] == 1
+    time.sleep(1.5)  # several rescans
+    assert inbox_jobs(service) == [] and (inbox / "kept.jpg").exists()

@@ -92,3 +92,24 @@ def test_paths_are_confined_to_allowed_folders(tmp_path: Path) -> None:
             confined_path(escape, (allowed,))
     with pytest.raises(Forbidden):
         confined_path(str(allowed / "a.jpg"), ())
+
+
+def test_the_pixel_limit_is_ours_not_pillows() -> None:
+    def bitmap(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("1", (width, height)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    # 90 M pixels: over Pillow's own warning threshold, under the configured limit.
+    assert inspect_image(bitmap(10_000, 9_000), max_pixels=100_000_000).width == 10_000
+    # Over twice Pillow's threshold: still our 413 with the numbers, not "not an image".
+    with pytest.raises(PayloadTooLarge) as caught:
+        inspect_image(bitmap(20_000, 9_500), max_pixels=100_000_000)
+    assert caught.value.code == "too_many_pixels"
+
+
+def test_unusable_paths_are_a_clear_refusal(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        confined_path("frame\x00.jpg", (tmp_path,))
+    with pytest.raises(InvalidInput):
+        confined_path(str(tmp_path / ("x" * 300 + ".jpg")), (tmp_path,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -278,3 +279,45 @@ def test_idempotency_key_returns_original_or_conflicts(tmp_path: Path) -> None:
         await queue.close()
 
     run(scenario())
+
+
+def test_a_cancelled_transaction_never_wedges_the_writer(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        queue = await _queue(tmp_path / "aip.db")
+        for _ in range(20):  # cancel at every point a task can be cancelled
+            task = asyncio.create_task(queue.enqueue(IMAGE, PARAMS, input_name="a.jpg"))
+            await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        job_id, created = await queue.enqueue(IMAGE, PARAMS, input_name="b.jpg")
+        assert created and not queue._conn.in_transaction
+        await queue.close()
+        return job_id
+
+    assert run(scenario()) > 0
+
+
+def test_a_cancel_requested_while_running_wins_over_a_requeue(tmp_path: Path) -> None:
+    async def scenario() -> list[str | None]:
+        queue = await _queue(tmp_path / "aip.db")
+        outcomes: list[str | None] = []
+        for path in ("retry", "release", "crash"):
+            job_id, _ = await queue.enqueue(IMAGE, PARAMS, input_name=f"{path}.jpg")
+            claim = await queue.claim("w", 30)
+            assert claim is not None and claim.job_id == job_id
+            assert await queue.request_cancel(job_id) == "running"
+            if path == "retry":
+                outcomes.append(
+                    await queue.fail(claim, JobFailure("x", "y", transient=True), retry_in=0)
+                )
+            elif path == "release":
+                await queue.release(claim)
+            else:
+                await queue.recover(expired_only=False)
+            cursor = await queue._conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,))
+            outcomes.append((await cursor.fetchone())[0])
+        await queue.close()
+        return outcomes
+
+    assert run(scenario()) == ["cancelled"] * 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -12,11 +13,12 @@ from pydantic import BaseModel, ConfigDict
 from service.annotate import annotate, to_jpeg
 from service.api.deps import require_token, services
 from service.api.filters import job_filter
+from service.config import parse_age
 from service.errors import Gone, InvalidInput, NotFound
 from service.exports import FORMATS, WRITERS
 from service.intake import open_stored
 from service.store.history import JobFilter
-from service.store.retention import parse_age, preview, prune
+from service.store.retention import preview, prune
 from service.store.stats import job_stats
 
 router = APIRouter(tags=["history"], dependencies=[Depends(require_token)])
@@ -35,8 +37,17 @@ async def export(request: Request, fmt: str, where: Filter) -> StreamingResponse
             f"no export format {fmt!r}; use one of {', '.join(FORMATS)}", code="unknown_format"
         )
     chunks = WRITERS[fmt](services(request).reads.iter_jobs(where))
+    # The first chunk is produced before the 200 goes out, so a query that fails does so
+    # as a proper error response, not as a body cut short.
+    first = await anext(chunks)
+
+    async def body() -> AsyncIterator[str]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
     return StreamingResponse(
-        chunks,
+        body(),
         media_type=FORMATS[fmt],
         headers={"Content-Disposition": f'attachment; filename="jobs.{fmt}"'},
     )
@@ -48,13 +59,18 @@ async def annotated(request: Request, job_id: int) -> Response:
     job = await svc.reads.job(job_id)
     image_row = await svc.reads.image_of(job_id)
     if image_row.pruned_at is not None:
-        raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_pruned")
+        raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_gone")
     detections = (job.get("result") or {}).get("detections") or []
 
     def render() -> bytes:
         return to_jpeg(annotate(open_stored(svc.settings.data_dir, image_row.path), detections))
 
-    return Response(await asyncio.to_thread(render), media_type="image/jpeg")
+    try:
+        return Response(await asyncio.to_thread(render), media_type="image/jpeg")
+    except FileNotFoundError:
+        raise Gone(
+            f"job {job_id}'s stored image is no longer in the data directory", code="image_gone"
+        ) from None
 
 
 class PruneRequest(BaseModel):

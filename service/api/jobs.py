@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -14,7 +15,7 @@ from starlette.datastructures import UploadFile
 from service.api.deps import require_token, services
 from service.api.filters import job_filter
 from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.intake import confined_path, inspect_image, store_image
+from service.intake import confined_path, inspect_image, read_confined, store_image
 from service.pipeline import build_params
 from service.store.history import JobFilter
 
@@ -73,6 +74,8 @@ def _max_attempts(raw: Any, default: int) -> int:
     if raw is None or raw == "":
         return default
     try:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise TypeError
         value = int(raw)
     except (TypeError, ValueError):
         raise InvalidInput("max_attempts must be a whole number", code="invalid_option") from None
@@ -120,8 +123,6 @@ async def _from_json(
     if not isinstance(body.get("path"), str):
         raise InvalidInput("`path` (a file path on this machine) is required", code="missing_path")
     path = confined_path(body["path"], services(request).settings.allowed_dirs)
-    if path.stat().st_size > max_bytes:
-        raise PayloadTooLarge(f"{path.name} is larger than {max_bytes:,} bytes")
     queries = body.get("queries") or []
     if isinstance(queries, str):
         queries = [queries]
@@ -130,7 +131,7 @@ async def _from_json(
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise InvalidInput("`prompt` must be a string", code="invalid_prompt")
-    data = await asyncio.to_thread(path.read_bytes)
+    data = await asyncio.to_thread(read_confined, path, max_bytes)
     return data, str(path), queries, prompt, body.get("max_attempts")
 
 
@@ -176,7 +177,8 @@ async def submit(
     job_id, created = await svc.queue.enqueue(
         record,
         params.to_dict(),
-        input_name=name,
+        input_name=PurePath(name).name if source == "path" else name,
+        source_path=name if source == "path" else None,
         source=source,
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
@@ -227,9 +229,12 @@ async def retry_job(request: Request, job_id: int) -> dict[str, Any]:
 async def job_image(request: Request, job_id: int) -> FileResponse:
     svc = services(request)
     image = await svc.reads.image_of(job_id)
-    if image.pruned_at is not None:
-        raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_pruned")
+    path = svc.settings.data_dir / image.path
+    if image.pruned_at is not None or not path.is_file():
+        raise Gone(
+            f"job {job_id}'s stored image is no longer in the data directory", code="image_gone"
+        )
     return FileResponse(
-        svc.settings.data_dir / image.path,
+        path,
         media_type=_MEDIA.get(image.format, "application/octet-stream"),
     )

@@ -43,9 +43,11 @@ def ignored_folder(relative_dir: str) -> bool:
     return bool(parts) and (parts[0] in FILING_FOLDERS or any(p.startswith(".") for p in parts))
 
 
-def sidecar_of(relative_path: str) -> str:
-    """`a/b/frame.jpg` -> `a/b/frame.json`."""
-    return str(PurePosixPath(relative_path).with_suffix(".json"))
+def sidecar_of(relative_path: str) -> str | None:
+    """`a/b/frame.jpg` -> `a/b/frame.json` (an image named `aip.*` has none: that name is
+    the folder's config)."""
+    sidecar = PurePosixPath(relative_path).with_suffix(".json")
+    return None if sidecar.name == FOLDER_CONFIG else str(sidecar)
 
 
 class ParamsError(ValueError):
@@ -97,16 +99,16 @@ def params_for(root: Path, relative_path: str) -> FileParams:
     """Folder configs apply from the inbox root down (deeper ones override); the file's own
     sidecar overrides them all."""
     merged: dict[str, Any] = {}
-    folder = root
+    folder = PurePosixPath()
     for part in ("", *PurePosixPath(relative_path).parts[:-1]):
         folder = folder / part if part else folder
-        config = folder / FOLDER_CONFIG
+        config = root / folder / FOLDER_CONFIG
         if config.is_file():
-            where = str(PurePosixPath(relative_path).parent / FOLDER_CONFIG)
+            where = str(folder / FOLDER_CONFIG)
             merged.update(_check(_read_json(config, _FOLDER_KEYS), where))
-    sidecar = root / sidecar_of(relative_path)
-    if sidecar.is_file():
-        merged.update(_check(_read_json(sidecar, _PARAM_KEYS), sidecar_of(relative_path)))
+    sidecar = sidecar_of(relative_path)
+    if sidecar is not None and (root / sidecar).is_file():
+        merged.update(_check(_read_json(root / sidecar, _PARAM_KEYS), sidecar))
     return FileParams(
         queries=merged.get("queries"),
         prompt=merged.get("prompt"),

@@ -4,7 +4,6 @@ each is fully written, then queues it once and files the original away."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -33,6 +32,11 @@ class Pending:
     mtime_ns: int
     changed_at: float  # monotonic time the size or mtime last changed
     note: str = ""  # why it is still waiting, when not just settling
+    next_look: float = 0.0  # monotonic time before which it is not looked at again
+    failures: int = 0  # unexpected errors so far; the wait doubles after each
+
+
+MAX_FAILURES = 5
 
 
 @dataclass
@@ -53,6 +57,7 @@ class InboxWatcher:
     pending: dict[str, Pending] = field(default_factory=dict)
     counts: Counts = field(default_factory=Counts)
     last_scan: float | None = None
+    given_up: set[str] = field(default_factory=set)  # failed MAX_FAILURES times this run
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -68,14 +73,25 @@ class InboxWatcher:
             asyncio.create_task(self._settle_loop(), name="aip-inbox-settle"),
             asyncio.create_task(self._rescan_loop(), name="aip-inbox-rescan"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._report_death)
 
     async def stop(self) -> None:
         self._stop.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # already logged when it died; stopping must go on
+                pass
+
+    @staticmethod
+    def _report_death(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("inbox: %s stopped: %r", task.get_name(), task.exception())
 
     def status(self) -> dict[str, Any]:
         return {
@@ -96,6 +112,7 @@ class InboxWatcher:
         polling = self.settings.inbox_polling
         while not self._stop.is_set():
             self.mode = "polling" if polling else "events"
+            began = time.monotonic()
             try:
                 async for changes in awatch(
                     self.root,
@@ -119,14 +136,30 @@ class InboxWatcher:
                             self.consider(Path(path))
                 return
             except Exception as exc:
-                if polling:
-                    log.exception("inbox watcher failed; the periodic rescan still runs")
-                    self.mode = "rescan-only"
-                    return
-                log.warning(
-                    "native file events are unavailable (%s); polling %s instead", exc, self.root
-                )
-                polling = True
+                # Failing at once means this kind of watching does not work here; one bad
+                # event (watchfiles gives up on a file name that is not UTF-8) or a later
+                # failure does not: watch again the same way. Either way, a scan once the new
+                # watch is up finds whatever arrived while nothing watched.
+                quick = time.monotonic() - began < 2.0
+                one_bad_event = "decode path" in repr(exc)
+                if quick and not polling and not one_bad_event:
+                    log.warning(
+                        "native file events are unavailable (%s); polling %s instead",
+                        exc,
+                        self.root,
+                    )
+                    polling = True
+                else:
+                    log.warning("inbox watcher restarting after an error: %r", exc)
+                    await asyncio.sleep(1.0 if one_bad_event or not quick else 10.0)
+                asyncio.get_running_loop().call_later(0.5, self._scan_soon)
+
+    def _scan_soon(self) -> None:
+        if not self._stop.is_set():
+            self._tasks.append(asyncio.create_task(self._scan_task()))
+
+    async def _scan_task(self) -> None:
+        await asyncio.to_thread(self.scan)
 
     def _interesting(self, change: Change, path: str) -> bool:
         try:
@@ -158,7 +191,15 @@ class InboxWatcher:
             relative = path.relative_to(self.root).as_posix()
         except ValueError:
             return
-        if relative in self.pending or kind_of(relative) in ("ignore", "config", "sidecar"):
+        if relative in self.pending or relative in self.given_up:
+            return
+        if kind_of(relative) in ("ignore", "config", "sidecar"):
+            return
+        try:
+            relative.encode("utf-8")
+        except UnicodeEncodeError:
+            self.given_up.add(relative)
+            log.warning("inbox: ignoring %r: its name is not valid UTF-8; rename it", relative)
             return
         try:
             if path.is_symlink() and not path.resolve().is_relative_to(self.root):
@@ -189,12 +230,14 @@ class InboxWatcher:
     def _settled(self, relative: str) -> FileSeen | None:
         """The file, once its size and mtime have held still for the settle delay."""
         waiting = self.pending[relative]
+        now = time.monotonic()
+        if now < waiting.next_look:
+            return None
         try:
             stat = (self.root / relative).stat()
-        except FileNotFoundError:
+        except OSError:  # gone, or its folder replaced, or unreadable: a later event re-adds it
             del self.pending[relative]
             return None
-        now = time.monotonic()
         if (stat.st_size, stat.st_mtime_ns) != (waiting.size, waiting.mtime_ns):
             waiting.size, waiting.mtime_ns, waiting.changed_at = (
                 stat.st_size,
@@ -207,15 +250,43 @@ class InboxWatcher:
         return FileSeen(relative, stat.st_size, stat.st_mtime_ns)
 
     async def _handle(self, file: FileSeen, limit: asyncio.Semaphore) -> None:
+        relative = file.relative_path
         async with limit:
             try:
-                if await self._ingest(file.relative_path, file):
-                    self.pending.pop(file.relative_path, None)
+                done = await self._ingest(file)
             except Exception:
-                log.exception("inbox: %s could not be handled; will look again", file.relative_path)
+                waiting = self.pending[relative]
+                waiting.failures += 1
+                if waiting.failures >= MAX_FAILURES:
+                    del self.pending[relative]
+                    self.given_up.add(relative)
+                    log.exception(
+                        "inbox: giving up on %s after %d tries; it stays where it "
+                        "is until the service restarts",
+                        relative,
+                        waiting.failures,
+                    )
+                    return
+                delay = min(self.settings.inbox_settle_seconds * 2**waiting.failures, 300.0)
+                waiting.next_look = time.monotonic() + delay
+                log.warning(
+                    "inbox: %s could not be handled (%s); trying again in %.0f s",
+                    relative,
+                    waiting.failures,
+                    delay,
+                    exc_info=True,
+                )
+                return
+            if done:
+                self.pending.pop(relative, None)
+            else:  # waiting for something (a sidecar, more bytes): look again a settle later
+                self.pending[relative].next_look = (
+                    time.monotonic() + self.settings.inbox_settle_seconds
+                )
 
-    async def _ingest(self, relative: str, file: FileSeen) -> bool:
+    async def _ingest(self, file: FileSeen) -> bool:
         """Handle one settled file; False keeps it waiting."""
+        relative = file.relative_path
         known = await self.ledger.known(file)
         if known is not None:
             self.counts.already_known += 1
@@ -223,17 +294,23 @@ class InboxWatcher:
             return True
         if kind_of(relative) == "other":
             await self._reject(
-                file, "unsupported_type", "not an image file type (by its extension)", None
+                file, "unsupported_type", "not an image file type (by its extension)"
             )
             return True
+        sidecar = sidecar_of(relative)
+        waiting = self.pending[relative]
         try:
             found = await asyncio.to_thread(params_for, self.root, relative)
         except ParamsError as exc:
-            await self._reject(file, "invalid_params", str(exc), None)
+            # A sidecar written moments ago may simply be unfinished: give it the same grace
+            # as a truncated image before calling it broken.
+            if sidecar is not None and self._written_within(self.root / sidecar, 5):
+                waiting.note = f"waiting for its sidecar {sidecar} to be complete"
+                return False
+            await self._reject(file, "invalid_params", str(exc))
             return True
-        sidecar = self.root / sidecar_of(relative)
-        if found.sidecar_required and not sidecar.is_file():
-            self.pending[relative].note = f"waiting for its sidecar {sidecar_of(relative)}"
+        if sidecar is not None and found.sidecar_required and not (self.root / sidecar).is_file():
+            waiting.note = f"waiting for its sidecar {sidecar}"
             return False
         settings = self.settings
         try:
@@ -257,7 +334,7 @@ class InboxWatcher:
             if exc.code == "corrupt_image" and self._may_still_grow(relative):
                 self.pending[relative].note = "incomplete image; waiting for more bytes"
                 return False
-            await self._reject(file, exc.code, exc.message, None)
+            await self._reject(file, exc.code, exc.message)
             return True
         await asyncio.to_thread(store_image, data, image, settings.data_dir)
         max_attempts = found.max_attempts or settings.max_attempts
@@ -272,23 +349,31 @@ class InboxWatcher:
         await self._file(relative, entry)
         return True
 
+    def _written_within(self, path: Path, settle_periods: float) -> bool:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return False
+        return age < self.settings.inbox_settle_seconds * settle_periods
+
     def _may_still_grow(self, relative: str) -> bool:
         """A truncated image gets a few more settle periods before it is called corrupt: a
         writer on a slow share can pause longer than the settle delay."""
         quiet = time.monotonic() - self.pending[relative].changed_at
         return quiet < self.settings.inbox_settle_seconds * 5
 
-    async def _reject(self, file: FileSeen, code: str, message: str, sha: str | None) -> None:
+    async def _reject(self, file: FileSeen, code: str, message: str) -> None:
         self.counts.rejected += 1
         log.warning("inbox: %s rejected: %s", file.relative_path, message)
-        entry = await self.ledger.reject(file, code, message, sha)
+        entry = await self.ledger.reject(file, code, message)
         await self._file(file.relative_path, entry)
 
     async def _file(self, relative: str, entry: Entry) -> None:
         if not self.settings.inbox_move or entry.filed_to is not None:
             return
         folder = "failed" if entry.outcome == "rejected" else "processed"
-        companions = [sidecar_of(relative)] if kind_of(relative) == "image" else []
+        sidecar = sidecar_of(relative) if kind_of(relative) == "image" else None
+        companions = [sidecar] if sidecar else []
         moved = await asyncio.to_thread(file_away, self.root, relative, folder, companions)
         if entry.outcome == "rejected":
             await asyncio.to_thread(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -80,14 +81,19 @@ class JobFilter:
             )
         min_count = given.get("min_count")
         if min_count is not None:
-            if not isinstance(min_count, int) or min_count < 1:
-                raise InvalidInput("min_count must be a whole number >= 1", code="invalid_filter")
+            if not isinstance(min_count, int) or not 1 <= min_count <= 1_000_000:
+                raise InvalidInput(
+                    "min_count must be a whole number 1..1000000", code="invalid_filter"
+                )
             if "label" not in given:
                 raise InvalidInput("min_count needs a label to count", code="invalid_filter")
         values: dict[str, Any] = {
             "status": status,
             "source": given.get("source"),
-            "folder": str(given["folder"]).strip("/") + "/" if "folder" in given else None,
+            # "/" or "" is the whole inbox: no folder condition.
+            "folder": str(given["folder"]).strip("/") + "/"
+            if str(given.get("folder", "")).strip("/")
+            else None,
             "label": given.get("label"),
             "min_count": min_count,
             "q": fts_query(str(given["q"])) if "q" in given else None,
@@ -169,7 +175,9 @@ class Cursor:
             raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
             kind, key, job_id = json.loads(raw)
             cursor = cls(str(kind), float(key), int(job_id))
-        except (ValueError, TypeError):
+            if not (math.isfinite(cursor.key) and 0 < cursor.id < 2**63):
+                raise ValueError
+        except (ValueError, TypeError, OverflowError):
             raise InvalidInput(
                 "cursor is not one this service issued", code="invalid_cursor"
             ) from None

@@ -87,12 +87,12 @@ class Ledger:
             assert cursor.lastrowid is not None
             return Entry(cursor.lastrowid, outcome, job_id, None)
 
-    async def reject(self, file: FileSeen, code: str, message: str, sha256: str | None) -> Entry:
+    async def reject(self, file: FileSeen, code: str, message: str) -> Entry:
         async with self._queue.transaction() as db:
             cursor = await db.execute(
-                "INSERT INTO inbox_files (relative_path, sha256, size, mtime_ns, outcome,"
-                " error_code, error_message, seen_at) VALUES (?, ?, ?, ?, 'rejected', ?, ?, ?)",
-                (file.relative_path, sha256, file.size, file.mtime_ns, code, message, time.time()),
+                "INSERT INTO inbox_files (relative_path, size, mtime_ns, outcome,"
+                " error_code, error_message, seen_at) VALUES (?, ?, ?, 'rejected', ?, ?, ?)",
+                (file.relative_path, file.size, file.mtime_ns, code, message, time.time()),
             )
             assert cursor.lastrowid is not None
             return Entry(cursor.lastrowid, "rejected", None, None, code, message)

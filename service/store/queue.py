@@ -12,6 +12,7 @@ can never overwrite what a newer attempt wrote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -94,13 +95,22 @@ class Queue:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction on the writer connection (BEGIN IMMEDIATE ... COMMIT)."""
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            # BEGIN and COMMIT run to completion even when the caller is cancelled meanwhile,
+            # so the connection is never left inside a transaction nobody will end.
+            begin = asyncio.ensure_future(self._conn.execute("BEGIN IMMEDIATE"))
             try:
+                await asyncio.shield(begin)
                 yield self._conn
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                await asyncio.shield(self._rollback(begin))
                 raise
-            await self._conn.execute("COMMIT")
+            await asyncio.shield(self._conn.execute("COMMIT"))
+
+    async def _rollback(self, begin: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(Exception):
+            await begin
+        if self._conn.in_transaction:
+            await self._conn.execute("ROLLBACK")
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -118,6 +128,7 @@ class Queue:
         input_name: str,
         source: str = "api",
         max_attempts: int = 3,
+        source_path: str | None = None,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> tuple[int, bool]:
@@ -144,6 +155,7 @@ class Queue:
                 params,
                 input_name=input_name,
                 source=source,
+                source_path=source_path,
                 max_attempts=max_attempts,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
@@ -166,8 +178,10 @@ class Queue:
         """Insert a queued job (and its image, once) inside the caller's transaction."""
         now = self._clock()
         await db.execute(
-            "INSERT OR IGNORE INTO images (sha256, bytes, width, height, format, path, exif,"
-            " created_at, captured_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO images (sha256, bytes, width, height, format, path, exif,"
+            " created_at, captured_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            # The same bytes again: stored again too, if retention had removed the copy.
+            " ON CONFLICT (sha256) DO UPDATE SET pruned_at = NULL, path = excluded.path",
             (
                 image.sha256,
                 image.bytes,
@@ -204,8 +218,8 @@ class Queue:
 
     async def claim(self, owner: str, lease_seconds: float) -> Claim | None:
         """Atomically take the oldest runnable queued job, or None."""
-        now = self._clock()
         async with self.transaction() as db:
+            now = self._clock()  # read under the lock: a long wait must not shorten the lease
             cursor = await db.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
                 " lease_owner = ?, lease_until = ?, started_at = coalesce(started_at, ?)"
@@ -273,6 +287,17 @@ class Queue:
                 claim.owner,
             ),
         )
+
+    async def _honour_cancel(self, db: aiosqlite.Connection, job_id: int, now: float) -> bool:
+        """A job sent back to the queue whose cancellation was requested meanwhile ends
+        `cancelled` instead of running again."""
+        cursor = await db.execute(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = 'cancelled',"
+            " error_message = 'cancelled while it was running' WHERE id = ?"
+            " AND status = 'queued' AND cancel_requested = 1",
+            (now, job_id),
+        )
+        return cursor.rowcount > 0
 
     async def complete(self, claim: Claim, outcome: Outcome) -> bool:
         """Write result, detections, timings and status in one transaction; False if fenced off."""
@@ -346,6 +371,8 @@ class Queue:
                     claim.job_id,
                 ),
             )
+            if retry and await self._honour_cancel(db, claim.job_id, now):
+                return "cancelled"
             return "queued" if retry else "failed"
 
     async def finish_cancelled(self, claim: Claim, reason: str) -> bool:
@@ -367,11 +394,13 @@ class Queue:
             if not await self._owns(db, claim):
                 return False
             await self._end_attempt(db, claim, "released", None)
+            now = self._clock()
             await db.execute(
                 "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_after = ?,"
                 " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                (self._clock(), claim.job_id),
+                (now, claim.job_id),
             )
+            await self._honour_cancel(db, claim.job_id, now)
             return True
 
     async def recover(self, *, expired_only: bool) -> tuple[int, int]:
@@ -379,10 +408,10 @@ class Queue:
         attempts are used up (a job that kills its worker every time must not loop forever).
         At start-up every running job is orphaned (the data directory is locked to one
         process); later only expired leases are. Returns (requeued, failed)."""
-        now = self._clock()
         lease_filter = " AND lease_until < ?" if expired_only else ""
-        args: tuple[Any, ...] = (now,) if expired_only else ()
         async with self.transaction() as db:
+            now = self._clock()
+            args: tuple[Any, ...] = (now,) if expired_only else ()
             cursor = await db.execute(
                 "SELECT id, attempts, max_attempts, lease_owner FROM jobs"
                 " WHERE status = 'running'" + lease_filter,
@@ -416,6 +445,7 @@ class Queue:
                         row["id"],
                     ),
                 )
+                await self._honour_cancel(db, row["id"], now)
                 failed += give_up
                 requeued += not give_up
         return requeued, failed

@@ -3,6 +3,7 @@ touches queued or running work. Deletes go through the queue's writer connection
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ async def prune(
     `keep_results` their rows go too. An image still used by any other job is kept."""
     terminal = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
     old = f"SELECT id FROM jobs WHERE status IN ({terminal}) AND finished_at < :cutoff"
-    args = {"cutoff": time.time() - older_than_seconds, "now": time.time()}
+    began = time.time()
+    args = {"cutoff": began - older_than_seconds, "now": began}
     report = Pruned()
     async with queue.transaction() as db:
         count = await (await db.execute(f"SELECT count(*) FROM ({old})", args)).fetchone()
@@ -60,7 +62,12 @@ async def prune(
             [(args["now"], row[0]) for row in images],
         )
         if not keep_results:
-            await db.execute(f"DELETE FROM inbox_files WHERE job_id IN ({old})", args)
+            # The ledger keeps knowing the file (a file left in the inbox must not become a
+            # new job); only the content's claim to a job is released.
+            await db.execute(
+                f"UPDATE inbox_files SET outcome = 'pruned', job_id = NULL WHERE job_id IN ({old})",
+                args,
+            )
             await db.execute(f"DELETE FROM jobs WHERE id IN ({old})", args)
             await db.execute(
                 "DELETE FROM images WHERE pruned_at IS NOT NULL AND sha256 NOT IN"
@@ -69,7 +76,11 @@ async def prune(
     # Files go after the rows are committed: a crash in between leaves a stray file, never a
     # row pointing at a missing one.
     for _sha, path, _size in images:
-        (data_dir / path).unlink(missing_ok=True)
+        file = data_dir / path
+        with contextlib.suppress(FileNotFoundError):
+            # A submission of the same bytes since the prune began touched the file: keep it.
+            if file.stat().st_mtime < began:
+                file.unlink()
     return report
 
 
@@ -92,15 +103,3 @@ async def preview(
         )
     except _DryRun as done:
         return done.report
-
-
-def parse_age(text: str) -> float:
-    """`30d`, `12h`, `90m`, `45s` or plain seconds."""
-    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-    value = text.strip().lower()
-    try:
-        if value and value[-1] in units:
-            return float(value[:-1]) * units[value[-1]]
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an age like 30d, 12h or 90m") from None
