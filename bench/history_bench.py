@@ -42,18 +42,30 @@ def seed(db_path: Path, jobs: int) -> None:
             db.execute(
                 "INSERT INTO images (sha256, bytes, width, height, format, path, created_at,"
                 " captured_at) VALUES (?, 4000000, 4000, 3000, 'JPEG', ?, ?, ?)",
-                (sha, f"images/{sha[:2]}/{sha}.jpg", created,
-                 time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))),
+                (
+                    sha,
+                    f"images/{sha[:2]}/{sha}.jpg",
+                    created,
+                    time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)),
+                ),
             )
             status = "succeeded" if rand.random() < 0.9 else rand.choice(["failed", "cancelled"])
             db.execute(
                 "INSERT INTO jobs (id, status, source, source_path, image_sha256, input_name,"
                 " params, run_after, created_at, finished_at, attempts, timings)"
                 " VALUES (?, ?, 'inbox', ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-                (job_id, status, f"{folder}/IMG_{job_id}.jpg", sha, f"IMG_{job_id}.jpg",
-                 json.dumps({"queries": LABELS[:3], "prompt": "Describe.", "options": {}}),
-                 created, created, created + 4,
-                 json.dumps({"detect": 900.0, "reason": 2100.0, "total": 3100.0})),
+                (
+                    job_id,
+                    status,
+                    f"{folder}/IMG_{job_id}.jpg",
+                    sha,
+                    f"IMG_{job_id}.jpg",
+                    json.dumps({"queries": LABELS[:3], "prompt": "Describe.", "options": {}}),
+                    created,
+                    created,
+                    created + 4,
+                    json.dumps({"detect": 900.0, "reason": 2100.0, "total": 3100.0}),
+                ),
             )
             if status == "succeeded":
                 reasoning = " ".join(rand.sample(WORDS, 3))
@@ -93,8 +105,9 @@ async def run(jobs: int) -> None:
         "label=boat": {"label": "boat"},
         "label=car&min_count=4": {"label": "car", "min_count": 4},
         "q=flooding smoke (FTS)": {"q": "flooding smoke"},
-        "captured range (1 day)": {"captured_after": time.strftime(
-            "%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 86400))},
+        "captured range (1 day)": {
+            "captured_after": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 86400))
+        },
         "label=boat, sorted by finished": {"label": "boat", "_sort": "finished"},
     }
     print(f"\nhistory benchmark: {jobs:,} jobs (seeded in {seeded:.1f} s), 2 cores\n")
@@ -108,8 +121,9 @@ async def run(jobs: int) -> None:
     ms = await timed(lambda: reads.page(JobFilter(), cursor=page["next_cursor"], limit=50))
     print(f"{'next page (keyset cursor)':<36}{ms:>10.2f}")
 
-    print(f"\n{'export (all jobs)':<20}{'s':>8}{'jobs/s':>10}{'MB':>8}{'MB/s':>8}"
-          f"{'max RSS MB':>12}")
+    print(
+        f"\n{'export (all jobs)':<20}{'s':>8}{'jobs/s':>10}{'MB':>8}{'MB/s':>8}{'max RSS MB':>12}"
+    )
     start = time.perf_counter()
     raw_db = sqlite3.connect(db_path)
     rows = 0
@@ -119,16 +133,20 @@ async def run(jobs: int) -> None:
     ):
         rows += 1
     raw_s = time.perf_counter() - start
-    print(f"{'baseline: raw rows':<20}{raw_s:>8.1f}{rows / raw_s:>10.0f}{'':>8}{'':>8}"
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:>12.0f}")
+    print(
+        f"{'baseline: raw rows':<20}{raw_s:>8.1f}{rows / raw_s:>10.0f}{'':>8}{'':>8}"
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:>12.0f}"
+    )
     for fmt, writer in WRITERS.items():
         start, size = time.perf_counter(), 0
         async for chunk in writer(reads.iter_jobs(JobFilter())):
             size += len(chunk.encode())
         seconds = time.perf_counter() - start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"{fmt:<20}{seconds:>8.1f}{jobs / seconds:>10.0f}{size / 1e6:>8.1f}"
-              f"{size / 1e6 / seconds:>8.1f}{rss:>12.0f}")
+        print(
+            f"{fmt:<20}{seconds:>8.1f}{jobs / seconds:>10.0f}{size / 1e6:>8.1f}"
+            f"{size / 1e6 / seconds:>8.1f}{rss:>12.0f}"
+        )
     await reads.close()
 
 

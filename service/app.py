@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import health, history, inbox, jobs
-from service.config import Settings
+from service.api import models as models_api
+from service.config import Settings, parse_age
 from service.errors import AipError, PayloadTooLarge
 from service.inbox.watcher import InboxWatcher
 from service.models.host import ModelHost
@@ -30,7 +31,7 @@ from service.store.ledger import Ledger
 from service.store.migrate import migrate
 from service.store.queue import Queue
 from service.store.reads import Reads
-from service.store.retention import parse_age, prune
+from service.store.retention import prune
 from service.store.sqlite import read_engine
 from service.worker import Worker
 
@@ -46,6 +47,8 @@ class Services:
     worker: Worker
     started: float
     inbox: InboxWatcher | None = None
+    # Uploads decoded at once: each holds its bytes and a decoded image in memory.
+    intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
 
 
 class DataDirLock:
@@ -200,7 +203,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         lock.acquire()
         tasks: list[asyncio.Task[Any]] = []
         owned_host = host is None
-        models = host or ModelHost({"detector": settings.detector, "reasoner": settings.reasoner})
+        models = host or ModelHost.from_settings(settings)
         queue: Queue | None = None
         reads: Reads | None = None
         try:
@@ -230,16 +233,19 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             else:
                 tasks.append(asyncio.create_task(_load_models(models, worker)))
             tasks.append(asyncio.create_task(_expire_leases(queue, settings.lease_seconds)))
+            tasks.append(asyncio.create_task(models.keep_alive()))
             if settings.retention:
                 age = parse_age(settings.retention)
                 tasks.append(asyncio.create_task(_apply_retention(queue, settings, age)))
             if watcher is not None:
                 watcher.start()
-                log.info("watching %s for images (%s)", watcher.root, watcher.mode)
+                log.info("watching %s for images", watcher.root)
             yield
-            if watcher is not None:
-                await watcher.stop()
-            await worker.stop()
+            try:
+                if watcher is not None:
+                    await watcher.stop()
+            finally:
+                await worker.stop()
             log.info("aip stopped; queue %s", await queue.counts())
         finally:
             for task in tasks:
@@ -267,5 +273,6 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     app.include_router(health.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(inbox.router, prefix="/v1")
+    app.include_router(models_api.router, prefix="/v1")
     app.include_router(history.router, prefix="/v1")
     return app

@@ -92,7 +92,7 @@ class Worker:
         self._stop_flag.clear()
         deadline = time.monotonic() + self.settings.job_timeout_seconds
         heartbeat = asyncio.create_task(self._heartbeat(claim, deadline))
-        models = self.host.identity()
+        models = self.host.identity()  # until infer() names the models that ran the job
         try:
             params = JobParams.from_dict(claim.params)
             decode_began = time.perf_counter()
@@ -122,7 +122,8 @@ class Worker:
                     detect_tokens=self.settings.detect_max_tokens,
                     reason_tokens=self.settings.reason_max_tokens,
                     checkpoint=self._checkpoint,
-                )
+                ),
+                served=models,  # the exact models that ran it, taken in the same step
             )
             timings.update(analysis.timings)
         except StopJob as stop:

@@ -169,8 +169,9 @@ async def submit(
         max_prompt_chars=settings.max_prompt_chars,
     )
     max_attempts = _max_attempts(attempts, settings.max_attempts)
-    record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
-    await asyncio.to_thread(store_image, data, record, settings.data_dir)
+    async with svc.intake_slots:
+        record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
+        await asyncio.to_thread(store_image, data, record, settings.data_dir)
     request_hash = hashlib.sha256(
         json.dumps([record.sha256, params.to_dict(), max_attempts]).encode()
     ).hexdigest()

@@ -1,1 +1,2 @@
-"""Model runtimes (Falcon Perception detector, Gemma 4 reasoner) and tiny test checkpoints."""
+"""Model runtimes (Falcon Perception detector, Gemma 4 reasoner), the model host that loads,
+swaps and frees them under a memory budget, and tiny test checkpoints."""

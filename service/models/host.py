@@ -1,109 +1,34 @@
-"""The model host: the one owner of both models. Loads, reports and frees them, and runs every
-inference on its single dedicated thread, off the event loop, one at a time."""
+"""The model host: the one owner of both models. It alone loads, swaps, unloads and frees them
+and runs every inference, all on its single model thread, one call at a time, off the event
+loop; loads must fit its memory budget. Knows neither HTTP nor the queue."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import logging
-import queue
-import threading
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from service.errors import ModelUnavailable
-from service.models.mlx_runtime import release_thread_streams
-from service.models.sources import ROLES, bytes_on_disk, go_offline, resolve, revision_of
+from service.errors import AipError, Conflict, JobFailure, ModelUnavailable, NotFound
+from service.models import budget as budgets
+from service.models import loading, swap
+from service.models import quantize as quant
+from service.models.roles import Loaded, RoleState, Target
+from service.models.sources import ROLES
+from service.models.thread import ModelThread
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger("aip.models")
 T = TypeVar("T")
 Loader = Callable[[Path], Any]
-
-
-class ModelThread:
-    """One daemon thread that runs submitted calls in order (an accelerator wants one owner).
-
-    A daemon, so a shutdown that gives up on a long inference is not held hostage by it."""
-
-    def __init__(self, name: str = "aip-models") -> None:
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            item = self._calls.get()
-            if item is None:
-                release_thread_streams()
-                return
-            fn, loop, future = item
-            try:
-                outcome: tuple[Any, BaseException | None] = (fn(), None)
-            except BaseException as exc:
-                outcome = (None, exc)
-            # The caller's loop may have closed meanwhile (shutdown gave up on this call).
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, future, *outcome)
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._calls.put((fn, loop, future))
-        return await future
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish queued calls, release the thread's MLX streams and end the thread."""
-        self._calls.put(None)
-        self._thread.join(timeout)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-@dataclass
-class RoleState:
-    role: str
-    source: str
-    state: str = "unloaded"  # unloaded | loading | loaded | failed
-    path: Path | None = None
-    revision: str | None = None
-    bytes_on_disk: int | None = None
-    load_seconds: float | None = None
-    loaded_at: float | None = None
-    jobs_served: int = 0
-    error: str | None = None
-    runtime: Any = field(default=None, repr=False)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "role": self.role,
-            "source": self.source,
-            "path": str(self.path) if self.path else None,
-            "state": self.state,
-            "revision": self.revision,
-            "bytes_on_disk": self.bytes_on_disk,
-            "load_seconds": round(self.load_seconds, 3) if self.load_seconds else None,
-            "jobs_served": self.jobs_served,
-            "error": self.error,
-        }
-
-    def identity(self) -> dict[str, Any]:
-        return {"id": self.source, "revision": self.revision}
-
-
-def default_loaders() -> dict[str, Loader]:
-    from service.models import falcon, gemma
-
-    return {"detector": falcon.load, "reasoner": gemma.load}
+_MISSING = object()  # what a model-thread call returns when a role it needs is not in memory
 
 
 class ModelHost:
@@ -113,16 +38,57 @@ class ModelHost:
         *,
         loaders: dict[str, Loader] | None = None,
         resolve_sources: bool = True,
+        budget_bytes: int | None = None,
+        keep_alive: dict[str, float | None] | None = None,
+        quantize: dict[str, int | None] | None = None,
+        evict_idle: bool = False,
+        cache_dir: Path | None = None,
     ) -> None:
-        """`loaders` and `resolve_sources=False` let tests host stand-in models."""
-        self.roles = {role: RoleState(role, sources[role]) for role in ROLES}
-        self._resolve = resolve_sources
-        self._loaders = loaders
-        self._thread = ModelThread()
+        """`loaders` (one call, path -> runtime) and `resolve_sources=False` let tests host
+        stand-in models. `budget_bytes` None: the platform's default. `keep_alive[role]` None:
+        pinned. `cache_dir` holds quantised copies; without it `quantize` is refused."""
+        self.roles = {
+            role: RoleState(
+                role,
+                Target(sources[role], quant.check_bits((quantize or {}).get(role))),
+                keep_alive=(keep_alive or {}).get(role),
+            )
+            for role in ROLES
+        }
+        self.stand_ins = loaders
+        self.resolve_sources = resolve_sources
+        self.evict_idle = evict_idle
+        self.cache_dir = cache_dir
+        self.thread = ModelThread()
+        self._budget = budget_bytes
+        self._slot: concurrent.futures.Future[None] | None = None  # the one load in flight
+        self._jobs = 0  # jobs inside infer(): running, or waiting for a model
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cpu: bool | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelHost:
+        return cls(
+            {"detector": settings.detector, "reasoner": settings.reasoner},
+            budget_bytes=settings.memory_budget_bytes,
+            keep_alive={
+                "detector": settings.detector_keep_alive,
+                "reasoner": settings.reasoner_keep_alive,
+            },
+            quantize={
+                "detector": settings.detector_quantize,
+                "reasoner": settings.reasoner_quantize,
+            },
+            evict_idle=settings.evict_idle,
+            cache_dir=settings.data_dir / "models" / "quantized",
+        )
+
+    # -- reports ------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return all(state.state == "loaded" for state in self.roles.values())
+        """Both roles serve, or can: one freed on purpose is loaded again by the next job."""
+        return all(state.available for state in self.roles.values())
 
     def describe(self) -> list[dict[str, Any]]:
         return [state.describe() for state in self.roles.values()]
@@ -130,61 +96,261 @@ class ModelHost:
     def identity(self) -> dict[str, Any]:
         return {role: state.identity() for role, state in self.roles.items()}
 
+    def report(self) -> dict[str, Any]:
+        """The roles and the memory picture: budget, what the models hold, MLX's counters."""
+        return {
+            "budget_bytes": self._budget,
+            "held_bytes": sum(self.resident().values()),
+            "evict_idle": self.evict_idle,
+            "mlx": loading.memory_if_imported(),
+            "roles": self.describe(),
+        }
+
+    async def budget_bytes(self) -> int:
+        if self._budget is None:
+            recommended = await self.thread.run(loading.recommended_working_set)
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            self._budget = budgets.default_budget(physical, recommended)
+        return self._budget
+
+    def resident(self) -> dict[str, int]:
+        return {r: s.current.resident_bytes for r, s in self.roles.items() if s.current}
+
+    def evictable(self, role: str) -> tuple[str, ...]:
+        """With eviction on, the other loaded roles while idle: no job running or waiting
+        (every job needs both roles)."""
+        if not self.evict_idle or self._jobs:
+            return ()
+        return tuple(r for r, s in self.roles.items() if r != role and s.current is not None)
+
+    async def on_cpu(self) -> bool:
+        if self._cpu is None:
+            self._cpu = await self.thread.run(loading.on_cpu)
+        return self._cpu
+
+    # -- loading ------------------------------------------------------------------------------
+
     async def load_all(self) -> None:
-        """Resolve and load both roles; a failure is kept on the role and raised."""
+        """Load both roles as configured; a failure is kept on the role and raised."""
         for role in ROLES:
             await self.load(role)
 
-    async def load(self, role: str) -> None:
-        state = self.roles[role]
-        state.state, state.error = "loading", None
-        began = time.perf_counter()
-        try:
-            # Downloads happen before start (`aip serve`, `aip models pull`), never here.
-            path = (
-                await asyncio.to_thread(resolve, role, state.source, allow_download=False)
-                if self._resolve
-                else Path(state.source)
+    async def load(self, role: str, target: Target | None = None, *, wait: bool = True) -> None:
+        """Load `target` (default: what the role should hold) into `role`: beside the model it
+        holds when the budget allows (that one serves until the swap), else after freeing it
+        (jobs for the role wait). What is refused (over budget, bad input, a load already in
+        flight) raises at once; with `wait=False` the rest then runs in the background and
+        shows in `describe()`. A failed load leaves the old model serving."""
+        state = self._role(role)
+        target = target or state.target
+        quant.check_bits(target.quantize)
+        if self._slot is not None:
+            busy = ", ".join(f"{s.role} <- {s.loading}" for s in self.roles.values() if s.loading)
+            raise Conflict(
+                f"another model load is in flight ({busy}); try again when it has finished "
+                "(GET /v1/models shows its progress)",
+                code="load_in_flight",
             )
-            go_offline()
-            if self._loaders is None:
-                self._loaders = await self._thread.run(default_loaders)
-            loader = self._loaders[role]
-            runtime = await self._thread.run(lambda: loader(path))
-        except ModelUnavailable as exc:
-            state.state, state.error = "failed", exc.message
-            raise
-        except Exception as exc:
-            state.state, state.error = "failed", f"{type(exc).__name__}: {exc}"
-            raise ModelUnavailable(
-                f"the {role} model {state.source!r} failed to load: {state.error}",
-                code="model_load_failed",
-            ) from exc
-        state.runtime, state.path = runtime, path
-        state.revision, state.bytes_on_disk = revision_of(path), bytes_on_disk(path)
-        state.load_seconds = time.perf_counter() - began
-        state.loaded_at, state.state = time.time(), "loaded"
-        log.info(
-            "loaded %s %s (revision %s) in %.1f s",
-            role,
-            state.source,
-            state.revision,
-            state.load_seconds,
-        )
-
-    async def infer(self, fn: Callable[[Any, Any], T]) -> T:
-        """Run `fn(detector, reasoner)` on the model thread."""
-        if not self.ready:
-            raise ModelUnavailable("models are not loaded yet", code="models_loading")
-        detector = self.roles["detector"].runtime
-        reasoner = self.roles["reasoner"].runtime
+        slot: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._slot = slot
+        before = (state.state, state.phases, state.estimate)
+        state.loading, state.pending = target, slot
+        state.state, state.error, state.phases = "loading", None, {}
         try:
-            return await self._thread.run(lambda: fn(detector, reasoner))
+            prepared = await swap.prepare(self, role, target)
+        except BaseException as exc:  # refused: the role stays as it was, with the reason
+            self._settle(state, slot, before[0], exc)
+            state.phases, state.estimate = before[1], before[2]
+            raise
+        if wait:
+            await self._swap(role, prepared, slot, raise_errors=True)
+            return
+        task = asyncio.ensure_future(self._swap(role, prepared, slot, raise_errors=False))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _swap(
+        self,
+        role: str,
+        prepared: swap.Prepared,
+        slot: concurrent.futures.Future[None],
+        *,
+        raise_errors: bool,
+    ) -> None:
+        state = self.roles[role]
+        try:
+            await swap.run(self, role, prepared)
+        except BaseException as exc:
+            log.error("%s: loading %s failed: %s", role, prepared.target, _reason(exc))
+            self._settle(state, slot, "loaded" if state.current else "failed", exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if raise_errors:
+                if isinstance(exc, AipError):
+                    raise
+                raise ModelUnavailable(
+                    f"the {role} model {prepared.target} failed to load: {_reason(exc)}",
+                    code="model_load_failed",
+                ) from exc
+            return
+        state.target = prepared.target
+        state.swap = "replace_first" if prepared.plan.replace_first else "beside"
+        self._settle(state, slot, "loaded")
+
+    def install(self, role: str, loaded: Loaded) -> None:
+        """On the model thread, between jobs: the new model takes over, the old one is freed."""
+        state = self.roles[role]
+        state.current = loaded
+        state.last = replace(loaded, runtime=None)  # a description only: holds no weights
+        state.loads += 1
+        loading.give_back_memory()
+
+    def _settle(
+        self,
+        state: RoleState,
+        slot: concurrent.futures.Future[None],
+        state_after: str,
+        error: BaseException | None = None,
+    ) -> None:
+        state.loading = state.pending = state.progress = None
+        state.state = state_after
+        if error is not None:
+            state.error = _reason(error)
+        if self._slot is slot:
+            self._slot = None
+        if not slot.done():
+            slot.set_result(None)  # waiters look at the role again, whatever happened
+
+    # -- freeing ------------------------------------------------------------------------------
+
+    async def unload(self, role: str, why: str = "asked to") -> None:
+        """Free the role's model; a job that needs it later loads it again."""
+        state = self._role(role)
+        if state.pending is not None:
+            raise Conflict(
+                f"the {role} is loading {state.loading}; unload it once that has finished",
+                code="load_in_flight",
+            )
+        await self.free(role, why)
+
+    async def free(self, role: str, why: str) -> None:
+        state = self.roles[role]
+        if state.current is not None:
+            began = time.perf_counter()
+            held = state.current.resident_bytes
+            await self.thread.run(lambda: self._drop(role))
+            log.info("%s: unload %s in %.2f s (%s)", role, budgets.format_bytes(held),
+                     time.perf_counter() - began, why)  # fmt: skip
+        if state.state == "loaded":
+            state.state = "unloaded"
+
+    def _drop(self, role: str) -> None:
+        self.roles[role].current = None
+        loading.give_back_memory()
+
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """Unload the roles with a keep-alive that no job has used for that long; never while
+        a job runs or waits, or while a load is in flight. Returns the roles unloaded."""
+        if self._jobs or self._slot is not None:
+            return []
+        now = time.time() if now is None else now
+        expired = []
+        for role, state in self.roles.items():
+            model = state.current
+            if state.keep_alive is None or model is None:
+                continue
+            idle = now - max(state.last_used or 0.0, model.loaded_at)
+            if idle >= state.keep_alive:
+                await self.unload(role, f"idle {idle:.1f} s, keep-alive {state.keep_alive:g} s")
+                expired.append(role)
+        return expired
+
+    async def keep_alive(self) -> None:
+        """For the service's life: apply keep-alives (returns at once when all are pinned)."""
+        limits = [s.keep_alive for s in self.roles.values() if s.keep_alive is not None]
+        if not limits:
+            return
+        tick = min(max(min(limits) / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self.expire_idle()
+            except Exception:
+                log.exception("keep-alive check failed")
+
+    # -- inference ----------------------------------------------------------------------------
+
+    async def infer(self, fn: Callable[[Any, Any], T], served: dict[str, Any] | None = None) -> T:
+        """Run `fn(detector, reasoner)` on the model thread. A role not in memory (freed by its
+        keep-alive, or mid-swap) is waited for or loaded again first: the job waits, it does
+        not fail. `served` is filled, in the same model-thread step as the call, with the
+        identity of the models that ran it."""
+        self._jobs += 1
+        try:
+            while True:
+                for role in ROLES:
+                    await self._available(role)
+                outcome = await self.thread.run(lambda: self._serve(fn, served))
+                if outcome is not _MISSING:
+                    return outcome
         finally:
-            for state in self.roles.values():
+            self._jobs -= 1
+
+    async def _available(self, role: str) -> None:
+        state = self.roles[role]
+        while state.current is None:
+            if self._slot is not None:
+                await asyncio.shield(asyncio.wrap_future(self._slot))
+                continue
+            if state.state == "failed" or state.last is None:
+                raise ModelUnavailable(
+                    f"the {role} model is not loaded: {state.error or 'it is still loading'}",
+                    code="models_loading" if state.error is None else "model_load_failed",
+                )
+            log.info("%s: a job needs it: loading it again", role)
+            try:
+                await self.load(role)
+            except Conflict:
+                continue  # another load started first: wait for that one
+            except AipError as exc:
+                raise JobFailure(exc.code, exc.message, transient=True) from exc
+
+    def _serve(self, fn: Callable[[Any, Any], T], served: dict[str, Any] | None) -> Any:
+        """On the model thread: no swap can happen between these lines."""
+        detector, reasoner = self.roles["detector"], self.roles["reasoner"]
+        if detector.current is None or reasoner.current is None:
+            return _MISSING
+        if served is not None:
+            served.clear()
+            served.update(self.identity())
+        try:
+            return fn(detector.current.runtime, reasoner.current.runtime)
+        finally:
+            now = time.time()
+            for state in (detector, reasoner):
                 state.jobs_served += 1
+                state.last_used = now
+
+    # -- the rest -----------------------------------------------------------------------------
+
+    def _role(self, role: str) -> RoleState:
+        if role not in self.roles:
+            raise NotFound(f"no model role {role!r}: the roles are {', '.join(ROLES)}")
+        return self.roles[role]
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        mine = [task for task in self._tasks if task.get_loop() is loop]
+        for task in mine:
+            task.cancel()
+        await asyncio.gather(*mine, return_exceptions=True)
         for state in self.roles.values():
-            state.runtime, state.state = None, "unloaded"
-        await asyncio.to_thread(self._thread.close)
+            state.current, state.state = None, "unloaded"
+        await asyncio.to_thread(self.thread.close)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, AipError):
+        return exc.message
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

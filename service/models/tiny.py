@@ -107,33 +107,42 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _is_complete(dest: Path, kind: str, seed: int) -> bool:
+def _marker(kind: str, seed: int, scale: int) -> dict[str, Any]:
+    marker: dict[str, Any] = {"kind": kind, "seed": seed, "format": _FORMAT}
+    if scale != 1:  # the default build keeps its original marker, so old builds stay valid
+        marker["scale"] = scale
+    return marker
+
+
+def _is_complete(dest: Path, kind: str, seed: int, scale: int = 1) -> bool:
     try:
         marker = json.loads((dest / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return bool(marker == {"kind": kind, "seed": seed, "format": _FORMAT})
+    return bool(marker == _marker(kind, seed, scale))
 
 
-def _build_atomically(dest: Path, kind: str, seed: int, write: Callable[[Path, int], None]) -> Path:
+def _build_atomically(
+    dest: Path, kind: str, seed: int, write: Callable[[Path, int], None], scale: int = 1
+) -> Path:
     """Write into a temp sibling, then rename it into place, so a crash never leaves a folder
     that looks finished; an existing finished build with the same seed is kept as it is."""
-    if _is_complete(dest, kind, seed):
+    if _is_complete(dest, kind, seed, scale):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
     try:
         write(tmp, seed)
-        _write_json(tmp / MARKER, {"kind": kind, "seed": seed, "format": _FORMAT})
-        if not _is_complete(dest, kind, seed):  # else a concurrent builder got there first
+        _write_json(tmp / MARKER, _marker(kind, seed, scale))
+        if not _is_complete(dest, kind, seed, scale):  # else a concurrent builder got there first
             if dest.exists():  # unfinished, or another seed: set it aside, never merge into it
                 trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
                 os.replace(dest, trash / "old")
                 shutil.rmtree(trash, ignore_errors=True)
             os.replace(tmp, dest)
     except OSError:
-        if not _is_complete(dest, kind, seed):  # else a concurrent builder won the race
+        if not _is_complete(dest, kind, seed, scale):  # else a concurrent builder won the race
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,12 +245,31 @@ def _falcon_upstream_name(name: str, value: Any) -> tuple[str, Any]:
     return name, value
 
 
-def _write_falcon(dest: Path, seed: int) -> None:
+def _falcon_config(scale: int) -> dict[str, Any]:
+    cfg: dict[str, Any] = json.loads(_FALCON_CONFIG)
+    cfg.update(dim=64 * scale, n_heads=2 * scale, n_kv_heads=scale, ffn_dim=128 * scale)
+    return cfg
+
+
+def _gemma_config(scale: int) -> dict[str, Any]:
+    """The text model grows with `scale` (width and heads); the vision tower stays tiny."""
+    cfg: dict[str, Any] = json.loads(_GEMMA_CONFIG)
+    cfg["hidden_size"] = 64 * scale
+    cfg["text_config"].update(
+        hidden_size=64 * scale,
+        intermediate_size=128 * scale,
+        num_attention_heads=2 * scale,
+        num_key_value_heads=scale,
+    )
+    return cfg
+
+
+def _write_falcon(dest: Path, seed: int, scale: int = 1) -> None:
     import mlx.core as mx
     from mlx_vlm.models.falcon_perception import Model, ModelConfig
 
     tok = _falcon_tokenizer()
-    cfg = {**json.loads(_FALCON_CONFIG), "vocab_size": tok.get_vocab_size()}
+    cfg = {**_falcon_config(scale), "vocab_size": tok.get_vocab_size()}
     model = Model(ModelConfig.from_dict(dict(cfg)))
     weights = _randomized(model, seed, skip=("cos_1d", "sin_1d"))  # sanitize() recomputes these
     _wire_one_box(weights, cfg)
@@ -253,14 +281,14 @@ def _write_falcon(dest: Path, seed: int) -> None:
     tok.save(str(dest / "tokenizer.json"))
 
 
-def _write_gemma(dest: Path, seed: int) -> None:
+def _write_gemma(dest: Path, seed: int, scale: int = 1) -> None:
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_vlm.models import gemma4
     from mlx_vlm.utils import save_weights, update_module_configs
 
     tok, ids = _gemma_tokenizer()
-    cfg = json.loads(_GEMMA_CONFIG)
+    cfg = _gemma_config(scale)
     cfg["text_config"]["vocab_size"] = cfg["text_config"]["vocab_size_per_layer_input"] = len(ids)
     for field, token in (("image", "<|image|>"), ("boi", "<|image>"), ("eoi", "<image|>"),
                          ("audio", "<|audio|>"), ("boa", "<|audio>"), ("eoa", "<audio|>"),
@@ -283,14 +311,24 @@ def _write_gemma(dest: Path, seed: int) -> None:
     tok.save(str(dest / "tokenizer.json"))
 
 
-def build_detector(dest: Path, *, seed: int = 0) -> Path:
-    """A detection-only Falcon Perception checkpoint in the upstream (tiiuae) layout."""
-    return _build_atomically(Path(dest), "falcon_perception", seed, _write_falcon)
+def build_detector(dest: Path, *, seed: int = 0, scale: int = 1) -> Path:
+    """A detection-only Falcon Perception checkpoint in the upstream (tiiuae) layout; `scale`
+    multiplies its width and heads (benchmarks want larger ones; tests keep 1)."""
+
+    def write(folder: Path, seed: int) -> None:
+        _write_falcon(folder, seed, scale)
+
+    return _build_atomically(Path(dest), "falcon_perception", seed, write, scale)
 
 
-def build_reasoner(dest: Path, *, seed: int = 0) -> Path:
-    """A Gemma 4 (vision + text, no audio) checkpoint in mlx-vlm's converted layout."""
-    return _build_atomically(Path(dest), "gemma4", seed, _write_gemma)
+def build_reasoner(dest: Path, *, seed: int = 0, scale: int = 1) -> Path:
+    """A Gemma 4 (vision + text, no audio) checkpoint in mlx-vlm's converted layout; `scale`
+    multiplies the text model's width and heads."""
+
+    def write(folder: Path, seed: int) -> None:
+        _write_gemma(folder, seed, scale)
+
+    return _build_atomically(Path(dest), "gemma4", seed, write, scale)
 
 
 def build_tiny_checkpoints(root: Path) -> tuple[Path, Path]:
