@@ -55,6 +55,29 @@ def make_image(
     return buffer.getvalue()
 
 
+class Gate:
+    """Wraps the real detector: signals when inference starts, holds it until released."""
+
+    def __init__(self, real: Any, hold: Callable[[], bool] | None = None) -> None:
+        self.real = real
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.hold = hold or (lambda: self.release.wait(timeout=60))
+
+    def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Any]:
+        self.inside.set()
+        self.hold()
+        return list(self.real.detect(image, query, **kw))
+
+
+def gate_detector(service: RunningService, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> Gate:
+    """Put a Gate around the service's detector for the rest of the test."""
+    state = service.services.host.roles["detector"]
+    gate = Gate(state.runtime, **kw)
+    monkeypatch.setattr(state, "runtime", gate)
+    return gate
+
+
 class RunningService:
     """The real app under uvicorn on a free loopback port, in a background thread."""
 

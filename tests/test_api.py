@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.detection import Detection
-from tests.conftest import RunningService, make_image, make_settings
+from tests.conftest import RunningService, gate_detector, make_image, make_settings
 
 Serve = Callable[..., RunningService]
 
@@ -159,20 +159,10 @@ def test_health_answers_while_a_job_is_inside_inference(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = serve(settings)
-    state = service.services.host.roles["detector"]
-    real = state.runtime
-    inside, release = threading.Event(), threading.Event()
-
-    class Blocking:
-        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
-            inside.set()
-            release.wait(timeout=60)
-            return list(real.detect(image, query, **kw))
-
-    monkeypatch.setattr(state, "runtime", Blocking())
+    gate = gate_detector(service, monkeypatch)
     job = service.submit(queries="car").json()
     try:
-        assert inside.wait(timeout=60), "the worker never reached inference"
+        assert gate.inside.wait(timeout=60), "the worker never reached inference"
         health = service.client.get("/v1/health")
         assert health.status_code == 200
         body = health.json()
@@ -184,7 +174,7 @@ def test_health_answers_while_a_job_is_inside_inference(
         }
         assert service.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     finally:
-        release.set()
+        gate.release.set()
     assert service.wait(job["id"])["status"] == "succeeded"
 
 
@@ -218,23 +208,13 @@ def test_cancel_a_queued_job_and_409_for_a_finished_one(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = serve(settings)
-    state = service.services.host.roles["detector"]
-    real = state.runtime
-    inside, release = threading.Event(), threading.Event()
-
-    class Blocking:
-        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
-            inside.set()
-            release.wait(timeout=60)
-            return list(real.detect(image, query, **kw))
-
-    monkeypatch.setattr(state, "runtime", Blocking())
+    gate = gate_detector(service, monkeypatch)
     running = service.submit(queries="car").json()
-    assert inside.wait(timeout=60)
+    assert gate.inside.wait(timeout=60)
     queued = service.submit(queries="car").json()
     cancelled = service.client.post(f"/v1/jobs/{queued['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    release.set()
+    gate.release.set()
     assert service.wait(running["id"])["status"] == "succeeded"
     again = service.client.post(f"/v1/jobs/{running['id']}/cancel")
     assert again.status_code == 409 and again.json()["code"] == "job_finished"
@@ -245,15 +225,7 @@ def test_list_is_newest_first_filtered_and_paged(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = serve(settings)
-    state = service.services.host.roles["detector"]
-    hold = threading.Event()
-
-    class Held:  # keeps the first job running and the rest queued: this is about listing
-        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
-            hold.wait(timeout=60)
-            return []
-
-    monkeypatch.setattr(state, "runtime", Held())
+    gate = gate_detector(service, monkeypatch)  # the first job runs, the rest stay queued
     ids = [service.submit(make_image(32 + i, 32)).json()["id"] for i in range(5)]
     service.client.post(f"/v1/jobs/{ids[1]}/cancel")
     page1 = service.client.get("/v1/jobs", params={"limit": 2}).json()
@@ -268,7 +240,7 @@ def test_list_is_newest_first_filtered_and_paged(
     assert page3.json()["next_cursor"] is None
     cancelled = service.client.get("/v1/jobs", params={"status": "cancelled"}).json()["jobs"]
     assert [j["id"] for j in cancelled] == [ids[1]]
-    hold.set()
+    gate.release.set()
 
 
 def test_path_submission_inside_allowed_folder_only(tmp_path: Path, serve: Serve) -> None:

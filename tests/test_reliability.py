@@ -13,31 +13,9 @@ from PIL import Image
 from service.cli import main
 from service.config import Settings
 from service.detection import Detection
-from tests.conftest import RunningService, make_image, make_settings
+from tests.conftest import RunningService, gate_detector, make_image, make_settings
 
 Serve = Callable[..., RunningService]
-
-
-class Gate:
-    """Wraps the real detector: signals when inference starts, holds it until released."""
-
-    def __init__(self, real: Any, hold: Callable[[], bool] | None = None) -> None:
-        self.real = real
-        self.inside = threading.Event()
-        self.release = threading.Event()
-        self.hold = hold or (lambda: self.release.wait(timeout=60))
-
-    def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
-        self.inside.set()
-        self.hold()
-        return list(self.real.detect(image, query, **kw))
-
-
-def _gate(service: RunningService, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> Gate:
-    state = service.services.host.roles["detector"]
-    gate = Gate(state.runtime, **kw)
-    monkeypatch.setattr(state, "runtime", gate)
-    return gate
 
 
 def test_shutdown_mid_job_releases_it_and_the_next_start_finishes_it(
@@ -45,7 +23,7 @@ def test_shutdown_mid_job_releases_it_and_the_next_start_finishes_it(
 ) -> None:
     settings = make_settings(tmp_path, shutdown_grace_seconds=0.2)
     first = serve(settings)
-    gate = _gate(first, monkeypatch)
+    gate = gate_detector(first, monkeypatch)
     job_id = first.submit(queries="car").json()["id"]
     assert gate.inside.wait(timeout=60)
     first.stop()  # grace runs out while the model is still inside inference
@@ -64,7 +42,7 @@ def test_shutdown_within_grace_lets_the_job_finish(
 ) -> None:
     settings = make_settings(tmp_path, shutdown_grace_seconds=60)
     service = serve(settings)
-    gate = _gate(service, monkeypatch)
+    gate = gate_detector(service, monkeypatch)
     job_id = service.submit(queries="car").json()["id"]
     assert gate.inside.wait(timeout=60)
     stopper = threading.Thread(target=service.stop)
@@ -104,7 +82,7 @@ def test_a_permanent_error_does_not_retry(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = serve(settings)
-    gate = _gate(service, monkeypatch)
+    gate = gate_detector(service, monkeypatch)
     service.submit(make_image(10, 10))  # holds the worker while the next input disappears
     assert gate.inside.wait(timeout=60)
     job = service.submit(make_image(20, 20)).json()
@@ -120,7 +98,7 @@ def test_cancel_a_running_job_stops_it_at_the_next_stage(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = serve(settings)
-    gate = _gate(service, monkeypatch)
+    gate = gate_detector(service, monkeypatch)
     job_id = service.submit(queries="car, person").json()["id"]
     assert gate.inside.wait(timeout=60)
     response = service.client.post(f"/v1/jobs/{job_id}/cancel")
@@ -140,7 +118,7 @@ def test_a_job_over_its_timeout_fails_with_the_reason(
     service = serve(settings)
     worker = service.services.worker
     # Hold inference until the worker has decided the job is over time (no wall-clock race).
-    _gate(service, monkeypatch, hold=lambda: worker._stop_flag.wait(timeout=60))
+    gate_detector(service, monkeypatch, hold=lambda: worker._stop_flag.wait(timeout=60))
     done = service.wait(service.submit(queries="car").json()["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "timeout"
     assert "timed out after 0.3 s" in done["error"]["message"]
