@@ -14,32 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from service import __version__, deploy
+from service.client import Client, add_client_command, settings_from
 from service.config import Settings
 from service.errors import AipError
 from service.logs import configure_logging
 from service.models.commands import register as model_commands_register
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    try:
-        return _read_settings(args)
-    except ValueError as exc:
-        raise SystemExit(f"aip: {exc}") from None
-
-
-def _read_settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(
-        data_dir=getattr(args, "data_dir", None),
-        inbox=getattr(args, "inbox", None),
-        host=getattr(args, "host", None),
-        port=getattr(args, "port", None),
-        detector=getattr(args, "detector", None),
-        reasoner=getattr(args, "reasoner", None),
-        token=getattr(args, "token", None),
-        demo=getattr(args, "demo", None) or None,
-    )
 
 
 def prepare_models(settings: Settings) -> Settings:
@@ -62,7 +43,7 @@ def prepare_models(settings: Settings) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     if settings.exposed_without_token:
         print(
             f"aip: refusing to listen on {settings.host} without a token: set AIP_TOKEN (or "
@@ -103,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from service.models.sources import resolve
 
-    settings = _settings(args)
+    settings = settings_from(args)
     roles = [args.role] if args.role else ["detector", "reasoner"]
     for role in roles:
         source = settings.detector if role == "detector" else settings.reasoner
@@ -122,34 +103,6 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
     detector, reasoner = build_tiny_checkpoints(Path(args.dir))
     print(f"detector: {detector}\nreasoner: {reasoner}")
     return 0
-
-
-# -- HTTP clients -----------------------------------------------------------------------------
-
-
-class Client:
-    def __init__(self, settings: Settings, url: str | None) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
-        self.http = httpx.Client(base_url=url or settings.base_url, headers=headers, timeout=60)
-
-    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        import httpx
-
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.ConnectError:
-            raise SystemExit(
-                f"aip: no service answers at {self.http.base_url}; start it with `aip serve`"
-            ) from None
-        body = response.json() if response.content else {}
-        if response.status_code >= 400:
-            raise SystemExit(
-                f"aip: {body.get('code', response.status_code)}: "
-                f"{body.get('message', response.text)}"
-            )
-        return body
 
 
 def _print_job(job: dict[str, Any], as_json: bool) -> None:
@@ -173,7 +126,7 @@ def _print_job(job: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    client = Client(_settings(args), args.url)
+    client = Client(settings_from(args), args.url)
     path = Path(args.image)
     if not path.is_file():
         print(f"aip: no file at {path}", file=sys.stderr)
@@ -192,7 +145,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    client = Client(_settings(args), args.url)
+    client = Client(settings_from(args), args.url)
     params: dict[str, Any] = {"limit": args.limit, **_filters(args)}
     page = client.call("GET", "/v1/jobs", params=params)
     if args.json:
@@ -208,18 +161,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    _print_job(Client(_settings(args), args.url).call("GET", f"/v1/jobs/{args.id}"), args.json)
+    _print_job(Client(settings_from(args), args.url).call("GET", f"/v1/jobs/{args.id}"), args.json)
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    job = Client(_settings(args), args.url).call("POST", f"/v1/jobs/{args.id}/cancel")
+    job = Client(settings_from(args), args.url).call("POST", f"/v1/jobs/{args.id}/cancel")
     _print_job(job, args.json)
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    job = Client(_settings(args), args.url).call("POST", f"/v1/jobs/{args.id}/retry")
+    job = Client(settings_from(args), args.url).call("POST", f"/v1/jobs/{args.id}/retry")
     _print_job(job, args.json)
     return 0
 
@@ -240,7 +193,7 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    client = Client(_settings(args), args.url)
+    client = Client(settings_from(args), args.url)
     try:
         with client.http.stream(
             "GET", f"/v1/exports/jobs.{args.format}", params=_filters(args)
@@ -260,7 +213,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     print(
         json.dumps(
-            Client(_settings(args), args.url).call("GET", "/v1/stats", params=_filters(args)),
+            Client(settings_from(args), args.url).call("GET", "/v1/stats", params=_filters(args)),
             indent=2,
         )
     )
@@ -273,7 +226,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "keep_results": args.keep_results,
         "dry_run": args.dry_run,
     }
-    report = Client(_settings(args), args.url).call("POST", "/v1/prune", json=body)
+    report = Client(settings_from(args), args.url).call("POST", "/v1/prune", json=body)
     verb = "would free" if args.dry_run else "freed"
     print(
         f"{verb} {report['bytes_freed']:,} bytes: {report['images_removed']} stored images, "
@@ -302,10 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--url", help="service address (default from AIP_HOST/AIP_PORT)")
-        sub.add_argument("--json", action="store_true", help="print the raw JSON")
-        return sub
+        return add_client_command(commands, name, help_text)
 
     submit = client_command("submit", "submit an image")
     submit.add_argument("image")

@@ -10,16 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.client import Client, add_client_command, settings_from
 from service.errors import AipError
 from service.models.budget import format_bytes
 
 _BAR = 24
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from service.cli import Client, _settings  # the cli imports this module: not at the top
-
-    return Client(_settings(args), args.url)
+def _client(args: argparse.Namespace) -> Client:
+    return Client(settings_from(args), args.url)
 
 
 def _role(report: dict[str, Any], role: str) -> dict[str, Any]:
@@ -115,10 +114,7 @@ def register(models: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     """Add `list`, `load` and `unload` under `aip models`."""
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = models.add_parser(name, help=text)
-        sub.add_argument("--url", help="service address (default from AIP_HOST/AIP_PORT)")
-        sub.add_argument("--json", action="store_true", help="print the raw JSON")
-        return sub
+        return add_client_command(models, name, text)
 
     listing = command("list", "what the running service holds: state, revision, memory")
     listing.set_defaults(func=cmd_list)
