@@ -371,5 +371,13 @@ def test_pruning_with_moving_off_does_not_requeue_files(
     service.wait(job["id"])
     pruned = service.client.post("/v1/prune", json={"older_than": "0s"}).json()
     assert pruned["jobs_removed"] == 1
-    time.sleep(1.5)  # several rescans
+    after_prune = time.time()
+
+    def rescanned_twice() -> bool:
+        scanned = service.client.get("/v1/inbox").json()["last_scan_at"] or 0
+        return bool(scanned > after_prune + 0.4)  # at least one full rescan, then settling
+
+    until(rescanned_twice, what="rescans after the prune")
+    time.sleep(0.5)  # the settle delay for anything a rescan would have picked up
     assert inbox_jobs(service) == [] and (inbox / "kept.jpg").exists()
+    assert service.client.get("/v1/inbox").json()["since_start"]["already_known"] >= 1
