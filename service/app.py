@@ -27,6 +27,7 @@ from service.config import Settings, parse_age
 from service.errors import AipError, PayloadTooLarge
 from service.inbox.watcher import InboxWatcher
 from service.models.host import ModelHost
+from service.periodic import every
 from service.store.ledger import Ledger
 from service.store.migrate import migrate
 from service.store.queue import Queue
@@ -163,33 +164,21 @@ async def _load_models(host: ModelHost, worker: Worker) -> None:
     worker.start()
 
 
-async def _expire_leases(queue: Queue, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        try:
-            requeued, failed = await queue.recover(expired_only=True)
-        except Exception:
-            log.exception("lease check failed")
-            continue
-        if requeued or failed:
-            log.warning("expired leases: %d jobs queued again, %d failed", requeued, failed)
+async def _expire_leases(queue: Queue) -> None:
+    requeued, failed = await queue.recover(expired_only=True)
+    if requeued or failed:
+        log.warning("expired leases: %d jobs queued again, %d failed", requeued, failed)
 
 
 async def _apply_retention(queue: Queue, settings: Settings, age: float) -> None:
-    """The configured retention policy, applied hourly (keep everything unless configured)."""
-    while True:
-        try:
-            report = await prune(
-                queue,
-                settings.data_dir,
-                older_than_seconds=age,
-                keep_results=settings.retention_keep_results,
-            )
-            if report.images_removed or report.jobs_removed:
-                log.info("retention %s: %s", settings.retention, report.to_dict())
-        except Exception:
-            log.exception("retention failed; will try again")
-        await asyncio.sleep(3600)
+    report = await prune(
+        queue,
+        settings.data_dir,
+        older_than_seconds=age,
+        keep_results=settings.retention_keep_results,
+    )
+    if report.images_removed or report.jobs_removed:
+        log.info("retention %s: %s", settings.retention, report.to_dict())
 
 
 def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
@@ -232,11 +221,28 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 worker.start()
             else:
                 tasks.append(asyncio.create_task(_load_models(models, worker)))
-            tasks.append(asyncio.create_task(_expire_leases(queue, settings.lease_seconds)))
+            tasks.append(
+                asyncio.create_task(
+                    every(
+                        settings.lease_seconds,
+                        lambda: _expire_leases(queue),
+                        what="the lease check",
+                        log=log,
+                    )
+                )
+            )
             tasks.append(asyncio.create_task(models.keep_alive()))
             if settings.retention:
                 age = parse_age(settings.retention)
-                tasks.append(asyncio.create_task(_apply_retention(queue, settings, age)))
+                # The configured policy, applied at start and then hourly.
+                retention = every(
+                    3600,
+                    lambda: _apply_retention(queue, settings, age),
+                    what="retention",
+                    log=log,
+                    at_start=True,
+                )
+                tasks.append(asyncio.create_task(retention))
             if watcher is not None:
                 watcher.start()
                 log.info("watching %s for images", watcher.root)

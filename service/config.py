@@ -7,7 +7,7 @@ import ipaddress
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,33 +66,84 @@ def _split_list(value: str, sep: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(sep) if part.strip())
 
 
-def _model_settings(env: Mapping[str, str]) -> dict[str, Any]:
-    """AIP_MEMORY_BUDGET (bytes, or 8G, 512M...), AIP_{DETECTOR,REASONER}_KEEP_ALIVE (`pinned`
-    or seconds), AIP_{DETECTOR,REASONER}_QUANTIZE (4 or 8), AIP_EVICT_IDLE."""
-    from service.models.budget import parse_bytes
+def _path(value: str) -> Path:
+    return Path(value).expanduser()
 
-    values: dict[str, Any] = {}
-    if env.get("AIP_MEMORY_BUDGET"):
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
         try:
-            values["memory_budget_bytes"] = parse_bytes(env["AIP_MEMORY_BUDGET"])
-        except ValueError as exc:
-            raise ValueError(f"AIP_MEMORY_BUDGET: {exc}") from None
-    for role in ("detector", "reasoner"):
-        key = f"AIP_{role.upper()}_KEEP_ALIVE"
-        keep = env.get(key, "").strip().lower()
-        if keep and keep != "pinned":
-            try:
-                values[f"{role}_keep_alive"] = float(keep)
-            except ValueError:
-                raise ValueError(f"{key}={keep!r}: use `pinned` or a number of seconds") from None
-        key = f"AIP_{role.upper()}_QUANTIZE"
-        if env.get(key):
-            if env[key].strip() not in ("4", "8"):
-                raise ValueError(f"{key}={env[key]!r}: use 4 or 8")
-            values[f"{role}_quantize"] = int(env[key])
-    if env.get("AIP_EVICT_IDLE"):
-        values["evict_idle"] = env["AIP_EVICT_IDLE"].strip().lower() in ("1", "true", "yes", "on")
-    return values
+            return kind(value)
+        except ValueError:
+            raise ValueError("not a number") from None
+
+    return parse
+
+
+def _keep_alive(value: str) -> float | None:
+    if value.strip().lower() == "pinned":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError("use `pinned` or a number of seconds") from None
+
+
+def _bits(value: str) -> int:
+    if value.strip() not in ("4", "8"):
+        raise ValueError("use 4 or 8")
+    return int(value)
+
+
+def _bytes(value: str) -> int:
+    from service.models.budget import parse_bytes  # pure: no mlx behind it
+
+    return parse_bytes(value)
+
+
+# Every environment variable: the setting it fills and how its text is read.
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "AIP_DATA_DIR": ("data_dir", _path),
+    "AIP_DB": ("db_path", _path),
+    "AIP_INBOX": ("inbox", _path),
+    "AIP_LOG_DIR": ("log_dir", _path),
+    "AIP_DETECTOR": ("detector", str),
+    "AIP_REASONER": ("reasoner", str),
+    "AIP_HOST": ("host", str),
+    "AIP_TOKEN": ("token", str),
+    "AIP_PROMPT": ("default_prompt", str),
+    "AIP_RETENTION": ("retention", str),
+    "AIP_QUERIES": ("default_queries", lambda v: _split_list(v, ",")),
+    "AIP_ALLOWED_DIRS": (
+        "allowed_dirs",
+        lambda v: tuple(_path(p) for p in _split_list(v, os.pathsep)),
+    ),
+    "AIP_PORT": ("port", _number(int)),
+    "AIP_MAX_UPLOAD_BYTES": ("max_upload_bytes", _number(int)),
+    "AIP_MAX_PIXELS": ("max_pixels", _number(int)),
+    "AIP_MAX_ATTEMPTS": ("max_attempts", _number(int)),
+    "AIP_LEASE_SECONDS": ("lease_seconds", _number(float)),
+    "AIP_JOB_TIMEOUT": ("job_timeout_seconds", _number(float)),
+    "AIP_SHUTDOWN_GRACE": ("shutdown_grace_seconds", _number(float)),
+    "AIP_INBOX_SETTLE": ("inbox_settle_seconds", _number(float)),
+    "AIP_INBOX_RESCAN": ("inbox_rescan_seconds", _number(float)),
+    "AIP_MEMORY_BUDGET": ("memory_budget_bytes", _bytes),
+    "AIP_DETECTOR_KEEP_ALIVE": ("detector_keep_alive", _keep_alive),
+    "AIP_REASONER_KEEP_ALIVE": ("reasoner_keep_alive", _keep_alive),
+    "AIP_DETECTOR_QUANTIZE": ("detector_quantize", _bits),
+    "AIP_REASONER_QUANTIZE": ("reasoner_quantize", _bits),
+    "AIP_DEMO": ("demo", _flag),
+    "AIP_EVICT_IDLE": ("evict_idle", _flag),
+    "AIP_INBOX_ENABLED": ("inbox_enabled", _flag),
+    "AIP_INBOX_MOVE": ("inbox_move", _flag),
+    "AIP_INBOX_POLLING": ("inbox_polling", _flag),
+    "AIP_RETENTION_KEEP_RESULTS": ("retention_keep_results", _flag),
+    "AIP_LOG_STDERR": ("log_stderr", _flag),
+}
 
 
 @dataclass(frozen=True)
@@ -179,61 +230,12 @@ class Settings:
         """Environment first, then explicit overrides (CLI flags); `None` overrides are ignored."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        paths = {
-            "AIP_DATA_DIR": "data_dir",
-            "AIP_DB": "db_path",
-            "AIP_INBOX": "inbox",
-            "AIP_LOG_DIR": "log_dir",
-        }
-        for key, name in paths.items():
-            if env.get(key):
-                values[name] = Path(env[key]).expanduser()
-        strings = {
-            "AIP_DETECTOR": "detector",
-            "AIP_REASONER": "reasoner",
-            "AIP_HOST": "host",
-            "AIP_TOKEN": "token",
-            "AIP_PROMPT": "default_prompt",
-            "AIP_RETENTION": "retention",
-        }
-        for key, name in strings.items():
-            if env.get(key):
-                values[name] = env[key]
-        numbers = {
-            "AIP_PORT": ("port", int),
-            "AIP_MAX_UPLOAD_BYTES": ("max_upload_bytes", int),
-            "AIP_MAX_PIXELS": ("max_pixels", int),
-            "AIP_MAX_ATTEMPTS": ("max_attempts", int),
-            "AIP_LEASE_SECONDS": ("lease_seconds", float),
-            "AIP_JOB_TIMEOUT": ("job_timeout_seconds", float),
-            "AIP_SHUTDOWN_GRACE": ("shutdown_grace_seconds", float),
-            "AIP_INBOX_SETTLE": ("inbox_settle_seconds", float),
-            "AIP_INBOX_RESCAN": ("inbox_rescan_seconds", float),
-        }
-        for key, (name, kind) in numbers.items():
+        for key, (name, parse) in _ENV.items():
             if env.get(key):
                 try:
-                    values[name] = kind(env[key])
-                except ValueError:
-                    raise ValueError(f"{key}={env[key]!r} is not a number") from None
-        values.update(_model_settings(env))
-        if env.get("AIP_QUERIES"):
-            values["default_queries"] = _split_list(env["AIP_QUERIES"], ",")
-        if env.get("AIP_ALLOWED_DIRS"):
-            values["allowed_dirs"] = tuple(
-                Path(p).expanduser() for p in _split_list(env["AIP_ALLOWED_DIRS"], os.pathsep)
-            )
-        flags = {
-            "AIP_DEMO": "demo",
-            "AIP_INBOX_ENABLED": "inbox_enabled",
-            "AIP_INBOX_MOVE": "inbox_move",
-            "AIP_INBOX_POLLING": "inbox_polling",
-            "AIP_RETENTION_KEEP_RESULTS": "retention_keep_results",
-            "AIP_LOG_STDERR": "log_stderr",
-        }
-        for key, name in flags.items():
-            if env.get(key):
-                values[name] = env[key].strip().lower() in ("1", "true", "yes", "on")
+                    values[name] = parse(env[key])
+                except ValueError as exc:
+                    raise ValueError(f"{key}={env[key]!r}: {exc}") from None
         if "inbox" not in values and checkout_inbox() is not None:
             values["inbox"] = checkout_inbox()
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -18,7 +18,7 @@ from service.errors import Gone, InvalidInput, NotFound
 from service.exports import FORMATS, WRITERS
 from service.intake import open_stored
 from service.store.history import JobFilter
-from service.store.retention import preview, prune
+from service.store.retention import prune
 from service.store.stats import job_stats
 
 router = APIRouter(tags=["history"], dependencies=[Depends(require_token)])
@@ -87,8 +87,11 @@ async def prune_history(request: Request, body: PruneRequest) -> dict[str, Any]:
         age = parse_age(body.older_than)
     except ValueError as exc:
         raise InvalidInput(str(exc), code="invalid_age") from None
-    run = preview if body.dry_run else prune
-    report = await run(
-        svc.queue, svc.settings.data_dir, older_than_seconds=age, keep_results=body.keep_results
+    report = await prune(
+        svc.queue,
+        svc.settings.data_dir,
+        older_than_seconds=age,
+        keep_results=body.keep_results,
+        dry_run=body.dry_run,
     )
     return {"dry_run": body.dry_run, **report.to_dict()}

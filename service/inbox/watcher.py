@@ -4,6 +4,7 @@ each is fully written, then queues it once and files the original away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -60,6 +61,7 @@ class InboxWatcher:
     given_up: set[str] = field(default_factory=set)  # failed MAX_FAILURES times this run
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _rescan_now: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.root = self.settings.inbox_dir.resolve()
@@ -81,12 +83,9 @@ class InboxWatcher:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
+            # A task that died was logged when it did; stopping must go on regardless.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # already logged when it died; stopping must go on
-                pass
 
     @staticmethod
     def _report_death(task: asyncio.Task[None]) -> None:
@@ -152,14 +151,7 @@ class InboxWatcher:
                 else:
                     log.warning("inbox watcher restarting after an error: %r", exc)
                     await asyncio.sleep(1.0 if one_bad_event or not quick else 10.0)
-                asyncio.get_running_loop().call_later(0.5, self._scan_soon)
-
-    def _scan_soon(self) -> None:
-        if not self._stop.is_set():
-            self._tasks.append(asyncio.create_task(self._scan_task()))
-
-    async def _scan_task(self) -> None:
-        await asyncio.to_thread(self.scan)
+                asyncio.get_running_loop().call_later(0.5, self._rescan_now.set)
 
     def _interesting(self, change: Change, path: str) -> bool:
         try:
@@ -171,7 +163,11 @@ class InboxWatcher:
     async def _rescan_loop(self) -> None:
         while True:
             await asyncio.to_thread(self.scan)
-            await asyncio.sleep(self.settings.inbox_rescan_seconds)
+            self._rescan_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._rescan_now.wait(), timeout=self.settings.inbox_rescan_seconds
+                )
 
     def scan(self, top: Path | None = None) -> None:
         """Walk the inbox (files present at start, events the stream dropped)."""
@@ -331,7 +327,7 @@ class InboxWatcher:
                 return False  # still being written after all
             image = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
         except AipError as exc:
-            if exc.code == "corrupt_image" and self._may_still_grow(relative):
+            if exc.code == "corrupt_image" and self._written_within(self.root / relative, 5):
                 self.pending[relative].note = "incomplete image; waiting for more bytes"
                 return False
             await self._reject(file, exc.code, exc.message)
@@ -350,17 +346,13 @@ class InboxWatcher:
         return True
 
     def _written_within(self, path: Path, settle_periods: float) -> bool:
+        """A truncated image or unparsable sidecar written this recently gets more time before
+        it is called broken: a writer on a slow share can pause longer than the settle delay."""
         try:
             age = time.time() - path.stat().st_mtime
         except OSError:
             return False
         return age < self.settings.inbox_settle_seconds * settle_periods
-
-    def _may_still_grow(self, relative: str) -> bool:
-        """A truncated image gets a few more settle periods before it is called corrupt: a
-        writer on a slow share can pause longer than the settle delay."""
-        quiet = time.monotonic() - self.pending[relative].changed_at
-        return quiet < self.settings.inbox_settle_seconds * 5
 
     async def _reject(self, file: FileSeen, code: str, message: str) -> None:
         self.counts.rejected += 1

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import OverBudget
+from service.models.sources import read_header, shards
 
 # Weights are materialised this many bytes at a time: one chunk's source arrays, plus a copy of
 # a tensor the model's sanitize() rearranges, are what a load holds beyond its final size.
@@ -52,27 +52,12 @@ class Tensor:
     nbytes: int
 
 
-def _shards(folder: Path) -> list[Path]:
-    """The files mlx-vlm loads: those the index names, else every shard but a consolidated one."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        except (OSError, ValueError):
-            names = set()
-        found = [folder / name for name in sorted(names) if (folder / name).is_file()]
-        if found:
-            return found
-    return [p for p in sorted(folder.glob("*.safetensors")) if p.name != "consolidated.safetensors"]
-
-
 def read_tensors(folder: Path) -> list[Tensor]:
     """Every tensor's name, dtype and shape from the shards' JSON headers: no weights are read."""
     tensors = []
-    for shard in _shards(folder):
+    for shard in shards(folder):
         with shard.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+            header = json.loads(read_header(f))
         for name, info in header.items():
             if name == "__metadata__":
                 continue

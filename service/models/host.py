@@ -21,6 +21,7 @@ from service.models import quantize as quant
 from service.models.roles import Loaded, RoleState, Target
 from service.models.sources import ROLES
 from service.models.thread import ModelThread
+from service.periodic import every
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -271,12 +272,7 @@ class ModelHost:
         if not limits:
             return
         tick = min(max(min(limits) / 4, 0.05), 5.0)
-        while True:
-            await asyncio.sleep(tick)
-            try:
-                await self.expire_idle()
-            except Exception:
-                log.exception("keep-alive check failed")
+        await every(tick, self.expire_idle, what="the keep-alive check", log=log)
 
     # -- inference ----------------------------------------------------------------------------
 

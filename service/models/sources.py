@@ -4,10 +4,12 @@ revision (content hash) of what was found. Never imports mlx."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from service.errors import ModelUnavailable
 
@@ -58,18 +60,37 @@ def go_offline() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def shards(folder: Path) -> list[Path]:
+    """The weight files mlx-vlm loads: those the index names, else every `*.safetensors`
+    but a consolidated copy."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError):
+            names = set()
+        found = [folder / name for name in sorted(names) if (folder / name).is_file()]
+        if found:
+            return found
+    return [p for p in sorted(folder.glob("*.safetensors")) if p.name != "consolidated.safetensors"]
+
+
+def read_header(f: BinaryIO) -> bytes:
+    """The JSON header of an open safetensors file (names, dtypes, shapes, offsets)."""
+    (length,) = struct.unpack("<Q", f.read(8))
+    return f.read(length)
+
+
 _SAMPLE = 1024 * 1024
 
 
 def _safetensors_fingerprint(path: Path) -> bytes:
-    """The header (names, shapes, dtypes, offsets) plus the first and last MiB of weights."""
+    """The header plus the first and last MiB of weights."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = f.read(min(length, 64 * 1024 * 1024))
-        f.seek(8 + length)
+        header = read_header(f)
         head = f.read(_SAMPLE)
-        f.seek(max(8 + length, size - _SAMPLE))
+        f.seek(max(f.tell(), size - _SAMPLE))
         tail = f.read(_SAMPLE)
     return header + head + tail
 
@@ -81,7 +102,7 @@ def revision_of(folder: Path) -> str:
     for name in ("config.json", "model.safetensors.index.json"):
         if (folder / name).is_file():
             digest.update((folder / name).read_bytes())
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in shards(folder):
         digest.update(shard.name.encode())
         digest.update(str(shard.stat().st_size).encode())
         digest.update(_safetensors_fingerprint(shard))
@@ -89,4 +110,4 @@ def revision_of(folder: Path) -> str:
 
 
 def bytes_on_disk(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return sum(p.stat().st_size for p in shards(folder))

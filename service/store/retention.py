@@ -31,7 +31,8 @@ async def prune(
     dry_run: bool = False,
 ) -> Pruned:
     """Finished jobs whose finish is older than the cutoff lose their stored image; without
-    `keep_results` their rows go too. An image still used by any other job is kept."""
+    `keep_results` their rows go too. An image still used by any other job is kept. With
+    `dry_run` it only reports what it would remove."""
     terminal = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
     old = f"SELECT id FROM jobs WHERE status IN ({terminal}) AND finished_at < :cutoff"
     began = time.time()
@@ -56,7 +57,7 @@ async def prune(
         report.bytes_freed = sum(int(row[2]) for row in images)
         report.jobs_removed = 0 if keep_results else int(count[0])
         if dry_run:
-            raise _DryRun(report)
+            return report  # nothing written yet: the transaction ends empty
         await db.executemany(
             "UPDATE images SET pruned_at = ? WHERE sha256 = ?",
             [(args["now"], row[0]) for row in images],
@@ -82,24 +83,3 @@ async def prune(
             if file.stat().st_mtime < began:
                 file.unlink()
     return report
-
-
-class _DryRun(Exception):
-    def __init__(self, report: Pruned) -> None:
-        self.report = report
-
-
-async def preview(
-    queue: Queue, data_dir: Path, *, older_than_seconds: float, keep_results: bool
-) -> Pruned:
-    """What `prune` would remove, computed in a transaction that is rolled back."""
-    try:
-        return await prune(
-            queue,
-            data_dir,
-            older_than_seconds=older_than_seconds,
-            keep_results=keep_results,
-            dry_run=True,
-        )
-    except _DryRun as done:
-        return done.report
