@@ -194,18 +194,15 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     client = Client(settings_from(args), args.url)
-    try:
-        with client.http.stream(
-            "GET", f"/v1/exports/jobs.{args.format}", params=_filters(args)
-        ) as response:
-            if response.status_code >= 400:
-                body = json.loads(response.read() or b"{}")
-                print(f"aip: {body.get('code')}: {body.get('message')}", file=sys.stderr)
-                return 2
-            for chunk in response.iter_bytes():
-                sys.stdout.buffer.write(chunk)
-    except BrokenPipeError:
-        pass
+    with client.http.stream(
+        "GET", f"/v1/exports/jobs.{args.format}", params=_filters(args)
+    ) as response:
+        if response.status_code >= 400:
+            body = json.loads(response.read() or b"{}")
+            print(f"aip: {body.get('code')}: {body.get('message')}", file=sys.stderr)
+            return 2
+        for chunk in response.iter_bytes():
+            sys.stdout.buffer.write(chunk)
     sys.stdout.flush()
     return 0
 
@@ -312,7 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`aip export | head`): not an error, and nothing left to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
