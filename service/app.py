@@ -10,7 +10,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,6 +27,7 @@ from service.errors import AipError, PayloadTooLarge
 from service.inbox.watcher import InboxWatcher
 from service.models.host import ModelHost
 from service.periodic import every
+from service.services import Services
 from service.store.ledger import Ledger
 from service.store.migrate import migrate
 from service.store.queue import Queue
@@ -37,19 +37,6 @@ from service.store.sqlite import read_engine
 from service.worker import Worker
 
 log = logging.getLogger("aip")
-
-
-@dataclass
-class Services:
-    settings: Settings
-    queue: Queue
-    reads: Reads
-    host: ModelHost
-    worker: Worker
-    started: float
-    inbox: InboxWatcher | None = None
-    # Uploads decoded at once: each holds its bytes and a decoded image in memory.
-    intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
 
 
 class DataDirLock:

@@ -123,7 +123,9 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
         lambda v: tuple(_path(p) for p in _split_list(v, os.pathsep)),
     ),
     "AIP_PORT": ("port", _number(int)),
-    "AIP_MAX_UPLOAD_BYTES": ("max_upload_bytes", _number(int)),
+    "AIP_ALLOWED_HOSTS": ("allowed_hosts", lambda v: _split_list(v, ",")),
+    "AIP_ALLOWED_ORIGINS": ("allowed_origins", lambda v: _split_list(v, ",")),
+    "AIP_MAX_UPLOAD_BYTES": ("max_upload_bytes", _bytes),
     "AIP_MAX_PIXELS": ("max_pixels", _number(int)),
     "AIP_MAX_ATTEMPTS": ("max_attempts", _number(int)),
     "AIP_LEASE_SECONDS": ("lease_seconds", _number(float)),
@@ -168,6 +170,10 @@ class Settings:
     default_queries: tuple[str, ...] = DEFAULT_QUERIES
     default_prompt: str = DEFAULT_PROMPT
     allowed_dirs: tuple[Path, ...] = ()
+    # Host header values admitted besides loopback names and addresses (DNS rebinding guard).
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins whose pages may call the API (CSRF guard); `*` admits every origin.
+    allowed_origins: tuple[str, ...] = ()
     max_upload_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 100_000_000
     max_queries: int = 16

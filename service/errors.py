@@ -59,6 +59,13 @@ class Unauthorized(AipError):
     code = "unauthorized"
 
 
+class DiskFull(AipError):
+    """The data directory's disk has no room left; nothing was accepted."""
+
+    status = 507
+    code = "disk_full"
+
+
 class OverBudget(AipError):
     """A model load that would not fit the memory budget; the message gives both numbers."""
 

@@ -1,1 +1,1 @@
-"""Thin HTTP routes over the services in `service.app.Services`; no business logic here."""
+"""Thin HTTP routes over the services in `service.services.Services`; no business logic here."""

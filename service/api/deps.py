@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from service.errors import Unauthorized
-
-if TYPE_CHECKING:
-    from service.app import Services
+from service.services import Services
 
 
 def services(request: Request) -> Services:

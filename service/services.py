@@ -1,0 +1,26 @@
+"""The running parts of one service, as the lifespan wires them and the routes reach them."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from service.config import Settings
+from service.inbox.watcher import InboxWatcher
+from service.models.host import ModelHost
+from service.store.queue import Queue
+from service.store.reads import Reads
+from service.worker import Worker
+
+
+@dataclass
+class Services:
+    settings: Settings
+    queue: Queue
+    reads: Reads
+    host: ModelHost
+    worker: Worker
+    started: float
+    inbox: InboxWatcher | None = None
+    # Uploads decoded at once: each holds its bytes and a decoded image in memory.
+    intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
