@@ -4,12 +4,11 @@ than the tiny test ones, against plain `mlx_vlm.load` of the same checkpoint mea
 same run. Memory is MLX's own count (active bytes, peak since a reset), above the start of
 each step.
 
-    .venv/bin/python bench/model_host_bench.py [--scale 16] [--dir DIR]
+    .venv/bin/python -m bench.model_host_bench [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import logging
@@ -24,21 +23,20 @@ from typing import Any
 import mlx.core as mx
 import mlx_vlm
 
+from bench.table import Row, compare, main_for
 from service.models import budget, mlx_runtime, tiny
 from service.models import quantize as quant
 from service.models.host import ModelHost
 from service.models.roles import Target
 
 MiB = 1024 * 1024
-ROWS: list[tuple[str, ...]] = []
+STEPS: dict[str, dict[str, Any]] = {}  # step -> seconds, peak, resident, weights, note
 
 
 def row(what: str, seconds: float, peak: int, resident: int, weights: int, note: str = "") -> None:
-    ratio = f"{peak / resident:.2f}x" if resident > 0 else "-"
-    ROWS.append(
-        (what, f"{seconds:.2f}", f"{peak / MiB:.1f}", f"{resident / MiB:.1f}", ratio,
-         f"{weights / MiB:.1f}", note)
-    )  # fmt: skip
+    STEPS[what] = {
+        "seconds": seconds, "peak": peak, "resident": resident, "weights": weights, "note": note
+    }  # fmt: skip
 
 
 def start() -> int:
@@ -84,16 +82,18 @@ async def timed_load(host: ModelHost, role: str, target: Target | None = None) -
     return seconds, int(mx.get_peak_memory()) - before, int(mx.get_active_memory()) - before
 
 
-def rss() -> str:
-    """The process's resident set, where /proc tells it (Linux)."""
+def rss() -> int | None:
+    """The process's resident bytes, where /proc tells it (Linux)."""
     statm = Path("/proc/self/statm")
     if not statm.is_file():
-        return "?"
-    pages = int(statm.read_text().split()[1])
-    return f"{pages * os.sysconf('SC_PAGE_SIZE') / MiB:.0f}"
+        return None
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def run_host(detector: Path, first: Path, second: Path, cache: Path) -> None:
+    gc.collect()
+    mx.clear_cache()
+    STEPS["rss before load"] = {"bytes": rss()}
     host = ModelHost({"detector": str(detector), "reasoner": str(first)}, cache_dir=cache)
     reasoner = host.roles["reasoner"]
     try:
@@ -116,7 +116,7 @@ async def run_host(detector: Path, first: Path, second: Path, cache: Path) -> No
         seconds = time.perf_counter() - began
         freed = loaded - int(mx.get_active_memory())
         size = reasoner.last.resident_bytes if reasoner.last else 0
-        note = f"MLX active -{freed / MiB:.1f} MiB; process RSS {rss_loaded} -> {rss()} MiB"
+        note = f"MLX active -{freed / MiB:.1f} MiB"
         row("host: unload reasoner", seconds, 0, size, weights(first), note)
         before = start()
         began = time.perf_counter()
@@ -134,6 +134,11 @@ async def run_host(detector: Path, first: Path, second: Path, cache: Path) -> No
             row(f"host: quantize 4 bits, {what}", seconds, model.peak_bytes, model.resident_bytes,
                 weights(first), f"{phases(reasoner)} (peak: load phase)")  # fmt: skip
         detector_bytes = host.resident()["detector"]
+        await host.unload("reasoner")
+        await host.unload("detector")
+        gc.collect()
+        mx.clear_cache()
+        STEPS["rss after unload"] = {"bytes": rss(), "loaded": rss_loaded}
     finally:
         await host.close()
     # A budget with room for the detector and one full-precision reasoner being loaded only.
@@ -153,43 +158,66 @@ async def run_host(detector: Path, first: Path, second: Path, cache: Path) -> No
         await tight.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=16, help="width multiple of the tiny ones")
-    parser.add_argument("--dir", type=Path, help="where to build the checkpoints (default: temp)")
-    args = parser.parse_args()
+def _rows(scale: int) -> list[Row]:
+    base = STEPS["baseline: mlx_vlm.load + float32 cast"]
+    cpu = mlx_runtime.on_cpu()
+    dtype = "CPU keeps float32, 2x the bfloat16 files; " if cpu else ""
+    rows = []
+    for role in ("detector", "reasoner"):
+        step = STEPS[f"host: load {role}"]
+        rows.append(compare(f"{role} x{scale}: resident after load vs weights on disk",
+                            step["resident"] / MiB, step["weights"] / MiB, unit="MiB",
+                            at_most=1.15, note=f"{dtype}{step['note']}"))  # fmt: skip
+        rows.append(compare(f"{role} x{scale}: peak during load vs resident after",
+                            step["peak"] / MiB, step["resident"] / MiB, unit="MiB", at_most=1.2,
+                            note="MLX's peak above the step's start"))  # fmt: skip
+    step = STEPS["host: load reasoner"]
+    rows.append(compare(f"reasoner x{scale}: load time vs mlx_vlm.load + float32 cast",
+                        step["seconds"], base["seconds"], unit="s", at_most=1.1,
+                        note="one sample each; target proposed here"))  # fmt: skip
+    step = STEPS["host: swap reasoner A->B, beside"]
+    rows.append(compare(f"reasoner x{scale}: swap A->B beside, time vs plain load",
+                        step["seconds"], base["seconds"], unit="s", at_most=1.2,
+                        note=f"{step['note']}; target proposed here"))  # fmt: skip
+    step = STEPS["host: swap reasoner A->B, freed first"]
+    rows.append(compare(f"reasoner x{scale}: swap A->B freed first, peak vs resident",
+                        step["peak"] / MiB, step["resident"] / MiB, unit="MiB", at_most=1.2,
+                        note=step["note"]))  # fmt: skip
+    step = STEPS["host: quantize 4 bits, load cached copy"]
+    alone = STEPS["mlx-vlm convert to 4 bits (alone)"]
+    convert = STEPS["host: quantize 4 bits, convert + load"]
+    rows.append(compare(f"reasoner x{scale}: quantize 4 bits + load vs mlx-vlm convert alone",
+                        convert["seconds"], alone["seconds"], unit="s", at_most=1.5,
+                        note=f"{convert['note']}; target proposed here"))  # fmt: skip
+    rows.append(compare(f"reasoner x{scale}: load cached 4-bit copy vs plain load (bf16)",
+                        step["seconds"], base["seconds"], unit="s", at_most=1.0,
+                        note="target proposed here"))  # fmt: skip
+    before, after = STEPS["rss before load"]["bytes"], STEPS["rss after unload"]
+    if before and after["bytes"]:
+        rows.append(compare("process RSS after unloading both vs before loading",
+                            after["bytes"] / MiB, before / MiB, unit="MiB", at_most=1.05,
+                            note=f"{after['loaded'] / MiB:.0f} MiB with both loaded"))  # fmt: skip
+    return rows
+
+
+def run(quick: bool) -> list[Row]:
+    """Checkpoints `scale` times wider than the tiny test ones (8 quick, 16 full)."""
+    scale = 8 if quick else 16
     logging.basicConfig(level=logging.WARNING)
-    root = args.dir or Path(tempfile.mkdtemp(prefix="aip-model-bench-"))
-    began = time.perf_counter()
-    detector = tiny.build_detector(root / f"falcon-x{args.scale}", scale=args.scale)
-    first = tiny.build_reasoner(root / f"gemma-x{args.scale}-a", scale=args.scale)
-    second = tiny.build_reasoner(root / f"gemma-x{args.scale}-b", scale=args.scale, seed=1)
-    small = tiny.build_reasoner(root / "gemma-tiny")
-    print(
-        f"checkpoints (random weights, bfloat16 on disk) built in {time.perf_counter() - began:.1f}"
-        f" s: detector {weights(detector) / MiB:.1f} MiB, reasoners "
-        f"{weights(first) / MiB:.1f} MiB each ({weights(first) / weights(small):.0f}x the tiny "
-        f"one); backend {'cpu' if mlx_runtime.on_cpu() else 'gpu'}, mlx {mx.__version__}, "
-        f"mlx-vlm {mlx_vlm.__version__}\n"
-    )
+    STEPS.clear()
+    root = Path(tempfile.mkdtemp(prefix="aip-model-bench-"))
+    detector = tiny.build_detector(root / f"falcon-x{scale}", scale=scale)
+    first = tiny.build_reasoner(root / f"gemma-x{scale}-a", scale=scale)
+    second = tiny.build_reasoner(root / f"gemma-x{scale}-b", scale=scale, seed=1)
     cache = Path(tempfile.mkdtemp(prefix="aip-model-bench-q-"))
     try:
         baseline(first)
         asyncio.run(run_host(detector, first, second, cache))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-        if args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-    head = ("step", "seconds", "peak MiB", "resident MiB", "peak/resident", "weights MiB", "")
-    widths = [max(len(r[i]) for r in [head, *ROWS]) for i in range(len(head))]
-    for line in [head, tuple("-" * w for w in widths), *ROWS]:
-        print("  ".join(cell.ljust(w) if i in (0, 6) else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))))  # fmt: skip
-    print(
-        "\npeak: MLX's peak above the step's start; resident: what the model's arrays hold "
-        "(float32 on CPU); weights: tensor bytes in the files."
-    )
+        shutil.rmtree(root, ignore_errors=True)
+    return _rows(scale)
 
 
 if __name__ == "__main__":
-    main()
+    main_for("model_host", run, __doc__)

@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
@@ -20,13 +21,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.api import docs as docs_api
 from service.api import health, history, inbox, jobs
 from service.api import models as models_api
+from service.api.guard import BrowserGuard
 from service.config import Settings, parse_age
-from service.errors import AipError, PayloadTooLarge
+from service.diskspace import is_disk_full, watch
+from service.errors import AipError, DiskFull, PayloadTooLarge, StartupRefused
+from service.inbox.lock import InboxLock
 from service.inbox.watcher import InboxWatcher
+from service.leftovers import remove_unfinished_images
 from service.models.host import ModelHost
 from service.periodic import every
+from service.private import enter_private_umask, leave_private_umask, tighten
 from service.services import Services
 from service.store.ledger import Ledger
 from service.store.migrate import migrate
@@ -40,22 +47,32 @@ log = logging.getLogger("aip")
 
 
 class DataDirLock:
-    """One service per data directory: two workers on one queue would fight over leases."""
+    """One service per data directory: two workers on one queue would fight over leases.
+    While it is held, what the process writes is private to its user (umask 0o077)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "aip.lock"
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
+        enter_private_umask()
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle = self.path.open("a+")
+        except BaseException:
+            leave_private_umask()
+            raise
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
             handle.close()
-            raise RuntimeError(
-                f"another aip service is already using {self.path.parent}; stop it, or give "
-                "this one its own --data-dir"
+            leave_private_umask()
+            raise StartupRefused(
+                f"another aip service{f' (pid {holder})' if holder.isdigit() else ''} is "
+                f"already using the data directory {self.path.parent}; stop it, or give this "
+                "one its own with --data-dir or AIP_DATA_DIR"
             ) from None
         handle.truncate(0)
         handle.write(str(os.getpid()))
@@ -67,15 +84,18 @@ class DataDirLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+            leave_private_umask()
 
 
 class BodyLimit:
     """Refuse an oversized request body with 413 before it is read: by Content-Length when
-    declared, else by counting the bytes as they stream in."""
+    declared, else by counting the bytes as they stream in. The body may exceed the upload
+    limit by `slack` (multipart framing, form fields); the message names the limit itself."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, slack: int = 1024 * 1024) -> None:
         self.app = app
-        self.limit = limit
+        self.upload_limit = limit
+        self.limit = limit + slack
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -99,9 +119,7 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
     def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"the request body is larger than {self.limit:,} bytes (AIP_MAX_UPLOAD_BYTES)"
-        )
+        return jobs.upload_too_large(self.upload_limit)
 
 
 async def _send_error(send: Send, error: AipError) -> None:
@@ -119,7 +137,21 @@ async def _send_error(send: Send, error: AipError) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AipError)
     async def _aip_error(_: Request, exc: AipError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        # A message may quote the request's own text: one that cannot be UTF-8 (a lone
+        # surrogate) is escaped, or the refusal itself would fail to encode.
+        body = {k: v.encode("utf-8", "backslashreplace").decode() for k, v in exc.to_dict().items()}
+        return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        # A full disk while storing an upload is the user's to fix, not a bug: 507 with the
+        # free space, and nothing was queued. Any other OSError is unexpected (500).
+        if not is_disk_full(exc):
+            raise exc
+        refusal = watch(request.app.state.services.settings.data_dir).note_full(
+            "storing a submitted image"
+        )
+        return JSONResponse(refusal.to_dict(), status_code=refusal.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -130,15 +162,41 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # The framework's own refusals of a body it cannot parse (not UTF-8 JSON, broken
+            # multipart): the same 422 as every other malformed request, as documented.
+            return JSONResponse(
+                {
+                    "code": "invalid_body",
+                    "message": f"the request body could not be read ({exc.detail}); send "
+                    "UTF-8 JSON or multipart/form-data as /docs describes",
+                },
+                status_code=422,
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"code": code, "message": str(exc.detail)}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The exception's text can hold SQL, paths or the user's data: it goes to the log
+        # only, under an id the user can quote.
+        incident = uuid.uuid4().hex[:12]
+        log.error(
+            "internal error %s on %s %s",
+            incident,
+            request.method,
+            request.url.path,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
         return JSONResponse(
-            {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+            {
+                "code": "internal_error",
+                "message": f"internal error; see the service log (error id {incident})",
+            },
             status_code=500,
+            # The server closes the connection after an unhandled error: say so, or a
+            # client reusing it finds it reset.
+            headers={"Connection": "close"},
         )
 
 
@@ -152,7 +210,10 @@ async def _load_models(host: ModelHost, worker: Worker) -> None:
 
 
 async def _expire_leases(queue: Queue) -> None:
-    requeued, failed = await queue.recover(expired_only=True)
+    try:
+        requeued, failed = await queue.recover(expired_only=True)
+    except DiskFull:  # said by the queue, at most once a minute; tried again next time
+        return
     if requeued or failed:
         log.warning("expired leases: %d jobs queued again, %d failed", requeued, failed)
 
@@ -174,15 +235,19 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.monotonic()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         lock = DataDirLock(settings.data_dir)
         lock.acquire()
+        inbox_lock = InboxLock(settings.inbox_dir, settings.data_dir)
         tasks: list[asyncio.Task[Any]] = []
         owned_host = host is None
         models = host or ModelHost.from_settings(settings)
         queue: Queue | None = None
         reads: Reads | None = None
         try:
+            if settings.inbox_enabled:
+                inbox_lock.acquire()
+            await asyncio.to_thread(tighten, settings)
+            await asyncio.to_thread(remove_unfinished_images, settings.images_dir)
             applied = await asyncio.to_thread(migrate, settings.database)
             if applied:
                 log.info("database %s migrated to %s", settings.database, applied[-1])
@@ -252,6 +317,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 await queue.close()
             if owned_host:
                 await models.close()
+            inbox_lock.release()
             lock.release()
 
     app = FastAPI(
@@ -260,12 +326,19 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         description="Local-first visual AI jobs: Falcon Perception detection, then Gemma 4 "
         "reasoning, persisted in SQLite.",
         lifespan=lifespan,
+        # Served by docs_api from a package, behind the token when one is set: no CDN.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 1024 * 1024)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    # Added last, so it runs first: a foreign Host or Origin never reaches a route.
+    app.add_middleware(BrowserGuard, settings=settings)
     _install_error_handlers(app)
     app.include_router(health.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(inbox.router, prefix="/v1")
     app.include_router(models_api.router, prefix="/v1")
     app.include_router(history.router, prefix="/v1")
+    docs_api.install(app)
     return app

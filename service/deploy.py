@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.client import ClientError, port_number
 from service.config import Settings
 from service.deploy_files import (
     LABEL,
@@ -120,17 +121,20 @@ def _write(path: Path, text: str, mode: int) -> None:
 def cmd_install(args: argparse.Namespace) -> int:
 
     platform: Platform = args.platform or current_platform()
-    settings = service_settings(
-        inbox=args.inbox,
-        data_dir=args.data_dir,
-        log_dir=args.log_dir,
-        host=args.host,
-        port=args.port,
-        detector=args.detector,
-        reasoner=args.reasoner,
-        token=args.token,
-        demo=args.demo or None,
-    )
+    try:
+        settings = service_settings(
+            inbox=args.inbox,
+            data_dir=args.data_dir,
+            log_dir=args.log_dir,
+            host=args.host,
+            port=args.port,
+            detector=args.detector,
+            reasoner=args.reasoner,
+            token=args.token,
+            demo=args.demo or None,
+        )
+    except ValueError as exc:  # a malformed AIP_* variable
+        raise ClientError(str(exc), exit_code=2) from None
     if settings.exposed_without_token:
         print(
             f"aip: not installing: {settings.host} is not loopback and no token is set "
@@ -141,8 +145,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     problems = [] if settings.demo else missing_models(settings)
     if problems:
         print(
-            "aip: not installing: a background service must not start a multi-gigabyte "
-            "download unseen, and these models are not on this machine:",
+            f"aip: {'the service would not start' if args.dry_run else 'not installing'}: a "
+            "background service must not start a multi-gigabyte download unseen, and these "
+            "models are not on this machine:",
             file=sys.stderr,
         )
         for problem in problems:
@@ -152,7 +157,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             "at local folders), then install again; `--demo` installs the offline demo.",
             file=sys.stderr,
         )
-        return 2
+        if not args.dry_run:  # a dry run still shows what would be written
+            return 2
     path = service_file(platform)
     text = render(platform, settings, aip_executable())
     steps = install_steps(platform, path, reinstall=path.exists())
@@ -221,40 +227,50 @@ def manager_state(platform: Platform) -> str:
     return f"loaded, {state}{pid}, last exit status {show.get('ExecMainStatus', 'unknown')}"
 
 
-def health(url: str) -> str:
+def health(url: str, token: str | None = None) -> str:
     import httpx
 
+    # Without the token the service tells only its status, not its version or queue.
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(f"{url}/v1/health", timeout=2.0)
+        response = httpx.get(f"{url}/v1/health", headers=headers, timeout=2.0)
         body = response.json()
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpx.InvalidURL):
         return f"not answering at {url}"
     except ValueError:
         body = None
     if not isinstance(body, dict):
         return f"something else answers at {url} (HTTP {response.status_code})"
-    depth = body.get("queue", {}).get("depth", "?")
-    return (
-        f"{body.get('status', 'unknown')} at {url} (version {body.get('version')}, queue {depth})"
-    )
+    status = f"{body.get('status', 'unknown')} at {url}"
+    if "version" not in body:  # a guarded service that did not get the token
+        return status
+    return f"{status} (version {body['version']}, queue {body.get('queue', {}).get('depth', '?')})"
+
+
+def _installed_settings(env: dict[str, str]) -> Settings:
+    """The settings of the installed service: this shell's AIP_* under the file's."""
+    try:
+        return Settings.from_env({**os.environ, **env})
+    except ValueError as exc:
+        raise ClientError(str(exc), exit_code=2) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     platform: Platform = args.platform or current_platform()
     path = service_file(platform)
     env = installed_environment(platform, path)
-    settings = Settings.from_env({**os.environ, **env})
+    settings = _installed_settings(env)
     print(f"file: {path}" if path.exists() else f"file: none (not installed at {path})")
     state = manager_state(platform)
     print(f"{'launchd' if platform == 'macos' else 'systemd'}: {state}")
-    print(f"health: {health(args.url or settings.base_url)}")
+    print(f"health: {health(args.url or settings.base_url, settings.token)}")
     return 0 if path.exists() and state.startswith("loaded") else 3
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     platform: Platform = args.platform or current_platform()
     env = installed_environment(platform, service_file(platform))
-    log = Settings.from_env({**os.environ, **env}).logs_dir / LOG_FILE
+    log = _installed_settings(env).logs_dir / LOG_FILE
     if args.follow:
         try:
             return subprocess.run(["tail", "-n", str(args.lines), "-F", str(log)]).returncode
@@ -270,15 +286,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `aip service install|uninstall|status|logs` to the `aip` parser."""
-    service = commands.add_parser(
-        "service", help="run in the background: launchd (macOS), systemd --user (Linux)"
-    )
-    actions = service.add_subparsers(dest="service_command", required=True)
+    text = "run in the background: launchd (macOS), systemd --user (Linux)"
+    service = commands.add_parser("service", help=text, description=text)
+    actions = service.add_subparsers(dest="service_command", required=True, metavar="ACTION")
 
     def action(
         name: str, func: Callable[[argparse.Namespace], int], text: str
     ) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=text)
+        sub = actions.add_parser(name, help=text, description=text)
         # Hidden: renders and drives the other platform's manager, for tests on one machine.
         sub.add_argument("--platform", choices=["macos", "linux"], help=argparse.SUPPRESS)
         sub.set_defaults(func=func)
@@ -286,10 +301,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     install = action("install", cmd_install, "install and start the background service")
     install.add_argument("--inbox", type=Path, help="watched folder (default DATA_DIR/inbox)")
-    install.add_argument("--data-dir", type=Path)
-    install.add_argument("--log-dir", type=Path, help="AIP_LOG_DIR")
-    install.add_argument("--host")
-    install.add_argument("--port", type=int)
+    install.add_argument("--data-dir", type=Path, help="the service's data (AIP_DATA_DIR)")
+    install.add_argument("--log-dir", type=Path, help="where aip.log goes (AIP_LOG_DIR)")
+    install.add_argument("--host", help="listening address (AIP_HOST)")
+    install.add_argument("--port", type=port_number, help="listening port (AIP_PORT)")
     install.add_argument("--detector", help="hub id or local folder (AIP_DETECTOR)")
     install.add_argument("--reasoner", help="hub id or local folder (AIP_REASONER)")
     install.add_argument("--token", help="bearer token clients must send (AIP_TOKEN)")
@@ -301,4 +316,4 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     status.add_argument("--url", help="service address (default: the installed one)")
     logs = action("logs", cmd_logs, "print the service's log")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=int, default=50)
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many (default 50)")

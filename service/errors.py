@@ -88,3 +88,11 @@ class JobFailure(Exception):
         self.code = code
         self.message = message
         self.transient = transient
+
+
+class StartupRefused(AipError):
+    """The service will not start as configured (its data directory or inbox is taken); the
+    message is one sentence naming the setting that fixes it."""
+
+    status = 409
+    code = "startup_refused"

@@ -4,6 +4,7 @@ is a stream of text chunks over a stream of job views, so memory stays flat at a
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import tempfile
@@ -25,6 +26,10 @@ CSV_COLUMNS = [
     "width", "height", "captured_at", "latitude", "longitude", "altitude",
     "detection", "label", "x1", "y1", "x2", "y2", "reasoning",
 ]  # fmt: skip
+
+
+# Strict JSON: a non-finite number that slipped through fails loudly instead of writing NaN.
+_dumps = functools.partial(json.dumps, allow_nan=False)
 
 
 def _gps(job: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +64,7 @@ async def to_csv(jobs: Jobs) -> AsyncIterator[str]:
 
 async def to_jsonl(jobs: Jobs) -> AsyncIterator[str]:
     async for job in jobs:
-        yield json.dumps(job, ensure_ascii=False) + "\n"
+        yield _dumps(job, ensure_ascii=False) + "\n"
 
 
 def _counts(job: dict[str, Any]) -> dict[str, int]:
@@ -92,28 +97,50 @@ async def to_geojson(jobs: Jobs) -> AsyncIterator[str]:
                 "reasoning": (job.get("result") or {}).get("reasoning"),
             },
         }
-        yield ("" if first else ",") + "\n" + json.dumps(feature, ensure_ascii=False)
+        yield ("" if first else ",") + "\n" + _dumps(feature, ensure_ascii=False)
         first = False
     yield "\n]}\n"
 
 
-def _coco_rle(mask: dict[str, Any]) -> dict[str, Any]:
-    """Our row-major run lengths to COCO's column-major uncompressed RLE."""
+def _coco_rle(mask: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    """Our row-major run lengths to COCO's column-major uncompressed RLE at the image's size.
+    Masks are computed on the reduced image the models saw; they are scaled (nearest pixel)
+    run by run, never expanded to a full-size array."""
     import numpy as np
 
-    height, width = mask["size"]
-    column_major = decode_mask(mask).flatten(order="F")
-    changes = np.flatnonzero(column_major[1:] != column_major[:-1]) + 1
-    counts = np.diff(np.concatenate(([0], changes, [column_major.size]))).tolist()
-    if column_major.size and column_major[0]:
-        counts = [0, *counts]
+    small = decode_mask(mask)
+    rows, cols = small.shape
+    if not (rows and cols and width and height):
+        return {"size": [height, width], "counts": [height * width]}
+    # Output rows each source row covers, and the source column of every output column.
+    source_row = np.minimum(((np.arange(height) + 0.5) * rows / height).astype(np.int64), rows - 1)
+    covered = np.bincount(source_row, minlength=rows)
+    source_col = np.minimum(((np.arange(width) + 0.5) * cols / width).astype(np.int64), cols - 1)
+    runs_of: dict[int, list[tuple[bool, int]]] = {}
+    counts: list[int] = []
+    value, length = False, 0
+    for col in source_col.tolist():
+        if col not in runs_of:
+            column = small[:, col]
+            starts = np.concatenate(([0], np.flatnonzero(column[1:] != column[:-1]) + 1))
+            lengths = np.add.reduceat(covered, starts)
+            runs_of[col] = list(zip(column[starts].tolist(), lengths.tolist(), strict=True))
+        for run_value, run_length in runs_of[col]:
+            if run_length == 0:
+                continue
+            if run_value == value:
+                length += run_length
+            else:
+                counts.append(length)
+                value, length = run_value, run_length
+    counts.append(length)
     return {"size": [height, width], "counts": counts}
 
 
 async def to_coco(jobs: Jobs) -> AsyncIterator[str]:
     """COCO detection JSON: images, then annotations (bbox [x, y, w, h]), then categories.
     Annotations wait in a temporary file so the jobs are read once."""
-    yield json.dumps(
+    yield _dumps(
         {"info": {"description": "aip export", "version": __version__}, "licenses": []}
     )[:-1]
     yield ', "images": ['
@@ -130,7 +157,7 @@ async def to_coco(jobs: Jobs) -> AsyncIterator[str]:
                 "width": job["input"]["width"],
                 "height": job["input"]["height"],
             }
-            yield ("" if first_image else ",") + json.dumps(image, ensure_ascii=False)
+            yield ("" if first_image else ",") + _dumps(image, ensure_ascii=False)
             first_image = False
             for d in job["result"]["detections"]:
                 x1, y1, x2, y2 = d["box"]
@@ -144,15 +171,17 @@ async def to_coco(jobs: Jobs) -> AsyncIterator[str]:
                     "iscrowd": 0,
                 }
                 if d.get("mask"):
-                    annotation["segmentation"] = _coco_rle(d["mask"])
-                spool.write(("" if first_annotation else ",") + json.dumps(annotation))
+                    annotation["segmentation"] = _coco_rle(
+                        d["mask"], image["width"], image["height"]
+                    )
+                spool.write(("" if first_annotation else ",") + _dumps(annotation))
                 first_annotation = False
         yield '], "annotations": ['
         spool.seek(0)
         while chunk := spool.read(64 * 1024):
             yield chunk
     names = [{"id": i, "name": name, "supercategory": "object"} for name, i in categories.items()]
-    yield '], "categories": ' + json.dumps(names, ensure_ascii=False) + "}\n"
+    yield '], "categories": ' + _dumps(names, ensure_ascii=False) + "}\n"
 
 
 WRITERS: dict[str, Callable[[Jobs], AsyncIterator[str]]] = {

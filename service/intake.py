@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import tempfile
@@ -11,9 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
-from service.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMedia
+from service.decode import FORMATS, decode
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.store.queue import ImageRecord
 
 # The service enforces its own pixel limit (AIP_MAX_PIXELS) from the header before anything is
@@ -28,36 +30,46 @@ _EXTENSIONS = {
     "BMP": ".bmp",
     "GIF": ".gif",
     "MPO": ".jpg",
-    "HEIF": ".heic",
 }
+_READABLE = "JPEG, PNG, WebP, TIFF, BMP or GIF"
 
 
 def _rational(value: Any) -> float:
-    return float(value[0]) / float(value[1]) if isinstance(value, tuple) else float(value)
+    """A finite number from an EXIF rational; ValueError for 0/0, x/0 and anything else."""
+    number = float(value[0]) / float(value[1]) if isinstance(value, tuple) else float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def _gps(gps: dict[int, Any]) -> dict[str, float] | None:
+    """Latitude, longitude (and altitude) in degrees and metres; None when any part is
+    missing, not a number, or out of range, so a bad tag never reaches the stored job."""
     try:
         lat = sum(_rational(v) / 60**i for i, v in enumerate(gps[2]))
         lon = sum(_rational(v) / 60**i for i, v in enumerate(gps[4]))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
         return None
-    if gps.get(1) == "S":
+    if not (abs(lat) <= 90 and abs(lon) <= 180):
+        return None
+    if gps.get(1) in ("S", b"S"):
         lat = -lat
-    if gps.get(3) == "W":
+    if gps.get(3) in ("W", b"W"):
         lon = -lon
     out = {"latitude": round(lat, 7), "longitude": round(lon, 7)}
     if 6 in gps:
         try:
             altitude = _rational(gps[6])
             out["altitude"] = round(-altitude if gps.get(5) in (1, b"\x01") else altitude, 2)
-        except (TypeError, ValueError, ZeroDivisionError):
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             pass
     return out
 
 
 def read_exif(image: Image.Image) -> dict[str, Any] | None:
     """The EXIF fields people search by: capture time, camera, orientation, GPS."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None  # an eXIf chunk after the pixels: Pillow would decode them all to find it
     exif = image.getexif()
     if not exif:
         return None
@@ -70,6 +82,8 @@ def read_exif(image: Image.Image) -> dict[str, Any] | None:
         ("model", exif.get(ExifTags.Base.Model)),
         ("orientation", exif.get(ExifTags.Base.Orientation)),
     ):
+        if key == "orientation" and not (isinstance(value, int) and 1 <= value <= 8):
+            continue
         if isinstance(value, bytes):
             value = value.decode(errors="replace")
         if isinstance(value, str):
@@ -101,46 +115,47 @@ def read_dji_xmp(data: bytes) -> dict[str, float] | None:
     found = {}
     for name, value in _DJI.findall(data[: 512 * 1024]):
         try:
-            found[_DJI_NAMES[name]] = float(value)
+            number = float(value)
         except ValueError:
             continue
+        if math.isfinite(number):
+            found[_DJI_NAMES[name]] = number
     return found or None
 
 
 def inspect_image(data: bytes, *, max_pixels: int) -> ImageRecord:
-    """Validate fully (header, pixel count, every byte decodes) and describe the image as it
-    will be seen upright (EXIF orientation applied)."""
+    """Validate fully (format, header, pixel count, every byte decodes) and describe the image
+    as it will be seen upright (EXIF orientation applied). Decoding costs what the worker's
+    decode costs: the pixels are reduced while they are read, never held twice."""
     if not data:
         raise InvalidInput("the image is empty (0 bytes)", code="empty_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PayloadTooLarge(
-                    f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
-                    f"{max_pixels:,} (AIP_MAX_PIXELS)",
-                    code="too_many_pixels",
-                )
-            fmt = image.format or "unknown"
-            exif = read_exif(image)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise PayloadTooLarge(
+                        f"the image is {width}x{height} = {width * height:,} pixels; the limit "
+                        f"is {max_pixels:,} (AIP_MAX_PIXELS)",
+                        code="too_many_pixels",
+                    )
+                fmt = image.format or "unknown"
+                exif = read_exif(image)
             dji = read_dji_xmp(data)
             if dji:
                 exif = {**(exif or {}), "dji": dji}
-            image.load()
-            if exif and exif.get("orientation") in (5, 6, 7, 8):
-                width, height = height, width
+            width, height = decode(io.BytesIO(data)).original_size
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnsupportedMedia(
-            "the upload is not an image this service can read (JPEG, PNG, WebP, TIFF, BMP, GIF)",
+            f"the file is not an image this service reads; send a {_READABLE} file",
             code="not_an_image",
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInput(f"the image could not be decoded: {exc}", code="corrupt_image") from None
     sha = hashlib.sha256(data).hexdigest()
-    path = f"images/{sha[:2]}/{sha}{_EXTENSIONS.get(fmt, '.img')}"
-    record = ImageRecord(
+    path = f"images/{sha[:2]}/{sha}{_EXTENSIONS[fmt]}"
+    return ImageRecord(
         sha256=sha,
         bytes=len(data),
         width=width,
@@ -149,24 +164,6 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageRecord:
         path=path,
         exif=exif,
     )
-    return record
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for the models: palette and alpha over white, 16-bit scaled, CMYK converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() or 1.0
-        image = Image.fromarray((array / top * 255.0).astype("uint8"), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 def store_image(data: bytes, record: ImageRecord, data_dir: Path) -> Path:
@@ -190,48 +187,15 @@ def store_image(data: bytes, record: ImageRecord, data_dir: Path) -> Path:
 
 
 def open_stored(data_dir: Path, record_path: str) -> Image.Image:
-    """Decode a stored input for inference: upright RGB, the same as at intake."""
-    with Image.open(data_dir / record_path) as image:
-        image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+    """A stored input at full size, upright RGB (for drawing on; the models take
+    `open_for_models`)."""
+    with (data_dir / record_path).open("rb") as f:
+        return decode(f, max_side=None).image
 
 
-def confined_path(raw: str, allowed: tuple[Path, ...]) -> Path:
-    """Resolve a path named by a client, refusing anything outside the allowed folders
-    (after following symlinks, so neither `..` nor a link can escape)."""
-    if not allowed:
-        raise Forbidden(
-            "path submissions are off: set AIP_ALLOWED_DIRS to the folders clients may name",
-            code="path_not_allowed",
-        )
-    try:
-        resolved = Path(raw).expanduser().resolve()
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"not a usable path: {exc}", code="invalid_path") from None
-    for folder in allowed:
-        if resolved.is_relative_to(folder.expanduser().resolve()):
-            try:
-                if not resolved.is_file():
-                    raise NotFound(f"no file at {raw}", code="file_not_found")
-            except OSError as exc:
-                raise InvalidInput(f"not a usable path: {exc}", code="invalid_path") from None
-            return resolved
-    raise Forbidden(
-        f"{raw} is outside the folders this service may read (AIP_ALLOWED_DIRS)",
-        code="path_not_allowed",
-    )
-
-
-def read_confined(path: Path, max_bytes: int) -> bytes:
-    """Read a file `confined_path` resolved, refusing a symlink swapped in since then."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise Forbidden(
-            f"{path.name} could not be opened safely: {exc.strerror}", code="path_not_allowed"
-        ) from None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(f"{path.name} is larger than {max_bytes:,} bytes")
-    return data
+def open_for_models(data_dir: Path, record_path: str) -> tuple[Image.Image, tuple[int, int]]:
+    """A stored input decoded for inference: upright RGB no larger than the models use, and
+    the original's upright size, which detections are mapped back to."""
+    with (data_dir / record_path).open("rb") as f:
+        decoded = decode(f)
+    return decoded.image, decoded.original_size

@@ -3,7 +3,10 @@ knows where and how much to write, never what the service does."""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import os
 import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -15,6 +18,37 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # uvicorn's loggers keep their own handlers unless told otherwise; emptied, they propagate to
 # the root logger and so reach the same file (uvicorn.run must get log_config=None).
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+# Logs name the files and show the results of other people's images: this user's only.
+LOG_DIR_MODE = 0o700
+LOG_FILE_MODE = 0o600
+
+
+def _private_opener(path: str, flags: int) -> int:
+    fd = os.open(path, flags, LOG_FILE_MODE)
+    os.fchmod(fd, LOG_FILE_MODE)  # a file an older version left readable by others
+    return fd
+
+
+class PrivateRotatingFileHandler(RotatingFileHandler):
+    """A rotating log whose every file (the current one and each rotation) is 0600, and which
+    drops records quietly while the disk is full instead of printing a traceback for each."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return  # the disk-full state is reported by health and one line a minute
+        super().handleError(record)
+
+    def _open(self) -> io.TextIOWrapper:
+        stream = open(  # noqa: SIM115 - the handler keeps the stream open and closes it
+            self.baseFilename,
+            self.mode,
+            encoding=self.encoding,
+            errors=self.errors,
+            opener=_private_opener,
+        )
+        assert isinstance(stream, io.TextIOWrapper)  # a text mode ("a"), as the handler's
+        return stream
 
 
 def configure_logging(
@@ -46,8 +80,8 @@ def configure_logging(
         return None
     path = log_dir / LOG_FILE
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = RotatingFileHandler(
+        log_dir.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)  # mode: if created
+        file_handler = PrivateRotatingFileHandler(
             path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
         )
     except OSError as exc:

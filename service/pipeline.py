@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from service.config import Settings
 from service.detection import Detection
 from service.errors import InvalidInput
 
@@ -74,6 +75,20 @@ def build_params(
     return JobParams(tuple(unique), text)
 
 
+def params_within(
+    queries: Sequence[str] | None, prompt: str | None, settings: Settings
+) -> JobParams:
+    """`build_params` with the service's defaults and limits."""
+    return build_params(
+        queries,
+        prompt,
+        default_queries=settings.default_queries,
+        default_prompt=settings.default_prompt,
+        max_queries=settings.max_queries,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
+
+
 def reasoning_prompt(question: str, detections: Sequence[Detection]) -> str:
     """The reasoner sees the numbered detections (numbers match the stored ones) and the
     user's question."""
@@ -92,6 +107,20 @@ def reasoning_prompt(question: str, detections: Sequence[Detection]) -> str:
     return "\n".join([*lines, "", question])
 
 
+def to_original(detections: Sequence[Detection], size: tuple[int, int]) -> list[Detection]:
+    """Boxes found on a reduced image, in pixels of the original (masks keep their own size)."""
+    out = []
+    for d in detections:
+        if d.image_size == size:
+            out.append(d)
+            continue
+        sx, sy = size[0] / d.image_size[0], size[1] / d.image_size[1]
+        x1, y1, x2, y2 = d.box
+        box = (x1 * sx, y1 * sy, min(x2 * sx, size[0]), min(y2 * sy, size[1]))
+        out.append(Detection(d.label, box, size, d.mask))
+    return out
+
+
 @dataclass(frozen=True)
 class Analysis:
     detections: list[Detection]
@@ -108,16 +137,19 @@ def analyse(
     detect_tokens: int = 256,
     reason_tokens: int = 256,
     checkpoint: Callable[[str], None] = lambda stage: None,
+    original_size: tuple[int, int] | None = None,
 ) -> Analysis:
     """Run every query through the detector, then the reasoner once.
 
     `checkpoint(stage)` is called at each stage boundary and may raise to stop the job there
-    (cancellation, timeout, shutdown)."""
+    (cancellation, timeout, shutdown). `original_size`: the size of the image `image` was
+    reduced from; boxes are given in its pixels."""
     detections: list[Detection] = []
     began = time.perf_counter()
     for query in params.queries:
         checkpoint(f"detect:{query}")
-        detections.extend(detector.detect(image, query, max_new_tokens=detect_tokens))
+        found = detector.detect(image, query, max_new_tokens=detect_tokens)
+        detections.extend(to_original(found, original_size) if original_size else found)
     detected = time.perf_counter()
     checkpoint("reason")
     reasoning = reasoner.reason(

@@ -15,6 +15,12 @@ def backoff_seconds(
     return (rand or random).uniform(0.0, ceiling)
 
 
+def pause_seconds(failures: int, *, base: float = 1.0, cap: float = 60.0) -> float:
+    """How long to wait after `failures` failures in a row of something that cannot work until
+    the world changes (a full disk): base, 2 x base, 4 x base ... up to `cap`, no jitter."""
+    return float(min(cap, base * 2 ** max(failures - 1, 0)))
+
+
 def classify(exc: BaseException) -> JobFailure:
     """Map an exception raised while running a job to a failure the queue understands."""
     if isinstance(exc, JobFailure):

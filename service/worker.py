@@ -14,11 +14,11 @@ import uuid
 from typing import Any
 
 from service.config import Settings
-from service.errors import JobFailure
-from service.intake import open_stored
+from service.errors import DiskFull, JobFailure
+from service.intake import open_for_models
 from service.models.host import ModelHost
 from service.pipeline import JobParams, analyse
-from service.policy import backoff_seconds, classify
+from service.policy import backoff_seconds, classify, pause_seconds
 from service.store.queue import Claim, Outcome, Queue
 
 log = logging.getLogger("aip.worker")
@@ -40,12 +40,19 @@ class Worker:
         self.host = host
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.current: Claim | None = None
+        self.stage: str | None = None  # what the current job is doing, for `aip submit --wait`
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._job_done = asyncio.Event()
         self._stop_reason: tuple[str, str] | None = None
         self._stop_flag = threading.Event()
+        self._hurry = asyncio.Event()  # a second stop signal: hand the job back now
+        self._announced = False
+        self._disk_strikes = 0  # writes refused by a full disk since the last job was saved
+        self._pause_for_disk = False
+        self._claim_errors = 0
+        self._claim_error_logged = float("-inf")
 
     def notify(self) -> None:
         """A job was queued: stop sleeping."""
@@ -56,11 +63,19 @@ class Worker:
 
     async def run(self) -> None:
         while not self._stopping:
+            if self._pause_for_disk:
+                self._pause_for_disk = False
+                await self._wait_for_space(pause_seconds(self._disk_strikes))
+                continue
             try:
                 claim = await self.queue.claim(self.id, self.settings.lease_seconds)
+            except DiskFull:  # said by the queue, at most once a minute
+                self._disk_full()
+                continue
             except Exception:
-                log.exception("claiming a job failed; trying again shortly")
-                claim = None
+                await self._claim_failed()
+                continue
+            self._claim_errors = 0
             if claim is None:
                 await self._sleep()
                 continue
@@ -68,11 +83,51 @@ class Worker:
             self.current = claim
             try:
                 await self.process(claim)
+            except DiskFull:
+                await self._hand_back(claim)
             except Exception:  # the loop must survive anything one job does
                 log.exception("job %s: unexpected error while finishing it", claim.job_id)
             finally:
                 self.current = None
                 self._job_done.set()
+
+    def _disk_full(self) -> None:
+        self._disk_strikes += 1
+        self._pause_for_disk = True
+
+    async def _hand_back(self, claim: Claim) -> None:
+        """The job's outcome could not be written for want of space: it goes back to its
+        place in the queue, its attempt not counted, and runs again once space is back."""
+        self._disk_full()
+        why = JobFailure(
+            "disk_full", "handed back: the disk was full when its result was saved", transient=True
+        )
+        # Still full: the queue writes the hand-back with the next claim that gets through.
+        with contextlib.suppress(DiskFull):
+            await self.queue.release(claim, why)
+        log.debug("job %s handed back to the queue: the disk is full", claim.job_id)
+
+    async def _wait_for_space(self, seconds: float) -> None:
+        """Back off after a full disk refused a write: until `seconds` pass, or sooner once
+        enough space is freed (checked each second), or the worker stops."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping and not self.queue.disk.space_back():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, left))
+
+    async def _claim_failed(self) -> None:
+        self._claim_errors += 1
+        delay = pause_seconds(self._claim_errors, base=0.5)
+        if time.monotonic() - self._claim_error_logged >= 60:
+            self._claim_error_logged = time.monotonic()
+            log.exception("claiming a job failed; trying again in %g s", delay)
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
     async def _sleep(self) -> None:
         timeout = self.settings.poll_interval_seconds
@@ -95,10 +150,11 @@ class Worker:
         models = self.host.identity()  # until infer() names the models that ran the job
         try:
             params = JobParams.from_dict(claim.params)
+            self.stage = "decode"
             decode_began = time.perf_counter()
             try:
-                image = await asyncio.to_thread(
-                    open_stored, self.settings.data_dir, claim.image_path
+                image, original_size = await asyncio.to_thread(
+                    open_for_models, self.settings.data_dir, claim.image_path
                 )
             except FileNotFoundError:
                 raise JobFailure(
@@ -122,6 +178,7 @@ class Worker:
                     detect_tokens=self.settings.detect_max_tokens,
                     reason_tokens=self.settings.reason_max_tokens,
                     checkpoint=self._checkpoint,
+                    original_size=original_size,
                 ),
                 served=models,  # the exact models that ran it, taken in the same step
             )
@@ -134,7 +191,7 @@ class Worker:
                 raise
             failure = classify(exc)
             retry_in = (
-                backoff_seconds(claim.attempt, base=self.settings.retry_base_seconds)
+                backoff_seconds(claim.round_attempt, base=self.settings.retry_base_seconds)
                 if failure.transient
                 else None
             )
@@ -156,7 +213,9 @@ class Worker:
                 await heartbeat
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
         outcome = Outcome(analysis.detections, analysis.reasoning, timings, models)
+        self.stage = "persist"
         if await self.queue.complete(claim, outcome):
+            self._disk_strikes = 0
             log.info(
                 "job %s succeeded: %d detections in %.0f ms",
                 claim.job_id,
@@ -168,6 +227,7 @@ class Worker:
 
     def _checkpoint(self, stage: str) -> None:
         """Called on the model thread between stages."""
+        self.stage = stage
         if self._stop_flag.is_set() and self._stop_reason is not None:
             why, message = self._stop_reason
             raise StopJob(why, f"{message} (before {stage})")
@@ -191,6 +251,8 @@ class Worker:
                 )
             try:
                 beat = await self.queue.heartbeat(claim, self.settings.lease_seconds)
+            except DiskFull:  # the job runs on; its result is small and space may come back
+                continue
             except Exception:
                 log.exception("job %s: heartbeat failed", claim.job_id)
                 continue
@@ -212,9 +274,27 @@ class Worker:
             await self.queue.release(claim)
         log.info("job %s stopped: %s", claim.job_id, stop.message)
 
+    def stop_signalled(self, again: bool) -> None:
+        """A stop signal arrived (on the event loop's thread): the first says what shutdown
+        will wait for; another one hands the running job back without waiting."""
+        if again:
+            self._hurry.set()
+        elif not self._announced:
+            self._announce()
+
+    def _announce(self) -> None:
+        self._announced = True
+        if self.current is not None:
+            log.info(
+                "waiting up to %g s for job %s to finish (Ctrl-C again to hand it back now)",
+                self.settings.shutdown_grace_seconds,
+                self.current.job_id,
+            )
+
     async def stop(self, grace: float | None = None) -> None:
-        """Stop claiming; give the running job `grace` seconds to finish, then stop it at its
-        next stage boundary and hand its lease back so the next start runs it again."""
+        """Stop claiming; give the running job `grace` seconds to finish (less, if
+        `stop_signalled(again=True)` comes), then stop it at its next stage boundary and hand
+        its lease back so the next start runs it first."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self._stopping = True
         self._wake.set()
@@ -222,13 +302,27 @@ class Worker:
             return
         claim = self.current
         if claim is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._job_done.wait(), timeout=grace)
+            if not self._announced:
+                self._announce()
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._job_done, self._hurry)]
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
             if self.current is claim:
                 self._request_stop("shutdown", "the service is shutting down")
                 # The model call may be mid-inference and cannot be interrupted; give the
                 # lease back now so the job is not left to wait for lease expiry.
-                await self.queue.release(claim)
+                try:
+                    await self.queue.release(claim)
+                except DiskFull:
+                    log.warning("job %s could not be handed back: the disk is full", claim.job_id)
+                else:
+                    log.warning(
+                        "job %s handed back to the queue unfinished (attempt %s not counted); "
+                        "the next start runs it first",
+                        claim.job_id,
+                        claim.attempt,
+                    )
                 self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from PIL import Image
 
 from service.config import Settings
 from service.detection import Detection
+from service.store.reads import Reads
+from service.worker import Worker
 from tests.conftest import RunningService, gate_detector, make_image, make_settings
 
 Serve = Callable[..., RunningService]
@@ -118,6 +121,9 @@ def test_oversized_upload_is_refused_with_413(tmp_path: Path, serve: Serve) -> N
     service = serve(settings)
     response = service.submit(make_image(1200, 1200, quality=100))
     assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
+    # Every refusal names the configured limit and its setting, not the body's slack.
+    message = response.json()["message"]
+    assert "20,000 bytes" in message and "AIP_MAX_UPLOAD_BYTES" in message, message
 
     def chunks() -> Any:  # no Content-Length: the limit is enforced while streaming
         yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
@@ -128,6 +134,12 @@ def test_oversized_upload_is_refused_with_413(tmp_path: Path, serve: Serve) -> N
         "/v1/jobs", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
     )
     assert streamed.status_code == 413
+    assert "20,000 bytes" in streamed.json()["message"]
+    assert "AIP_MAX_UPLOAD_BYTES" in streamed.json()["message"]
+    # Over the limit by less than the multipart slack: refused by the upload check itself.
+    small = make_settings(tmp_path / "b", max_upload_bytes=2_000)
+    near = serve(small).submit(make_image(200, 200, quality=100))
+    assert near.status_code == 413 and "2,000 bytes" in near.json()["message"], near.text
     assert service.client.get("/v1/jobs").json()["jobs"] == []
 
 
@@ -267,3 +279,172 @@ def test_database_lives_in_the_data_dir_with_wal(settings: Settings, serve: Serv
     assert db.is_file()
     mode = sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+JOB_ROUTES = [
+    ("GET", "/v1/jobs/{}"),
+    ("GET", "/v1/jobs/{}/image"),
+    ("GET", "/v1/jobs/{}/annotated"),
+    ("POST", "/v1/jobs/{}/cancel"),
+    ("POST", "/v1/jobs/{}/retry"),
+]
+
+
+def test_job_ids_sqlite_cannot_hold_are_4xx_on_every_job_route(
+    settings: Settings, serve: Serve
+) -> None:
+    service = serve(settings)
+    for method, route in JOB_ROUTES:
+        for job_id in (2**63, 2**64, 10**30, -1, 0, "1e3", "x"):
+            response = service.client.request(method, route.format(job_id))
+            assert response.status_code in (404, 422), (method, route, job_id, response.text)
+            body = response.json()
+            assert body["code"] and body["message"], body
+        largest = service.client.request(method, route.format(2**63 - 1))
+        assert largest.status_code == 404 and largest.json()["code"] == "job_not_found"
+
+
+def test_lone_surrogates_in_a_json_body_or_path_are_422(tmp_path: Path, serve: Serve) -> None:
+    allowed = tmp_path / "drops"
+    allowed.mkdir()
+    (allowed / "frame.png").write_bytes(make_image(50, 40, fmt="PNG"))
+    service = serve(make_settings(tmp_path, allowed_dirs=(allowed,)))
+    good = str(allowed / "frame.png")
+    for body in (
+        {"path": "\ud800"},
+        {"path": f"{allowed}/\udfff.png"},
+        {"path": good, "prompt": "why \ud800"},
+        {"path": good, "queries": ["car", "\udc00"]},
+        {"path": good, "\ud800": 1},
+    ):
+        # json.dumps writes a lone surrogate as the escape `\ud800`, as a client would.
+        raw = json.dumps(body).encode()
+        response = service.client.post(
+            "/v1/jobs", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["code"] == "invalid_text", response.text
+    # JSON that parses into trouble: recursion past the parser's limit, a 5000-digit number.
+    for raw in (b"[" * 5000, b'{"path": "x", "max_attempts": ' + b"9" * 5000 + b"}"):
+        response = service.client.post(
+            "/v1/jobs", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422 and response.json()["code"] == "invalid_json"
+    # A multipart field cannot carry one: invalid UTF-8 arrives as Latin-1 text, never a 500.
+    form = service.client.post(
+        "/v1/jobs",
+        files={"image": ("a.jpg", make_image(40, 40), "image/jpeg")},
+        data={"prompt": "\ud800".encode("utf-8", "surrogatepass")},
+    )
+    assert form.status_code in (202, 422), form.text
+    jobs = service.client.get("/v1/jobs").json()["jobs"]
+    assert len(jobs) == (1 if form.status_code == 202 else 0)
+    # A model name with one is refused before the model host sees it.
+    load = service.client.post(
+        "/v1/models/detector/load",
+        content=b'{"model": "\\ud800"}',
+        headers={"content-type": "application/json"},
+    )
+    assert load.status_code == 422 and load.json()["code"] == "invalid_text"
+    assert service.services.host.roles["detector"].state == "loaded"
+
+
+def test_an_internal_error_names_an_id_never_the_exception(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = serve(settings)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("near SELECT secret FROM jobs: syntax error")
+
+    monkeypatch.setattr(service.services.reads, "page", broken)
+    response = service.client.get("/v1/jobs")
+    assert response.status_code == 500
+    body = response.json()
+    assert body["code"] == "internal_error"
+    assert body["message"].startswith("internal error; see the service log (error id ")
+    assert "SELECT" not in response.text and "OperationalError" not in response.text
+
+
+def test_submit_answers_202_with_the_id_even_if_reading_it_back_fails(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = serve(settings)
+    real = service.services.reads.job
+
+    async def broken(job_id: int) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(service.services.reads, "job", broken)
+    response = service.submit(make_image(40, 40))
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.headers["location"] == f"/v1/jobs/{job_id}"
+    monkeypatch.setattr(service.services.reads, "job", real)
+    db = sqlite3.connect(settings.database)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+
+
+def test_the_202_body_is_one_snapshot(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Worker, "start", lambda self: None)  # only this test claims jobs
+    service = serve(settings)
+    queue = service.services.queue
+    read_row = Reads._job_and_image
+
+    async def row_then_claim(session: Any, job_id: int) -> Any:
+        row = await read_row(session, job_id)
+        # A worker's claim commits between reading the job row and reading its attempts.
+        assert await queue.claim("another-worker", 60) is not None
+        return row
+
+    monkeypatch.setattr(Reads, "_job_and_image", staticmethod(row_then_claim))
+    response = service.submit(make_image(40, 40))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued" and body["attempts"] == 0, body
+    assert body["attempt_history"] == [], body
+    monkeypatch.setattr(Reads, "_job_and_image", staticmethod(read_row))
+    now = service.client.get(f"/v1/jobs/{body['id']}").json()
+    assert now["status"] == "running" and now["attempts"] == 1, now
+    assert [a["attempt"] for a in now["attempt_history"]] == [1]
+
+
+def test_attempt_numbers_keep_rising_across_retries_and_queue_wait_restarts(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = serve(settings)
+    state = service.services.host.roles["detector"]
+    real = state.runtime
+
+    class Broken:
+        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
+            raise RuntimeError("broken")
+
+    monkeypatch.setattr(state, "runtime", Broken())
+    job_id = service.submit(make_image(40, 40), max_attempts="1").json()["id"]
+    assert service.wait(job_id)["status"] == "failed"
+    retried = service.client.post(f"/v1/jobs/{job_id}/retry")
+    # Queued again; the woken worker may already have claimed it by the time the view is read.
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["status"] in ("queued", "running"), retried.text
+    second = service.wait(job_id)
+    assert second["status"] == "failed" and second["attempts"] == 2, second
+    assert second["max_attempts"] == 2  # one more attempt per retry, as submitted
+    # Make the job an hour old: the next run's queue wait must count from its retry.
+    db = sqlite3.connect(settings.database)
+    db.execute("UPDATE jobs SET created_at = created_at - 3600 WHERE id = ?", (job_id,))
+    db.commit()
+    db.close()
+    monkeypatch.setattr(state, "runtime", real)
+    assert service.client.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+    done = service.wait(job_id)
+    assert done["status"] == "succeeded" and done["attempts"] == 3, done
+    history = done["attempt_history"]
+    assert [a["attempt"] for a in history] == [1, 2, 3]
+    assert [a["outcome"] for a in history] == ["failed", "failed", "succeeded"]
+    assert done["timings_ms"]["queue_wait"] < 600_000, done["timings_ms"]
+    assert done["result"] is not None
+    refused = service.client.post(f"/v1/jobs/{job_id}/retry")  # succeeded: nothing to retry
+    assert refused.status_code == 409 and refused.json()["code"] == "job_not_retryable"

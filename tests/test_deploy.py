@@ -15,16 +15,18 @@ import socket
 import stat
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import uvicorn
 
-from service import deploy
+from service import __version__, deploy
 from service.cli import main
+from service.config import Settings
 from service.logs import LOG_FILE, configure_logging
+from tests.conftest import RunningService, make_settings
 
 STANDIN = r"""#!/bin/sh
 tool=$(basename "$0")
@@ -260,6 +262,17 @@ def test_install_refuses_when_models_are_not_on_disk(env: Env, tmp_path: Path) -
     assert plist["EnvironmentVariables"]["AIP_DETECTOR"] == detector
 
 
+def test_dry_run_without_weights_prints_the_unit_and_warns(env: Env, tmp_path: Path) -> None:
+    before = _tree(env.home.parent)
+    missing = tmp_path / "no-such-detector"
+    code, out, err = env.install("linux", "--detector", str(missing), "--dry-run")
+    assert code == 0 and env.calls() == [] and _tree(env.home.parent) == before
+    assert "# would write" in out and "Restart=on-failure" in out and "enable --now" in out
+    assert str(missing) in err and "aip models pull" in err and "would not start" in err
+    assert f'Environment="AIP_DETECTOR={missing}"' in out
+    assert "models pull" not in out  # the warning stays off stdout, which holds only the file
+
+
 def test_install_refuses_a_public_address_without_a_token(env: Env) -> None:
     code, _, err = env.install("linux", "--demo", "--host", "0.0.0.0")
     assert code == 2 and "token" in err and env.calls() == []
@@ -401,3 +414,13 @@ def test_logs_prints_the_tail_of_the_installed_log_or_follows_it(env: Env) -> No
     assert code == 0 and out == "two\nthree\n"
     assert env.aip("logs", "--platform", "linux", "-f", "-n", "5")[0] == 0
     assert env.calls()[-1] == ["tail", "-n", "5", "-F", str(log)]
+
+
+def test_status_sends_the_installed_token_to_a_guarded_service(
+    tmp_path: Path, serve: Callable[[Settings], RunningService]
+) -> None:
+    """With a token, health tells strangers only its status: status must send the token."""
+    service = serve(make_settings(tmp_path, token="s3cret"))
+    url = service.url
+    assert deploy.health(url) == f"ok at {url}"
+    assert f"ok at {url} (version {__version__}, queue 0)" == deploy.health(url, "s3cret")

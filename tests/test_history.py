@@ -369,6 +369,15 @@ def test_out_of_range_inputs_are_4xx_never_500(seeded: tuple[RunningService, lis
         ("/v1/exports/jobs.csv", {"label": "car", "min_count": "99999999999999999999999"}),
         ("/v1/jobs", {"cursor": huge_cursor}),
         ("/v1/jobs", {"created_after": "tomorrow-ish"}),
+        ("/v1/jobs", {"created_after": "nan"}),
+        ("/v1/stats", {"created_before": "-inf"}),
+        ("/v1/jobs", {"created_after": "1e400"}),
+        ("/v1/jobs", {"label": "x" * 1001}),
+        ("/v1/jobs", {"limit": str(2**63)}),
+        ("/v1/jobs", {"limit": "-1"}),
+        ("/v1/jobs", {"cursor": "\x00" * 5}),
+        ("/v1/jobs", {"sort": "\x00"}),
+        ("/v1/stats", {"min_count": str(2**64), "label": "car"}),
     ):
         response = service.client.get(path, params=params)
         assert response.status_code == 422, (path, params, response.text)
@@ -392,3 +401,70 @@ def test_the_same_bytes_after_pruning_are_stored_again(settings: Settings, serve
     assert again["status"] == "succeeded" and again["input"]["stored"] is True
     assert service.client.get(f"/v1/jobs/{again['id']}/image").status_code == 200
     assert service.client.get(f"/v1/jobs/{again['id']}/annotated").status_code == 200
+
+
+EXPORTS = ("csv", "jsonl", "geojson", "coco")
+
+
+def _parse_export(fmt: str, text: str) -> int:
+    """How many jobs or rows a complete export holds; raises on a body cut short."""
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        assert rows[0][0] == "job_id"
+        return len(rows) - 1
+    if fmt == "jsonl":
+        return len([json.loads(line) for line in text.splitlines()])
+    document = json.loads(text)
+    return len(document["features" if fmt == "geojson" else "images"])
+
+
+def test_control_characters_in_q_are_4xx_or_answered_never_500(
+    seeded: tuple[RunningService, list[Seed]],
+) -> None:
+    service, seeds = seeded
+    for q in ("\x00", "\x00\x01\x1f", " \x7f ", "x" * 1001):
+        for path in ("/v1/jobs", "/v1/stats", *(f"/v1/exports/jobs.{f}" for f in EXPORTS)):
+            response = service.client.get(path, params={"q": q})
+            assert response.status_code == 422, (path, q, response.text)
+            assert response.json()["code"] == "invalid_filter", response.text
+            assert "SELECT" not in response.text
+    # Control characters separate words: the same answer as a space.
+    text = {s.id: f"{s.prompt} {s.reasoning}" for s in seeds}
+    both = {i for i, words in text.items() if "flooding" in words and "tractor" in words}
+    assert both, "the seed has jobs with both words"
+    for q in ("flooding\x00tractor", "flooding\ttractor", "flooding tractor"):
+        assert set(all_ids(service, q=q)) == both, q
+        stats = service.client.get("/v1/stats", params={"q": q})
+        assert stats.status_code == 200 and stats.json()["jobs"] == len(both)
+        for fmt in ("csv", "jsonl"):
+            export = service.client.get(f"/v1/exports/jobs.{fmt}", params={"q": q})
+            assert export.status_code == 200, export.text
+            ids = {int(r["job_id"]) for r in csv.DictReader(io.StringIO(export.text))} if (
+                fmt == "csv"
+            ) else {json.loads(line)["id"] for line in export.text.splitlines()}
+            assert ids == both, (fmt, q)
+
+
+def test_exports_decide_their_status_before_the_first_byte(
+    seeded: tuple[RunningService, list[Seed]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, _ = seeded
+    for fmt in EXPORTS:
+        # Nothing matches: a complete, empty document (jsonl: an empty body), not an error.
+        empty = service.client.get(f"/v1/exports/jobs.{fmt}", params={"q": "zzzunmatched"})
+        assert empty.status_code == 200, (fmt, empty.text)
+        assert _parse_export(fmt, empty.text) == 0
+        for params in ({"created_after": "nan"}, {"created_before": "inf"}, {"q": "\x00"}):
+            refused = service.client.get(f"/v1/exports/jobs.{fmt}", params=params)
+            assert refused.status_code == 422, (fmt, params, refused.text)
+            assert refused.json()["code"] == "invalid_filter"
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error in SELECT jobs.id FROM jobs")
+
+    # A query the database refuses is an error response, not a 200 cut short.
+    monkeypatch.setattr(service.services.reads, "page", failing)
+    for fmt in EXPORTS:
+        response = service.client.get(f"/v1/exports/jobs.{fmt}")
+        assert response.status_code == 500 and response.json()["code"] == "internal_error"
+        assert "SELECT" not in response.text

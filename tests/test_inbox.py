@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -13,9 +14,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from service.app import create_app
 from service.config import Settings
 from service.detection import Detection
+from service.errors import StartupRefused
 from service.models.host import ModelHost
+from service.store.ledger import Ledger
 from tests.conftest import RunningService, make_image, make_settings
 
 
@@ -147,7 +151,15 @@ def test_same_content_under_two_names_is_one_job_and_one_duplicate(
     assert rows[0][2] == rows[1][2]  # the duplicate names the first job
     assert len(inbox_jobs(service)) == 1
     assert service.client.get("/v1/inbox").json()["since_start"]["duplicates"] == 1
-    assert sorted(p.name for p in (inbox / "processed").iterdir()) == ["a.jpg", "copy of a.jpg"]
+    duplicate = next(r[0] for r in rows if r[1] == "duplicate")
+    note = inbox / "processed" / f"{duplicate}.duplicate.json"
+    until(note.exists, what="the duplicate note")
+    assert sorted(p.name for p in (inbox / "processed").iterdir()) == sorted(
+        ["a.jpg", "copy of a.jpg", note.name]
+    )
+    said = json.loads(note.read_text())
+    assert said["duplicate_of"] == rows[0][2]
+    assert f"aip inbox reprocess processed/{duplicate}" in said["message"]
 
 
 def test_files_present_before_start_are_ingested(
@@ -204,7 +216,8 @@ def test_ignored_and_rejected_files(inbox_service: Callable[..., RunningService]
     (inbox / "good.jpg").write_bytes(make_image())
     until(lambda: len(ledger(service.settings)) == 3, what="three ledger rows")
     until(lambda: (inbox / "failed" / "fake.jpg.error.json").exists(), what="error file")
-    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == sorted(ignored)
+    # .aip.lock is the service's hold on the inbox, ignored like every hidden file
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == sorted([*ignored, ".aip.lock"])
     notes = json.loads((inbox / "failed" / "notes.txt.error.json").read_text())
     assert notes["code"] == "unsupported_type"
     fake = json.loads((inbox / "failed" / "fake.jpg.error.json").read_text())
@@ -381,3 +394,229 @@ def test_pruning_with_moving_off_does_not_requeue_files(
     time.sleep(0.5)  # the settle delay for anything a rescan would have picked up
     assert inbox_jobs(service) == [] and (inbox / "kept.jpg").exists()
     assert service.client.get("/v1/inbox").json()["since_start"]["already_known"] >= 1
+
+
+def fake_host() -> ModelHost:
+    return ModelHost(
+        {"detector": "fake", "reasoner": "fake"},
+        loaders={"detector": lambda p: InstantDetector(), "reasoner": lambda p: InstantReasoner()},
+        resolve_sources=False,
+    )
+
+
+def refusal(settings: Settings) -> StartupRefused:
+    """What the real lifespan raises when it will not start with `settings`."""
+
+    async def start() -> None:
+        app = create_app(settings, host=fake_host())
+        async with app.router.lifespan_context(app):
+            raise AssertionError("the service started")
+
+    with pytest.raises(StartupRefused) as refused:
+        asyncio.run(start())
+    return refused.value
+
+
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and ". " not in message and "Traceback" not in message
+
+
+def test_two_services_cannot_watch_one_inbox(
+    tmp_path: Path, inbox_service: Callable[..., RunningService]
+) -> None:
+    first = inbox_service()
+    inbox = first.settings.inbox_dir
+    other = make_settings(tmp_path, data_dir=tmp_path / "other", inbox=inbox)
+    with pytest.raises(RuntimeError, match="did not start"):
+        inbox_service(data_dir=tmp_path / "other")  # under uvicorn, as `aip serve` runs it
+    refused = refusal(other)
+    assert str(inbox) in refused.message and str(first.settings.data_dir) in refused.message
+    assert f"pid {os.getpid()}" in refused.message
+    assert "--inbox" in refused.message and "AIP_INBOX_ENABLED=0" in refused.message
+    assert one_sentence(refused.message)
+    same_data = refusal(make_settings(tmp_path, inbox=tmp_path / "elsewhere"))
+    assert "--data-dir" in same_data.message and one_sentence(same_data.message)
+    (inbox / "once.jpg").write_bytes(make_image(53, 53))
+    until(lambda: inbox_jobs(first), what="the job")
+    time.sleep(0.5)  # a second watcher, had one started, would have made its job by now
+    assert len(inbox_jobs(first)) == 1 and not other.database.exists()
+    first.stop()
+    second = inbox_service(data_dir=tmp_path / "other")  # the inbox is free again
+    assert second.client.get("/v1/inbox").json()["enabled"] is True
+
+
+def test_a_duplicate_is_processed_again_through_the_api(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service()
+    inbox = service.settings.inbox_dir
+    data = make_image(54, 54)
+    (inbox / "a.jpg").write_bytes(data)
+    original = until(lambda: inbox_jobs(service), what="the job")[0]
+    (inbox / "b.jpg").write_bytes(data)
+    until((inbox / "processed" / "b.jpg.duplicate.json").exists, what="the duplicate note")
+    response = service.client.post("/v1/inbox/reprocess", json={"path": "processed/b.jpg"})
+    assert response.status_code == 202, response.text
+    again = response.json()
+    assert again["id"] != original["id"]
+    assert response.headers["location"] == f"/v1/jobs/{again['id']}"
+    assert again["source"] == "inbox" and again["source_path"] == "processed/b.jpg"
+    assert again["input"]["sha256"] == original["input"]["sha256"]
+    assert service.wait(again["id"])["status"] == "succeeded"
+    absolute = str(inbox / "processed" / "a.jpg")
+    assert service.client.post("/v1/inbox/reprocess", json={"path": absolute}).status_code == 202
+    assert (inbox / "processed" / "b.jpg").exists()  # the file stays where it is
+    assert len(inbox_jobs(service)) == 3
+    assert service.client.get("/v1/inbox").json()["since_start"]["reprocessed"] == 2
+    # The content's first job still owns it: a later plain copy is its duplicate.
+    (inbox / "c.jpg").write_bytes(data)
+    note = inbox / "processed" / "c.jpg.duplicate.json"
+    until(note.exists, what="the third copy's note")
+    assert json.loads(note.read_text())["duplicate_of"] == original["id"]
+
+
+def test_a_sidecar_asks_for_a_duplicate_to_be_processed_again(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service()
+    inbox = service.settings.inbox_dir
+    data = make_image(55, 55)
+    (inbox / "first.jpg").write_bytes(data)
+    until(lambda: inbox_jobs(service), what="the first job")
+    (inbox / "again.json").write_text(json.dumps({"reprocess": True, "prompt": "Once more"}))
+    (inbox / "again.jpg").write_bytes(data)
+    until(lambda: len(inbox_jobs(service)) == 2, what="a second job for the same bytes")
+    again = next(j for j in inbox_jobs(service) if j["source_path"] == "again.jpg")
+    assert again["params"]["prompt"] == "Once more"
+    until((inbox / "processed" / "again.jpg").exists, what="filed")
+    assert (inbox / "processed" / "again.json").exists()
+    assert not (inbox / "processed" / "again.jpg.duplicate.json").exists()
+    assert service.client.get("/v1/inbox").json()["since_start"]["reprocessed"] == 1
+    # A whole folder cannot ask for it: only one file at a time, on purpose.
+    (inbox / "all").mkdir()
+    (inbox / "all" / "aip.json").write_text(json.dumps({"reprocess": True}))
+    (inbox / "all" / "x.jpg").write_bytes(data)
+    error = inbox / "failed" / "all" / "x.jpg.error.json"
+    until(error.exists, what="refused")
+    assert "unknown keys ['reprocess']" in json.loads(error.read_text())["message"]
+
+
+def test_reprocess_is_confined_to_the_inbox(
+    tmp_path: Path, inbox_service: Callable[..., RunningService]
+) -> None:
+    service = inbox_service()
+    inbox = service.settings.inbox_dir
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(make_image(56, 56))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.jpg").write_bytes(make_image(57, 57))
+    filed = inbox / "processed"
+    filed.mkdir()
+    os.symlink(secret, filed / "link.jpg")
+    os.symlink(outside, filed / "sub")
+    os.mkfifo(filed / "pipe.jpg")
+    (filed / "notes.txt").write_text("not a picture")
+    cases = {
+        "../secret.jpg": (403, "path_not_allowed"),
+        str(secret): (403, "path_not_allowed"),
+        "processed/link.jpg": (403, "path_not_allowed"),
+        "processed/sub/x.jpg": (403, "path_not_allowed"),
+        "processed": (422, "not_a_regular_file"),
+        "processed/pipe.jpg": (422, "not_a_regular_file"),
+        "processed/none.jpg": (404, "file_not_found"),
+    }
+    for path, (status, code) in cases.items():
+        response = service.client.post("/v1/inbox/reprocess", json={"path": path})
+        assert (response.status_code, response.json()["code"]) == (status, code), path
+        assert response.json()["message"]
+    for body in ({"path": "notes.txt", "prompt": "x"}, ["processed/notes.txt"], {}):
+        response = service.client.post("/v1/inbox/reprocess", json=body)
+        assert response.status_code == 422 and response.json()["code"], body
+    not_image = service.client.post("/v1/inbox/reprocess", json={"path": "processed/notes.txt"})
+    assert 400 <= not_image.status_code < 500 and not_image.json()["message"]
+    assert inbox_jobs(service) == []
+    off = inbox_service(inbox_enabled=False, data_dir=tmp_path / "off")
+    refused = off.client.post("/v1/inbox/reprocess", json={"path": "processed/notes.txt"})
+    assert refused.status_code == 409 and "AIP_INBOX_ENABLED" in refused.json()["message"]
+
+
+def test_rows_left_unfiled_by_a_crash_are_repaired_at_start(
+    inbox_service: Callable[..., RunningService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def crash(self: Ledger, entry: Any, filed_to: str) -> None:
+        raise OSError("the power went out before the move was recorded")
+
+    monkeypatch.setattr(Ledger, "filed", crash)
+    first = inbox_service()
+    inbox = first.settings.inbox_dir
+    data = make_image(58, 58)
+    (inbox / "good.json").write_text(json.dumps({"prompt": "Sidecar"}))
+    (inbox / "good.jpg").write_bytes(data)
+    until(lambda: len(ledger(first.settings)) == 1, what="the first row")
+    (inbox / "copy.jpg").write_bytes(data)
+    (inbox / "notes.txt").write_text("not a picture")
+    (inbox / "gone.jpg").write_bytes(make_image(59, 59))
+    processed, failed = inbox / "processed", inbox / "failed"
+    until(lambda: len(ledger(first.settings)) == 4, what="four rows")
+    moved = ["good.jpg", "good.json", "copy.jpg", "copy.jpg.duplicate.json", "gone.jpg"]
+    until(
+        lambda: all((processed / n).exists() for n in moved)
+        and (failed / "notes.txt.error.json").exists(),
+        what="all moved",
+    )
+    jobs_before = len(inbox_jobs(first))
+    first.stop()
+    monkeypatch.undo()
+    db = sqlite3.connect(first.settings.database)
+    assert db.execute("SELECT count(*) FROM inbox_files WHERE filed_to IS NULL").fetchone()[0] == 4
+    # The crash came before the notes were written and before the sidecar followed its file.
+    (processed / "copy.jpg.duplicate.json").unlink()
+    (failed / "notes.txt.error.json").unlink()
+    (processed / "good.json").rename(inbox / "good.json")
+    (processed / "gone.jpg").unlink()  # and the user took this one away since
+    second = inbox_service()
+
+    def filed() -> dict[str, str | None]:
+        return dict(db.execute("SELECT relative_path, filed_to FROM inbox_files").fetchall())
+
+    until(lambda: filed()["notes.txt"] is not None, what="the repair")
+    assert filed() == {
+        "good.jpg": "processed/good.jpg",
+        "copy.jpg": "processed/copy.jpg",
+        "notes.txt": "failed/notes.txt",
+        "gone.jpg": None,  # nowhere to be found: it keeps knowing the file, unfiled
+    }
+    assert json.loads((failed / "notes.txt.error.json").read_text())["code"] == "unsupported_type"
+    assert "duplicate_of" in json.loads((processed / "copy.jpg.duplicate.json").read_text())
+    assert (processed / "good.json").exists() and not (inbox / "good.json").exists()
+    assert len(inbox_jobs(second)) == jobs_before == 2
+
+
+def test_unfinished_image_writes_are_removed_at_start(
+    tmp_path: Path, inbox_service: Callable[..., RunningService]
+) -> None:
+    shard = tmp_path / "data" / "images" / "ab"
+    shard.mkdir(parents=True)
+    (shard / ".incoming-k2j4").write_bytes(b"half an image, then a crash")
+    (shard / "ab12.jpg").write_bytes(make_image(20, 20))
+    inbox_service()
+    assert sorted(p.name for p in shard.iterdir()) == ["ab12.jpg"]
+
+
+def test_inbox_error_files_speak_of_files_and_name_the_setting(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service(max_upload_bytes=2000)
+    inbox = service.settings.inbox_dir
+    (inbox / "big.jpg").write_bytes(make_image(300, 300))  # about 5 kB
+    (inbox / "notes.txt").write_text("not a picture")
+    big = inbox / "failed" / "big.jpg.error.json"
+    notes = inbox / "failed" / "notes.txt.error.json"
+    until(lambda: big.exists() and notes.exists(), what="both refused")
+    too_large = json.loads(big.read_text())
+    assert too_large["code"] == "payload_too_large"
+    assert "AIP_MAX_UPLOAD_BYTES" in too_large["message"]
+    for note in (inbox / "failed").glob("*.error.json"):
+        message = json.loads(note.read_text())["message"]
+        assert "upload" not in message and "file" in message, message

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
 from service.cli import main
 from service.config import Settings
 from service.detection import Detection
+from service.store.migrate import migrate
+from service.store.queue import ImageRecord, Outcome, Queue
 from tests.conftest import RunningService, gate_detector, make_image, make_settings
 
 Serve = Callable[..., RunningService]
@@ -125,28 +137,6 @@ def test_a_job_over_its_timeout_fails_with_the_reason(
     assert done["attempts"] == 1
 
 
-def test_retry_endpoint_requeues_a_failed_job(
-    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    service = serve(settings)
-    state = service.services.host.roles["detector"]
-    real = state.runtime
-
-    class Broken:
-        def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
-            raise RuntimeError("broken")
-
-    monkeypatch.setattr(state, "runtime", Broken())
-    job_id = service.submit(max_attempts="1").json()["id"]
-    assert service.wait(job_id)["status"] == "failed"
-    monkeypatch.setattr(state, "runtime", real)
-    retried = service.client.post(f"/v1/jobs/{job_id}/retry")
-    assert retried.status_code == 202
-    done = service.wait(job_id)
-    assert done["status"] == "succeeded" and done["result"] is not None
-    assert service.client.post(f"/v1/jobs/{job_id}/retry").status_code == 409
-
-
 def test_idempotency_key_returns_the_original_job(settings: Settings, serve: Serve) -> None:
     service = serve(settings)
     image = make_image(90, 60)
@@ -197,3 +187,172 @@ def test_a_second_service_on_the_same_data_dir_is_refused(settings: Settings, se
     serve(settings)
     with pytest.raises(RuntimeError, match="did not start"):
         serve(settings)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0  # every reading later than the last: arrival order is unambiguous
+        return self.now
+
+
+_IMAGE = ImageRecord(sha256="cd" * 32, bytes=10, width=8, height=8, format="PNG", path="x.png")
+
+
+async def _crashed_queue(db: Path, clock: _Clock) -> Queue:
+    """A second queue on the same file, as the next start after a crash opens it."""
+    return await Queue.open(db, clock=clock)
+
+
+def test_a_job_interrupted_by_a_crash_runs_next_not_last(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        db, clock = tmp_path / "aip.db", _Clock()
+        migrate(db)
+        before = await Queue.open(db, clock=clock)
+        a, _ = await before.enqueue(_IMAGE, {}, input_name="a.png")
+        assert (await before.claim("crashed-worker", 30)) is not None
+        later = [(await before.enqueue(_IMAGE, {}, input_name=f"{n}.png"))[0] for n in "bcde"]
+        await before.close()  # the process dies with A running
+        after = await _crashed_queue(db, clock)
+        assert await after.recover(expired_only=False) == (1, 0)
+        order = []
+        while (claim := await after.claim("next-worker", 30)) is not None:
+            order.append(claim.job_id)
+            await after.complete(claim, Outcome([], "done"))
+        await after.close()
+        return order, [a, *later]
+
+    order, expected = asyncio.run(scenario())
+    assert order == expected  # A first, then B..E in arrival order
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_and_lets_the_rest_run(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> tuple[list[str], int]:
+        db, clock = tmp_path / "aip.db", _Clock()
+        migrate(db)
+        queue = await Queue.open(db, clock=clock)
+        poison, _ = await queue.enqueue(_IMAGE, {}, input_name="poison.png", max_attempts=2)
+        other, _ = await queue.enqueue(_IMAGE, {}, input_name="b.png")
+        assert other != poison
+        outcomes = []
+        for _ in range(2):  # each start: the poison job is first in line and kills the worker
+            claim = await queue.claim("worker", 30)
+            assert claim is not None and claim.job_id == poison
+            await queue.close()
+            queue = await _crashed_queue(db, clock)
+            requeued, failed = await queue.recover(expired_only=False)
+            outcomes.append("failed" if failed else "requeued" if requeued else "?")
+        claim = await queue.claim("worker", 30)
+        await queue.close()
+        assert claim is not None
+        return outcomes, claim.job_id
+
+    outcomes, next_job = asyncio.run(scenario())
+    assert outcomes == ["requeued", "failed"]  # attempts are spent: no endless loop
+    assert next_job == 2  # the other job
+
+
+def test_a_job_handed_back_at_shutdown_keeps_its_place(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        db, clock = tmp_path / "aip.db", _Clock()
+        migrate(db)
+        queue = await Queue.open(db, clock=clock)
+        await queue.enqueue(_IMAGE, {}, input_name="a.png")
+        claim = await queue.claim("worker", 30)
+        assert claim is not None
+        for n in "bc":
+            await queue.enqueue(_IMAGE, {}, input_name=f"{n}.png")
+        assert await queue.release(claim)
+        again = await queue.claim("worker", 30)
+        await queue.close()
+        assert again is not None and again.attempt == 1  # the hand-back spent no attempt
+        return again.job_id
+
+    assert asyncio.run(scenario()) == 1
+
+
+def _log_has(log_file: Path, text: str) -> bool:
+    return log_file.exists() and text in log_file.read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "upload_in_flight",
+    [False, True],
+    ids=["during-the-grace-wait", "while-uvicorn-waits-for-a-connection"],
+)
+def test_ctrl_c_waits_for_the_job_and_a_second_ctrl_c_hands_it_back(
+    tmp_path: Path, tiny_checkpoints: tuple[Path, Path], upload_in_flight: bool
+) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    detector, reasoner = tiny_checkpoints
+    env = {
+        **os.environ,
+        "AIP_DATA_DIR": str(data_dir),
+        "AIP_PORT": str(port),
+        "AIP_INBOX": str(tmp_path / "inbox"),
+        "AIP_DETECTOR": str(detector),
+        "AIP_REASONER": str(reasoner),
+        "AIP_SHUTDOWN_GRACE": "120",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--log-level", "info"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/v1/health").status_code == 200:
+                    break
+            assert process.poll() is None, "the service exited during start-up"
+            assert time.monotonic() < deadline, "the service did not become healthy"
+            time.sleep(0.1)
+        queries = ",".join(f"object {i}" for i in range(16))  # seconds of work on one job
+        files = {"image": ("f.jpg", make_image(64, 64), "image/jpeg")}
+        job_id = httpx.post(f"{url}/v1/jobs", files=files, data={"queries": queries}).json()["id"]
+        while httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.01)
+
+        log_file = data_dir / "logs" / "aip.log"
+        held = socket.create_connection(("127.0.0.1", port))
+        if upload_in_flight:  # a body still arriving: uvicorn waits for it before shutting down
+            held.sendall(
+                b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
+        process.send_signal(signal.SIGINT)
+        waiting = f"waiting up to 120 s for job {job_id} to finish (Ctrl-C again to hand it back"
+        while not _log_has(log_file, waiting):
+            assert time.monotonic() < deadline, "no word on what shutdown waits for"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=60)
+        held.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    assert status == 130, stderr[-3000:]  # the shell's status for an interrupted process
+    assert "Traceback" not in stderr
+    handed_back = f"WARNING aip.worker: job {job_id} handed back to the queue unfinished"
+    assert _log_has(log_file, handed_back), stderr[-3000:]
+    with contextlib.closing(sqlite3.connect(data_dir / "aip.db")) as db:
+        job = db.execute("SELECT status, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        outcomes = db.execute(
+            "SELECT outcome FROM job_attempts WHERE job_id = ? ORDER BY id", (job_id,)
+        ).fetchall()
+    assert job == ("queued", 0)  # queued again, no attempt spent
+    assert outcomes == [("released",)]

@@ -1,27 +1,54 @@
-"""GET /v1/health: are the models loaded, how deep is the queue, which version is this."""
+"""GET /v1/health: are the models loaded, how deep is the queue, which version is this. With a
+token configured, a caller without it learns the status and nothing else."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from service import __version__
-from service.api.deps import services
+from service.api.deps import has_token, services
+from service.api.schemas import Health, typed
+from service.diskspace import problem
+from service.services import Services
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
-async def health(request: Request) -> JSONResponse:
+def assess(svc: Services) -> tuple[str, list[str]]:
+    """The service's status and, unless it is `ok`, one sentence per reason."""
+    models = svc.host.describe()
+    if svc.host.ready:
+        # Up, but refusing new jobs (507) until space is freed: degraded, still 200.
+        disk = problem(svc.settings.data_dir, svc.settings.database.parent)
+        return ("ok", []) if disk is None else ("degraded", [disk["reason"]])
+    failed = [m for m in models if m.get("state") == "failed"]
+    if failed:
+        return "failed", [
+            f"the {m.get('role')} model failed to load: {m.get('error') or 'see the log'}"
+            for m in failed
+        ]
+    return "loading", ["the models are still loading"]
+
+
+@router.get(
+    "/health",
+    summary="Liveness and readiness: 200 once the models serve, 503 while they load or failed",
+    responses={200: {"model": Health}, 503: {"model": Health}},
+)
+async def health(request: Request) -> Response:
     svc = services(request)
+    status, reasons = assess(svc)
+    code = 200 if svc.host.ready else 503
+    if not has_token(request):
+        return typed(Health, {"status": status}, status_code=code)
     counts = await svc.queue.counts()
-    ready = svc.host.ready
-    states = {state["state"] for state in svc.host.describe()}
-    status = "ok" if ready else ("failed" if "failed" in states else "loading")
-    body = {
+    body: dict[str, Any] = {
         "status": status,
+        "reasons": reasons,
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - svc.started, 1),
         "models": svc.host.describe(),
@@ -31,4 +58,4 @@ async def health(request: Request) -> JSONResponse:
             "current_job": svc.worker.current.job_id if svc.worker.current else None,
         },
     }
-    return JSONResponse(body, status_code=200 if ready else 503)
+    return typed(Health, body, status_code=code)

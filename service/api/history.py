@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from service.annotate import annotate, to_jpeg
 from service.api.deps import require_token, services
 from service.api.filters import job_filter
+from service.api.schemas import JobId, PruneReport, Stats, errors, typed
 from service.config import parse_age
 from service.errors import Gone, InvalidInput, NotFound
 from service.exports import FORMATS, WRITERS
@@ -21,40 +21,49 @@ from service.store.history import JobFilter
 from service.store.retention import prune
 from service.store.stats import job_stats
 
-router = APIRouter(tags=["history"], dependencies=[Depends(require_token)])
+router = APIRouter(
+    tags=["history"], dependencies=[Depends(require_token)], responses=errors(401, 422)
+)
 Filter = Annotated[JobFilter, Depends(job_filter)]
 
 
-@router.get("/stats", summary="Jobs by status and day, detections per label, mean timings")
-async def stats(request: Request, where: Filter) -> dict[str, Any]:
-    return await job_stats(services(request).reads.engine, where)
+@router.get(
+    "/stats",
+    summary="Jobs by status and day, detections per label, mean timings",
+    response_model=Stats,
+)
+async def stats(request: Request, where: Filter) -> Response:
+    return typed(Stats, await job_stats(services(request).reads.engine, where))
 
 
-@router.get("/exports/jobs.{fmt}", summary="Stream the filtered jobs as csv|jsonl|geojson|coco")
+@router.get(
+    "/exports/jobs.{fmt}",
+    summary="Stream the filtered jobs as csv|jsonl|geojson|coco",
+    response_class=StreamingResponse,
+    responses={200: {"content": {media: {} for media in FORMATS.values()}}, **errors(404)},
+)
 async def export(request: Request, fmt: str, where: Filter) -> StreamingResponse:
     if fmt not in WRITERS:
         raise NotFound(
             f"no export format {fmt!r}; use one of {', '.join(FORMATS)}", code="unknown_format"
         )
-    chunks = WRITERS[fmt](services(request).reads.iter_jobs(where))
-    # The first chunk is produced before the 200 goes out, so a query that fails does so
-    # as a proper error response, not as a body cut short.
-    first = await anext(chunks)
-
-    async def body() -> AsyncIterator[str]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
-
+    # The filters are checked and the first page read before the 200 goes out, so a query
+    # that fails does so as a proper error response, not as a body cut short.
+    jobs = await services(request).reads.stream(where)
     return StreamingResponse(
-        body(),
+        WRITERS[fmt](jobs),
         media_type=FORMATS[fmt],
         headers={"Content-Disposition": f'attachment; filename="jobs.{fmt}"'},
     )
 
 
-@router.get("/jobs/{job_id}/annotated", summary="The input with numbered boxes and masks")
-async def annotated(request: Request, job_id: int) -> Response:
+@router.get(
+    "/jobs/{job_id}/annotated",
+    summary="The input with numbered boxes and masks",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, **errors(404, 410)},
+)
+async def annotated(request: Request, job_id: JobId) -> Response:
     svc = services(request)
     job = await svc.reads.job(job_id)
     image_row = await svc.reads.image_of(job_id)
@@ -80,8 +89,12 @@ class PruneRequest(BaseModel):
     dry_run: bool = False
 
 
-@router.post("/prune", summary="Remove finished jobs (or only their images) older than an age")
-async def prune_history(request: Request, body: PruneRequest) -> dict[str, Any]:
+@router.post(
+    "/prune",
+    summary="Remove finished jobs (or only their images) older than an age",
+    response_model=PruneReport,
+)
+async def prune_history(request: Request, body: PruneRequest) -> Any:
     svc = services(request)
     try:
         age = parse_age(body.older_than)

@@ -1,19 +1,58 @@
-"""GET /v1/inbox: the watcher's state (path, events or polling, pending files, counts)."""
+"""GET /v1/inbox: the watcher's state (path, events or polling, pending files, counts);
+POST /v1/inbox/reprocess: a new job for an inbox file, even one whose content was seen."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import require_token, services
+from service.api.jobs import job_after_commit
+from service.api.schemas import InboxStatus, Job, errors, refuse_unencodable
+from service.errors import Conflict
 
-router = APIRouter(tags=["inbox"], dependencies=[Depends(require_token)])
+router = APIRouter(tags=["inbox"], dependencies=[Depends(require_token)], responses=errors(401))
 
 
-@router.get("/inbox", summary="The watched inbox: where, how, and what it did since start")
-async def inbox_status(request: Request) -> dict[str, Any]:
+@router.get(
+    "/inbox",
+    summary="The watched inbox: where, how, and what it did since start",
+    response_model=InboxStatus,
+    response_model_exclude_unset=True,
+)
+async def inbox_status(request: Request) -> Any:
     watcher = services(request).inbox
     if watcher is None:
         return {"enabled": False}
     return {"enabled": True, **watcher.status()}
+
+
+class ReprocessRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(
+        description="a file in the inbox or its processed/ or failed/ folders: absolute, or "
+        "relative to the inbox"
+    )
+
+
+@router.post(
+    "/inbox/reprocess",
+    status_code=202,
+    summary="Process an inbox file again (a duplicate, say) as a new job; the file stays put",
+    responses={202: {"model": Job}, **errors(403, 404, 409, 413, 415, 422, 507)},
+)
+async def reprocess(request: Request, body: ReprocessRequest) -> Response:
+    refuse_unencodable(body.path, "`path`")
+    svc = services(request)
+    if svc.inbox is None:
+        raise Conflict(
+            "this service's inbox is off (AIP_INBOX_ENABLED=0), so it does not process inbox "
+            "files; turn it on, or submit the file with `aip submit`",
+            code="inbox_disabled",
+        )
+    async with svc.intake_slots:
+        job_id = await svc.inbox.reprocess(body.path)
+    return await job_after_commit(svc, job_id, "queued", 202, {"Location": f"/v1/jobs/{job_id}"})

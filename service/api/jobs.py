@@ -5,21 +5,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from service.api.deps import require_token, services
 from service.api.filters import job_filter
+from service.api.schemas import Job, JobId, JobPage, errors, refuse_unencodable, typed
+from service.confine import read_confined
 from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.intake import confined_path, inspect_image, read_confined, store_image
-from service.pipeline import build_params
+from service.intake import inspect_image, store_image
+from service.pipeline import params_within
+from service.services import Services
 from service.store.history import JobFilter
+from service.store.reads import MAX_PAGE
 
-router = APIRouter(tags=["jobs"], dependencies=[Depends(require_token)])
+log = logging.getLogger("aip")
+router = APIRouter(
+    tags=["jobs"], dependencies=[Depends(require_token)], responses=errors(401, 422)
+)
 
 _FORM_FIELDS = {"image", "queries", "query", "prompt", "max_attempts"}
 _JSON_FIELDS = {"path", "queries", "prompt", "max_attempts"}
@@ -68,6 +76,27 @@ _SUBMIT_DOC: dict[str, Any] = {
         },
     }
 }
+
+
+def upload_too_large(limit: int) -> PayloadTooLarge:
+    """The one message for an upload over the limit, wherever it is caught."""
+    return PayloadTooLarge(
+        f"the upload is larger than the limit of {limit / 2**20:,.1f} MiB ({limit:,} bytes); "
+        "raise AIP_MAX_UPLOAD_BYTES (e.g. 512M or 1G) to accept it",
+    )
+
+
+def _check_json(raw: bytes) -> None:
+    """Refuse, as 422, JSON that parses into trouble: nesting deep enough to exhaust the
+    parser's recursion, integers past Python's digit limit, text with lone surrogates."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidInput(
+            "the body is not valid JSON (or nests or counts too deep to read)",
+            code="invalid_json",
+        ) from None
+    refuse_unencodable(body)
 
 
 def _max_attempts(raw: Any, default: int) -> int:
@@ -122,7 +151,6 @@ async def _from_json(
         raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="unknown_fields")
     if not isinstance(body.get("path"), str):
         raise InvalidInput("`path` (a file path on this machine) is required", code="missing_path")
-    path = confined_path(body["path"], services(request).settings.allowed_dirs)
     queries = body.get("queries") or []
     if isinstance(queries, str):
         queries = [queries]
@@ -131,8 +159,22 @@ async def _from_json(
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise InvalidInput("`prompt` must be a string", code="invalid_prompt")
-    data = await asyncio.to_thread(read_confined, path, max_bytes)
-    return data, str(path), queries, prompt, body.get("max_attempts")
+    allowed = services(request).settings.allowed_dirs
+    data, path = await asyncio.to_thread(read_confined, body["path"], allowed, max_bytes)
+    return data, path, queries, prompt, body.get("max_attempts")
+
+
+async def job_after_commit(
+    svc: Services, job_id: int, status: str, status_code: int, headers: dict[str, str] | None = None
+) -> Response:
+    """The job as it is now. Its change is already committed, so a failing read must not
+    turn into an error the client would retry (a second job): answer with what is known."""
+    try:
+        return typed(Job, await svc.reads.job(job_id), status_code, headers)
+    except Exception:
+        log.exception("job %d: reading it back after a commit failed", job_id)
+        known = {"id": job_id, "status": status, "links": {"self": f"/v1/jobs/{job_id}"}}
+        return JSONResponse(known, status_code=status_code, headers=headers)
 
 
 @router.post(
@@ -140,10 +182,23 @@ async def _from_json(
     status_code=202,
     openapi_extra=_SUBMIT_DOC,
     summary="Submit an image (multipart upload, or JSON naming an allowed path)",
+    responses={
+        200: {"model": Job, "description": "the job an earlier request with this key made"},
+        202: {"model": Job, "description": "queued"},
+        **errors(403, 409, 413, 415, 507),
+    },
 )
 async def submit(
-    request: Request, idempotency_key: str | None = Header(default=None)
-) -> JSONResponse:
+    request: Request,
+    idempotency_key: str | None = Header(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="the same key and request again returns the first job, not a new one",
+    ),
+) -> Response:
+    # Everything that can refuse the request happens before the enqueue commits: an error
+    # after it would make a client's retry create a second job.
     svc = services(request)
     settings = svc.settings
     content_type = request.headers.get("content-type", "")
@@ -152,6 +207,7 @@ async def submit(
         data, name, queries, prompt, attempts = await _from_form(request)
     elif content_type.startswith("application/json"):
         source = "path"
+        _check_json(await request.body())
         data, name, queries, prompt, attempts = await _from_json(request, settings.max_upload_bytes)
     else:
         raise UnsupportedMedia(
@@ -159,15 +215,11 @@ async def submit(
             code="unsupported_content_type",
         )
     if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"the upload is larger than {settings.max_upload_bytes:,} bytes")
-    params = build_params(
-        queries,
-        prompt,
-        default_queries=settings.default_queries,
-        default_prompt=settings.default_prompt,
-        max_queries=settings.max_queries,
-        max_prompt_chars=settings.max_prompt_chars,
-    )
+        raise upload_too_large(settings.max_upload_bytes)
+    refuse_unencodable(name, "the file name")
+    refuse_unencodable(queries, "`queries`")
+    refuse_unencodable(prompt, "`prompt`")
+    params = params_within(queries, prompt, settings)
     max_attempts = _max_attempts(attempts, settings.max_attempts)
     async with svc.intake_slots:
         record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
@@ -186,48 +238,81 @@ async def submit(
         request_hash=request_hash,
     )
     svc.worker.notify()
-    view = await svc.reads.job(job_id)
-    return JSONResponse(
-        view, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job_id}"}
-    )
+    location = {"Location": f"/v1/jobs/{job_id}"}
+    return await job_after_commit(svc, job_id, "queued", 202 if created else 200, location)
 
 
-@router.get("/jobs", summary="Jobs, newest first, filtered")
+@router.get("/jobs", summary="Jobs, newest first, filtered", response_model=JobPage)
 async def list_jobs(
     request: Request,
     where: Annotated[JobFilter, Depends(job_filter)],
     sort: str = Query(default="created", description="created|finished (newest first)"),
-    cursor: str | None = Query(default=None, description="next_cursor from the previous page"),
-    limit: int = Query(default=50),
-) -> dict[str, Any]:
-    return await services(request).reads.page(where, sort=sort, cursor=cursor, limit=limit)
+    cursor: str | None = Query(
+        default=None, max_length=1000, description="next_cursor from the previous page"
+    ),
+    limit: int = Query(default=50, description=f"1..{MAX_PAGE}"),
+) -> Response:
+    page = await services(request).reads.page(where, sort=sort, cursor=cursor, limit=limit)
+    return typed(JobPage, page)
 
 
-@router.get("/jobs/{job_id}", summary="One job: status, input, parameters, timings, result")
-async def show_job(request: Request, job_id: int) -> dict[str, Any]:
-    return await services(request).reads.job(job_id)
+@router.get(
+    "/jobs/{job_id}",
+    summary="One job: status, input, parameters, timings, result",
+    response_model=Job,
+    responses=errors(404),
+)
+async def show_job(request: Request, job_id: JobId) -> Response:
+    svc = services(request)
+    view = await svc.reads.job(job_id)
+    # Progress for a waiting client: its place in the queue, then the stage it is in.
+    queued, current = view["status"] == "queued", svc.worker.current
+    view["queue_position"] = await svc.reads.queue_position(job_id) if queued else None
+    running_here = view["status"] == "running" and current is not None and current.job_id == job_id
+    view["stage"] = svc.worker.stage if running_here else None
+    return typed(Job, view)
 
 
-@router.post("/jobs/{job_id}/cancel", summary="Cancel a queued job, or stop a running one")
-async def cancel_job(request: Request, job_id: int) -> JSONResponse:
+@router.post(
+    "/jobs/{job_id}/cancel",
+    summary="Cancel a queued job, or stop a running one",
+    responses={
+        200: {"model": Job, "description": "cancelled"},
+        202: {"model": Job, "description": "running: asked to stop at its next stage"},
+        **errors(404, 409),
+    },
+)
+async def cancel_job(request: Request, job_id: JobId) -> Response:
     svc = services(request)
     status = await svc.queue.request_cancel(job_id)
     if status == "running":
         svc.worker.cancel(job_id)
-    view = await svc.reads.job(job_id)
-    return JSONResponse(view, status_code=200 if status == "cancelled" else 202)
+    return await job_after_commit(svc, job_id, status, 200 if status == "cancelled" else 202)
 
 
-@router.post("/jobs/{job_id}/retry", status_code=202, summary="Queue a failed job again")
-async def retry_job(request: Request, job_id: int) -> dict[str, Any]:
+@router.post(
+    "/jobs/{job_id}/retry",
+    status_code=202,
+    summary="Queue a failed or cancelled job again, with as many attempts as it first had",
+    responses={202: {"model": Job}, **errors(404, 409)},
+)
+async def retry_job(request: Request, job_id: JobId) -> Response:
     svc = services(request)
     await svc.queue.retry(job_id)
     svc.worker.notify()
-    return await svc.reads.job(job_id)
+    return await job_after_commit(svc, job_id, "queued", 202)
 
 
-@router.get("/jobs/{job_id}/image", summary="The stored input image")
-async def job_image(request: Request, job_id: int) -> FileResponse:
+@router.get(
+    "/jobs/{job_id}/image",
+    summary="The stored input image",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {media: {} for media in sorted(set(_MEDIA.values()))}},
+        **errors(404, 410),
+    },
+)
+async def job_image(request: Request, job_id: JobId) -> FileResponse:
     svc = services(request)
     image = await svc.reads.image_of(job_id)
     path = svc.settings.data_dir / image.path

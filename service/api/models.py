@@ -10,10 +10,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import require_token, services
+from service.api.schemas import ModelsReport, RoleState, errors, refuse_unencodable
 from service.errors import InvalidInput, ModelUnavailable
 from service.models.roles import Target
 
-router = APIRouter(tags=["models"], dependencies=[Depends(require_token)])
+router = APIRouter(
+    tags=["models"], dependencies=[Depends(require_token)], responses=errors(401, 422)
+)
 
 
 class LoadRequest(BaseModel):
@@ -26,8 +29,13 @@ class LoadRequest(BaseModel):
     wait: bool = Field(False, description="answer when the load has finished, not at once")
 
 
-@router.get("/models", summary="Both roles: state, source, revision, memory, progress")
-async def list_models(request: Request) -> dict[str, Any]:
+@router.get(
+    "/models",
+    summary="Both roles: state, source, revision, memory, progress",
+    response_model=ModelsReport,
+    response_model_exclude_unset=True,
+)
+async def list_models(request: Request) -> Any:
     return services(request).host.report()
 
 
@@ -35,8 +43,14 @@ async def list_models(request: Request) -> dict[str, Any]:
     "/models/{role}/load",
     status_code=202,
     summary="Load or swap a role's model; 409 when it would not fit the memory budget",
+    responses={
+        200: {"model": RoleState, "description": "loaded (wait: true)"},
+        202: {"model": RoleState, "description": "loading"},
+        **errors(404, 409),
+    },
 )
 async def load_model(role: str, body: LoadRequest, request: Request) -> JSONResponse:
+    refuse_unencodable(body.model, "`model`")
     host = services(request).host
     current = host.roles.get(role)
     source = body.model or (current.target.source if current else "")
@@ -49,8 +63,14 @@ async def load_model(role: str, body: LoadRequest, request: Request) -> JSONResp
     return JSONResponse(host.roles[role].describe(), status_code=200 if body.wait else 202)
 
 
-@router.post("/models/{role}/unload", summary="Free a role's model; the next job reloads it")
-async def unload_model(role: str, request: Request) -> dict[str, Any]:
+@router.post(
+    "/models/{role}/unload",
+    summary="Free a role's model; the next job reloads it",
+    response_model=RoleState,
+    response_model_exclude_unset=True,
+    responses=errors(404),
+)
+async def unload_model(role: str, request: Request) -> Any:
     host = services(request).host
     await host.unload(role)
     return host.roles[role].describe()

@@ -19,6 +19,8 @@ TEMPORARY = ("*.part", "*.partial", "*.crdownload", "*.download", "*.tmp", "*.te
              "~$*", "*~", "Thumbs.db", "desktop.ini")  # fmt: skip
 _PARAM_KEYS = {"queries", "prompt", "max_attempts"}
 _FOLDER_KEYS = _PARAM_KEYS | {"sidecar"}
+# Processing a duplicate again is asked for one file at a time, never for a whole folder.
+_SIDECAR_KEYS = _PARAM_KEYS | {"reprocess"}
 
 
 def kind_of(relative_path: str) -> str:
@@ -60,6 +62,7 @@ class FileParams:
     prompt: str | None
     max_attempts: int | None
     sidecar_required: bool
+    reprocess: bool = False
 
 
 def _read_json(path: Path, allowed: set[str]) -> dict[str, Any]:
@@ -90,14 +93,16 @@ def _check(data: dict[str, Any], where: str) -> dict[str, Any]:
     attempts = data.get("max_attempts")
     if attempts is not None and not (isinstance(attempts, int) and 1 <= attempts <= 10):
         raise ParamsError(f"{where}: max_attempts must be a whole number 1..10")
+    if not isinstance(data.get("reprocess", False), bool):
+        raise ParamsError(f"{where}: reprocess must be true or false")
     if data.get("sidecar", "optional") not in ("optional", "required"):
         raise ParamsError(f'{where}: sidecar must be "optional" or "required"')
     return data
 
 
-def params_for(root: Path, relative_path: str) -> FileParams:
+def params_for(root: Path, relative_path: str, sidecar_path: str | None = None) -> FileParams:
     """Folder configs apply from the inbox root down (deeper ones override); the file's own
-    sidecar overrides them all."""
+    sidecar (`sidecar_path`, by default the one beside `relative_path`) overrides them all."""
     merged: dict[str, Any] = {}
     folder = PurePosixPath()
     for part in ("", *PurePosixPath(relative_path).parts[:-1]):
@@ -106,12 +111,21 @@ def params_for(root: Path, relative_path: str) -> FileParams:
         if config.is_file():
             where = str(folder / FOLDER_CONFIG)
             merged.update(_check(_read_json(config, _FOLDER_KEYS), where))
-    sidecar = sidecar_of(relative_path)
+    sidecar = sidecar_path or sidecar_of(relative_path)
     if sidecar is not None and (root / sidecar).is_file():
-        merged.update(_check(_read_json(root / sidecar, _PARAM_KEYS), sidecar))
+        merged.update(_check(_read_json(root / sidecar, _SIDECAR_KEYS), sidecar))
     return FileParams(
         queries=merged.get("queries"),
         prompt=merged.get("prompt"),
         max_attempts=merged.get("max_attempts"),
         sidecar_required=merged.get("sidecar") == "required",
+        reprocess=merged.get("reprocess", False),
     )
+
+
+def unfiled_path(relative_path: str) -> str:
+    """`processed/a/x.jpg` -> `a/x.jpg`: where a filed file was dropped (its folder configs)."""
+    parts = PurePosixPath(relative_path).parts
+    if len(parts) > 1 and parts[0] in FILING_FOLDERS:
+        return PurePosixPath(*parts[1:]).as_posix()
+    return relative_path

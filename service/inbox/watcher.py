@@ -17,11 +17,14 @@ from typing import Any
 from watchfiles import Change, awatch
 
 from service.config import Settings
+from service.diskspace import is_disk_full, watch
 from service.errors import AipError
-from service.inbox.filing import file_away, write_error
+from service.inbox.filing import file_away, write_duplicate, write_error
+from service.inbox.repair import repair_unfiled
+from service.inbox.reprocess import reprocess_file
 from service.inbox.rules import ParamsError, ignored_folder, kind_of, params_for, sidecar_of
 from service.intake import inspect_image, store_image
-from service.pipeline import build_params
+from service.pipeline import params_within
 from service.store.ledger import Entry, FileSeen, Ledger
 
 log = logging.getLogger("aip.inbox")
@@ -46,6 +49,7 @@ class Counts:
     duplicates: int = 0
     rejected: int = 0
     already_known: int = 0
+    reprocessed: int = 0  # duplicates processed again on purpose (sidecar or API)
 
 
 @dataclass
@@ -214,7 +218,19 @@ class InboxWatcher:
 
     # -- settling and ingesting -----------------------------------------------------------
 
+    async def _repair(self) -> None:
+        """Before any file is handled: record where a crash left files it had moved."""
+        try:
+            repairs = await repair_unfiled(self.ledger, self.root)
+        except Exception:
+            log.exception("inbox: could not repair the ledger after a crash; going on")
+            return
+        if repairs.filed:
+            log.info("inbox: recorded %d files a crash had filed unrecorded", repairs.filed)
+
     async def _settle_loop(self) -> None:
+        if self.settings.inbox_move:
+            await self._repair()
         interval = max(self.settings.inbox_settle_seconds / 10, 0.02)
         # Decoding and fsyncs overlap well: handle up to one file per core at a time.
         limit = asyncio.Semaphore(os.cpu_count() or 2)
@@ -250,7 +266,13 @@ class InboxWatcher:
         async with limit:
             try:
                 done = await self._ingest(file)
-            except Exception:
+            except Exception as exc:
+                if is_disk_full(exc):
+                    # Not the file's fault: it stays in the inbox, uncounted, for the next scan.
+                    if not isinstance(exc, AipError):  # the queue has said so already
+                        watch(self.settings.data_dir).note_full(f"taking in {relative}")
+                    self.pending.pop(relative, None)
+                    return
                 waiting = self.pending[relative]
                 waiting.failures += 1
                 if waiting.failures >= MAX_FAILURES:
@@ -310,17 +332,12 @@ class InboxWatcher:
             return False
         settings = self.settings
         try:
-            params = build_params(
-                found.queries,
-                found.prompt,
-                default_queries=settings.default_queries,
-                default_prompt=settings.default_prompt,
-                max_queries=settings.max_queries,
-                max_prompt_chars=settings.max_prompt_chars,
-            )
+            params = params_within(found.queries, found.prompt, settings)
             if file.size > settings.max_upload_bytes:
                 raise AipError(
-                    f"larger than {settings.max_upload_bytes:,} bytes", code="payload_too_large"
+                    f"the file is {file.size:,} bytes, over the limit of "
+                    f"{settings.max_upload_bytes:,} (AIP_MAX_UPLOAD_BYTES)",
+                    code="payload_too_large",
                 )
             data = await asyncio.to_thread((self.root / relative).read_bytes)
             if len(data) != file.size:
@@ -334,11 +351,17 @@ class InboxWatcher:
             return True
         await asyncio.to_thread(store_image, data, image, settings.data_dir)
         max_attempts = found.max_attempts or settings.max_attempts
-        entry = await self.ledger.accept(file, image, params.to_dict(), max_attempts=max_attempts)
+        entry = await self.ledger.accept(
+            file, image, params.to_dict(), max_attempts=max_attempts, reprocess=found.reprocess
+        )
         if entry.outcome == "queued":
             self.counts.ingested += 1
             self.notify()
             log.info("inbox: %s -> job %s", relative, entry.job_id)
+        elif entry.outcome == "reprocessed":
+            self.counts.reprocessed += 1
+            self.notify()
+            log.info("inbox: %s processed again as asked -> job %s", relative, entry.job_id)
         else:
             self.counts.duplicates += 1
             log.info("inbox: %s duplicates job %s", relative, entry.job_id)
@@ -375,4 +398,15 @@ class InboxWatcher:
                 entry.error_code or "rejected",
                 entry.error_message or "rejected",
             )
+        elif entry.outcome == "duplicate" and entry.job_id is not None:
+            await asyncio.to_thread(write_duplicate, self.root, moved, entry.job_id)
         await self.ledger.filed(entry, moved)
+
+    async def reprocess(self, raw_path: str) -> int:
+        """A new job for the inbox file `raw_path` (filed or not), even for content seen
+        before; the job id."""
+        job_id = await reprocess_file(self.settings, self.ledger, raw_path)
+        self.counts.reprocessed += 1
+        self.notify()
+        log.info("inbox: %s processed again as asked -> job %s", raw_path, job_id)
+        return job_id

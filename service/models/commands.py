@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.client import Client, add_client_command, settings_from
+from service.client import Client, ClientError, add_client_command, settings_from
 from service.errors import AipError
 from service.models.budget import format_bytes
 
@@ -82,11 +82,18 @@ def cmd_load(args: argparse.Namespace) -> int:
     client = _client(args)
     body = {"model": model, "quantize": args.quantize}
     role = client.call("POST", f"/v1/models/{args.role}/load", json=body)
-    while role["state"] == "loading":
-        _draw(role)
-        time.sleep(0.2)
-        role = _role(client.call("GET", "/v1/models"), args.role)
-    print(file=sys.stderr)
+    try:
+        while role["state"] == "loading":
+            _draw(role)
+            time.sleep(0.2)
+            role = _role(client.call("GET", "/v1/models"), args.role)
+    except KeyboardInterrupt:
+        raise ClientError(
+            "stopped watching; the load goes on in the service: `aip models list` shows it",
+            exit_code=130,
+        ) from None
+    finally:
+        print(file=sys.stderr)
     if args.json:
         print(json.dumps(role, indent=2))
     if role["error"]:
@@ -119,7 +126,7 @@ def register(models: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     listing = command("list", "what the running service holds: state, revision, memory")
     listing.set_defaults(func=cmd_list)
     load = command("load", "load or swap a role's model in the running service")
-    load.add_argument("role", choices=["detector", "reasoner"])
+    load.add_argument("role", choices=["detector", "reasoner"], help="which model to replace")
     load.add_argument("model", help="hub id or local folder")
     load.add_argument("--quantize", type=int, choices=[4, 8], help="convert once, then reuse")
     load.add_argument(
@@ -127,5 +134,5 @@ def register(models: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     load.set_defaults(func=cmd_load)
     unload = command("unload", "free a role's model; the next job loads it again")
-    unload.add_argument("role", choices=["detector", "reasoner"])
+    unload.add_argument("role", choices=["detector", "reasoner"], help="which model to free")
     unload.set_defaults(func=cmd_unload)

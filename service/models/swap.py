@@ -9,9 +9,10 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from service.errors import InvalidInput
 from service.models import budget as budgets
@@ -19,11 +20,27 @@ from service.models import loading
 from service.models import quantize as quant
 from service.models.roles import Loaded, Progress, RoleState, Target
 from service.models.sources import bytes_on_disk, go_offline, resolve, revision_of
-
-if TYPE_CHECKING:
-    from service.models.host import ModelHost
+from service.models.thread import ModelThread
 
 log = logging.getLogger("aip.models")
+
+
+class Host(Protocol):
+    """What a load needs from the model host that drives it (the host satisfies this; swap
+    does not import the host, so the dependency runs one way)."""
+
+    roles: dict[str, RoleState]
+    stand_ins: dict[str, Callable[[Path], Any]] | None
+    resolve_sources: bool
+    cache_dir: Path | None
+    thread: ModelThread
+
+    async def on_cpu(self) -> bool: ...
+    async def budget_bytes(self) -> int: ...
+    def resident(self) -> dict[str, int]: ...
+    def evictable(self, role: str) -> tuple[str, ...]: ...
+    async def free(self, role: str, why: str) -> None: ...
+    def install(self, role: str, loaded: Loaded) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ def phase(state: RoleState, name: str, began: float, detail: str) -> None:
     log.info("%s: %s in %.2f s: %s", state.role, name, seconds, detail)
 
 
-async def prepare(host: ModelHost, role: str, target: Target) -> Prepared:
+async def prepare(host: Host, role: str, target: Target) -> Prepared:
     """Resolve, find a cached quantised copy, estimate, and fit the budget; raises what it
     refuses (OverBudget with both numbers, InvalidInput, ModelUnavailable) before anything
     is freed or read beyond the headers."""
@@ -108,7 +125,7 @@ async def prepare(host: ModelHost, role: str, target: Target) -> Prepared:
     return Prepared(target, source, path, source_revision, convert, plan)
 
 
-async def run(host: ModelHost, role: str, prepared: Prepared) -> None:
+async def run(host: Host, role: str, prepared: Prepared) -> None:
     """Free what the plan says, convert if needed, load, swap. A failure after the old model
     was freed loads that one again before it is raised."""
     state = host.roles[role]
@@ -142,7 +159,7 @@ async def run(host: ModelHost, role: str, prepared: Prepared) -> None:
         raise
 
 
-async def _convert(host: ModelHost, state: RoleState, prepared: Prepared) -> None:
+async def _convert(host: Host, state: RoleState, prepared: Prepared) -> None:
     began = time.perf_counter()
     state.progress = Progress("convert")  # mlx-vlm reports no fraction: none is shown
     bits = prepared.target.quantize or 0
@@ -155,7 +172,7 @@ async def _convert(host: ModelHost, state: RoleState, prepared: Prepared) -> Non
 
 
 async def materialise(
-    host: ModelHost, role: str, target: Target, path: Path, source_revision: str
+    host: Host, role: str, target: Target, path: Path, source_revision: str
 ) -> Loaded:
     """Read the weights in steps on the model thread (jobs run between them) and wrap them."""
     state = host.roles[role]
@@ -186,7 +203,7 @@ async def materialise(
     )  # fmt: skip
 
 
-async def _restore(host: ModelHost, role: str, old: Loaded) -> None:
+async def _restore(host: Host, role: str, old: Loaded) -> None:
     """Bring back the model a failed replacement had freed: it fit before."""
     try:
         back = await materialise(host, role, old.target, old.path, old.source_revision)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -18,24 +19,32 @@ from service.store.queue import STATUSES
 from service.store.tables import DetectionRow, ImageRow, JobRow
 
 SORTS = ("created", "finished")
+MAX_TEXT = 1000  # the longest text filter: a label, a folder, a source or the words of q
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_time(value: str, name: str) -> float:
     """ISO 8601 date or date-time (naive means UTC), or Unix seconds."""
+    wrong = InvalidInput(
+        f"{name}={value!r} is not a date or time (use e.g. 2026-11-23 or 2026-11-23T08:00:00Z)",
+        code="invalid_filter",
+    )
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # nan and inf parse as floats but name no moment; SQLite would read nan as NULL.
+        if not math.isfinite(seconds):
+            raise wrong
+        return seconds
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidInput(
-            f"{name}={value!r} is not a date or time (use e.g. 2026-11-23 or 2026-11-23T08:00:00Z)",
-            code="invalid_filter",
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    except (ValueError, OverflowError):
+        raise wrong from None
 
 
 def parse_local_time(value: str, name: str) -> str:
@@ -49,8 +58,11 @@ def parse_local_time(value: str, name: str) -> str:
 
 
 def fts_query(words: str) -> str:
-    """Every word must appear (quoted, so user text can never be FTS syntax)."""
-    terms = [w.replace('"', '""') for w in words.split() if w.strip()]
+    """Every word must appear (quoted, so user text can never be FTS syntax). Control
+    characters separate words: SQLite's FTS parser ends a query at NUL."""
+    if len(words) > MAX_TEXT:
+        raise InvalidInput(f"q is longer than {MAX_TEXT} characters", code="invalid_filter")
+    terms = [w.replace('"', '""') for w in _CONTROL.sub(" ", words).split() if w.strip()]
     if not terms:
         raise InvalidInput("q must contain at least one word", code="invalid_filter")
     return " ".join(f'"{t}"' for t in terms)
@@ -79,6 +91,11 @@ class JobFilter:
                 f"unknown status {status!r}; use one of {', '.join(STATUSES)}",
                 code="invalid_filter",
             )
+        for name in ("source", "folder", "label"):
+            if len(str(given.get(name, ""))) > MAX_TEXT:
+                raise InvalidInput(
+                    f"{name} is longer than {MAX_TEXT} characters", code="invalid_filter"
+                )
         min_count = given.get("min_count")
         if min_count is not None:
             if not isinstance(min_count, int) or not 1 <= min_count <= 1_000_000:

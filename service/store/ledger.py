@@ -1,8 +1,12 @@
 """The inbox ledger: every file seen in the inbox and what became of it. One inbox job per
-content is enforced here, in the database, in the same transaction that queues the job."""
+content is enforced here, in the database, in the same transaction that queues the job.
+
+A file processed again on purpose (`reprocess`) is stored as a `duplicate` row that holds its
+own job; only a plain duplicate points at the job that claimed the content (the `queued` row)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +26,20 @@ class FileSeen:
 @dataclass(frozen=True)
 class Entry:
     id: int
-    outcome: str  # queued | duplicate | rejected
+    outcome: str  # queued | duplicate | reprocessed | rejected (| pruned, from retention)
     job_id: int | None
     filed_to: str | None
     error_code: str | None = None
     error_message: str | None = None
+
+
+# A duplicate row holding a job other than the content's claim was processed again on purpose.
+_ENTRY_COLUMNS = (
+    "f.id, CASE WHEN f.outcome = 'duplicate' AND f.job_id IS NOT (SELECT c.job_id"
+    " FROM inbox_files c WHERE c.sha256 = f.sha256 AND c.outcome = 'queued')"
+    " THEN 'reprocessed' ELSE f.outcome END,"
+    " f.job_id, f.filed_to, f.error_code, f.error_message"
+)
 
 
 class Ledger:
@@ -36,33 +49,60 @@ class Ledger:
     async def known(self, file: FileSeen) -> Entry | None:
         """This very file (same path, size and mtime) was handled before but not filed away:
         moving is off, or the service stopped between queueing and filing."""
-        async with self._queue.reading() as db:
-            cursor = await db.execute(
-                "SELECT id, outcome, job_id, filed_to, error_code, error_message FROM inbox_files"
-                " WHERE relative_path = ?"
-                " AND size = ? AND mtime_ns = ? AND filed_to IS NULL ORDER BY id DESC LIMIT 1",
+        row = await self._queue.read(
+            lambda db: db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM inbox_files f WHERE f.relative_path = ?"
+                " AND f.size = ? AND f.mtime_ns = ? AND f.filed_to IS NULL"
+                " ORDER BY f.id DESC LIMIT 1",
                 (file.relative_path, file.size, file.mtime_ns),
-            )
-            row = await cursor.fetchone()
+            ).fetchone()
+        )
         return None if row is None else Entry(*row)
 
+    async def unfiled(self) -> list[tuple[Entry, FileSeen]]:
+        """Every row whose file was never recorded as filed away, oldest first."""
+        rows = await self._queue.read(
+            lambda db: db.execute(
+                f"SELECT {_ENTRY_COLUMNS}, f.relative_path, f.size, f.mtime_ns"
+                " FROM inbox_files f WHERE f.filed_to IS NULL ORDER BY f.id"
+            ).fetchall()
+        )
+        return [(Entry(*row[:6]), FileSeen(*row[6:])) for row in rows]
+
+    async def filed_paths(self) -> set[str]:
+        rows = await self._queue.read(
+            lambda db: db.execute(
+                "SELECT filed_to FROM inbox_files WHERE filed_to IS NOT NULL"
+            ).fetchall()
+        )
+        return {row[0] for row in rows}
+
     async def accept(
-        self, file: FileSeen, image: ImageRecord, params: dict[str, Any], *, max_attempts: int
+        self,
+        file: FileSeen,
+        image: ImageRecord,
+        params: dict[str, Any],
+        *,
+        max_attempts: int,
+        reprocess: bool = False,
+        filed_to: str | None = None,
     ) -> Entry:
         """Queue a job for this content, or record the file as a duplicate of the job that
-        already has it; one transaction either way."""
+        already has it (with `reprocess`, queue a new job for it all the same); one
+        transaction either way (shared with other intake arriving at the same moment, as
+        `Queue.enqueue`). `filed_to` records a file that stays where it is."""
         queue = self._queue
-        async with queue.transaction() as db:
-            cursor = await db.execute(
+
+        def accept(db: sqlite3.Connection) -> Entry:
+            row = db.execute(
                 "SELECT job_id FROM inbox_files WHERE sha256 = ? AND outcome = 'queued'",
                 (image.sha256,),
-            )
-            row = await cursor.fetchone()
-            if row is not None:
+            ).fetchone()
+            if row is not None and not reprocess:
                 outcome, job_id = "duplicate", int(row[0])
             else:
-                outcome = "queued"
-                job_id = await queue.insert_job(
+                outcome = "queued" if row is None else "duplicate"
+                job_id = queue.insert_job(
                     db,
                     image,
                     params,
@@ -71,9 +111,9 @@ class Ledger:
                     source_path=file.relative_path,
                     max_attempts=max_attempts,
                 )
-            cursor = await db.execute(
+            cursor = db.execute(
                 "INSERT INTO inbox_files (relative_path, sha256, size, mtime_ns, outcome, job_id,"
-                " seen_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " filed_to, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     file.relative_path,
                     image.sha256,
@@ -81,15 +121,20 @@ class Ledger:
                     file.mtime_ns,
                     outcome,
                     job_id,
+                    filed_to,
                     time.time(),
                 ),
             )
             assert cursor.lastrowid is not None
-            return Entry(cursor.lastrowid, outcome, job_id, None)
+            if reprocess and row is not None:
+                outcome = "reprocessed"
+            return Entry(cursor.lastrowid, outcome, job_id, filed_to)
+
+        return await queue.write(accept, group=True)
 
     async def reject(self, file: FileSeen, code: str, message: str) -> Entry:
-        async with self._queue.transaction() as db:
-            cursor = await db.execute(
+        def reject(db: sqlite3.Connection) -> Entry:
+            cursor = db.execute(
                 "INSERT INTO inbox_files (relative_path, size, mtime_ns, outcome,"
                 " error_code, error_message, seen_at) VALUES (?, ?, ?, 'rejected', ?, ?, ?)",
                 (file.relative_path, file.size, file.mtime_ns, code, message, time.time()),
@@ -97,8 +142,10 @@ class Ledger:
             assert cursor.lastrowid is not None
             return Entry(cursor.lastrowid, "rejected", None, None, code, message)
 
+        return await self._queue.write(reject)
+
     async def filed(self, entry: Entry, filed_to: str) -> None:
-        async with self._queue.transaction() as db:
-            await db.execute(
-                "UPDATE inbox_files SET filed_to = ? WHERE id = ?", (filed_to, entry.id)
-            )
+        def filed(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE inbox_files SET filed_to = ? WHERE id = ?", (filed_to, entry.id))
+
+        await self._queue.write(filed)

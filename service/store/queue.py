@@ -4,28 +4,29 @@
     running -> queued            (transient failure with attempts left, lost lease, release)
     failed | cancelled -> queued (explicit retry)
 
-Every transition is one statement or one transaction on the single writer connection; a
-running job's transitions are fenced by (owner, attempt) so a worker that lost its lease
-can never overwrite what a newer attempt wrote.
+Every transition is one function run as one transaction on the writer thread (one hop from
+the event loop; see store/writer.py); a running job's transitions are fenced by (owner,
+attempt) so a worker that lost its lease can never overwrite what a newer attempt wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, TypeVar
 
 from service.detection import Detection
-from service.errors import Conflict, JobFailure, NotFound
-from service.store.sqlite import open_writer
+from service.diskspace import DiskState, is_disk_full, watch
+from service.errors import Conflict, DiskFull, JobFailure, NotFound
+from service.store.sqlite import connect_writer
+from service.store.writer import Writer
+
+T = TypeVar("T")
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -62,6 +63,9 @@ class Claim:
     params: dict[str, Any]
     created_at: float
     started_at: float
+    # This attempt's place since the job was last queued by hand (a retry starts again at 1):
+    # the backoff grows with it, not with the attempts of earlier rounds.
+    round_attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -79,44 +83,49 @@ class Heartbeat:
 
 
 class Queue:
-    def __init__(self, conn: aiosqlite.Connection, *, clock: Callable[[], float] = time.time):
-        self._conn = conn
-        self._lock = asyncio.Lock()
+    def __init__(
+        self,
+        writer: Writer,
+        *,
+        clock: Callable[[], float] = time.time,
+        disk: DiskState | None = None,
+    ):
+        self.writer = writer
         self._clock = clock
+        self.disk = disk or watch(Path.cwd())
+        # Claims whose lease or hand-back could not be written (disk full): the database still
+        # says `running`, so `recover` must leave them to this worker, and a hand-back not yet
+        # written is written first thing once writes work again.
+        self._offline: dict[int, Claim] = {}
+        self._unreleased: dict[int, tuple[Claim, JobFailure | None]] = {}
 
     @classmethod
     async def open(cls, db_path: Path, *, clock: Callable[[], float] = time.time) -> Queue:
-        return cls(await open_writer(db_path), clock=clock)
+        conn = await asyncio.to_thread(connect_writer, db_path)
+        return cls(Writer(conn), clock=clock, disk=watch(db_path.parent))
 
     async def close(self) -> None:
-        await self._conn.close()
+        await self.writer.close()
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction on the writer connection (BEGIN IMMEDIATE ... COMMIT)."""
-        async with self._lock:
-            # BEGIN and COMMIT run to completion even when the caller is cancelled meanwhile,
-            # so the connection is never left inside a transaction nobody will end.
-            begin = asyncio.ensure_future(self._conn.execute("BEGIN IMMEDIATE"))
-            try:
-                await asyncio.shield(begin)
-                yield self._conn
-            except BaseException:
-                await asyncio.shield(self._rollback(begin))
-                raise
-            await asyncio.shield(self._conn.execute("COMMIT"))
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, group: bool = False) -> T:
+        """`fn(conn)` as one write transaction on the writer thread (BEGIN IMMEDIATE ...
+        COMMIT; with `group`, possibly sharing its COMMIT with other intake writes waiting at
+        the same time). A write refused for want of space raises DiskFull (507), whether a
+        statement or the COMMIT (where WAL frames are written) hit it; nothing of it is kept.
+        A cancelled caller does not stop it: it lands whole or not at all."""
+        try:
+            return await self.writer.run(fn, group=group)
+        except Exception as exc:
+            if is_disk_full(exc) and not isinstance(exc, DiskFull):
+                raise self._disk_full() from exc
+            raise
 
-    async def _rollback(self, begin: asyncio.Future[Any]) -> None:
-        with contextlib.suppress(Exception):
-            await begin
-        if self._conn.in_transaction:
-            await self._conn.execute("ROLLBACK")
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(conn)` on the writer connection, for a read that must see the latest commits."""
+        return await self.writer.read(fn)
 
-    @asynccontextmanager
-    async def reading(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The writer connection for a read that must see the latest commits (no BEGIN)."""
-        async with self._lock:
-            yield self._conn
+    def _disk_full(self) -> DiskFull:
+        return self.disk.note_full("writing to the database")
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -132,15 +141,16 @@ class Queue:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> tuple[int, bool]:
-        """Queue a job; returns (job id, created). An idempotency key seen before returns the
-        original job when the request matches, and is a conflict when it does not."""
-        async with self.transaction() as db:
+        """Queue a job; returns (job id, created), once the commit that holds it is durable.
+        An idempotency key seen before returns the original job when the request matches,
+        and is a conflict when it does not. Enqueues arriving together share one commit."""
+
+        def enqueue(db: sqlite3.Connection) -> tuple[int, bool]:
             if idempotency_key is not None:
-                cursor = await db.execute(
+                row = db.execute(
                     "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?",
                     (idempotency_key,),
-                )
-                row = await cursor.fetchone()
+                ).fetchone()
                 if row is not None:
                     if row["request_hash"] != request_hash:
                         raise Conflict(
@@ -149,7 +159,7 @@ class Queue:
                             code="idempotency_conflict",
                         )
                     return int(row["id"]), False
-            job_id = await self.insert_job(
+            job_id = self.insert_job(
                 db,
                 image,
                 params,
@@ -162,9 +172,11 @@ class Queue:
             )
             return job_id, True
 
-    async def insert_job(
+        return await self.write(enqueue, group=True)
+
+    def insert_job(
         self,
-        db: aiosqlite.Connection,
+        db: sqlite3.Connection,
         image: ImageRecord,
         params: dict[str, Any],
         *,
@@ -175,9 +187,10 @@ class Queue:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> int:
-        """Insert a queued job (and its image, once) inside the caller's transaction."""
+        """Insert a queued job (and its image, once) inside the caller's transaction (on the
+        writer thread)."""
         now = self._clock()
-        await db.execute(
+        db.execute(
             "INSERT INTO images (sha256, bytes, width, height, format, path, exif,"
             " created_at, captured_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             # The same bytes again: stored again too, if retention had removed the copy.
@@ -194,7 +207,7 @@ class Queue:
                 image.captured_at,
             ),
         )
-        cursor = await db.execute(
+        cursor = db.execute(
             "INSERT INTO jobs (source, source_path, image_sha256, input_name, params,"
             " max_attempts, run_after, created_at, idempotency_key, request_hash)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -217,63 +230,85 @@ class Queue:
     # -- the worker's side ----------------------------------------------------------------
 
     async def claim(self, owner: str, lease_seconds: float) -> Claim | None:
-        """Atomically take the oldest runnable queued job, or None."""
-        async with self.transaction() as db:
-            now = self._clock()  # read under the lock: a long wait must not shorten the lease
-            cursor = await db.execute(
+        """Atomically take the oldest runnable queued job, or None. Order is by `run_after`,
+        which a job handed back or interrupted keeps: it runs before anything newer."""
+
+        def claim(db: sqlite3.Connection) -> Claim | None:
+            now = self._clock()  # read in the transaction: a long wait must not shorten the lease
+            row = db.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
                 " lease_owner = ?, lease_until = ?, started_at = coalesce(started_at, ?)"
                 " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_after <= ?"
                 "             ORDER BY run_after, id LIMIT 1)"
-                " RETURNING id, attempts, image_sha256, params, created_at, started_at",
+                # Queued since: creation, or the last explicit retry (the queue wait's start).
+                " RETURNING id, attempts, image_sha256, params,"
+                " coalesce(queued_at, created_at) AS created_at, started_at,"
+                " attempts - max_attempts + coalesce(attempt_budget, max_attempts)"
+                " AS round_attempt",
                 (owner, now + lease_seconds, now, now),
-            )
-            row = await cursor.fetchone()
+            ).fetchone()
             if row is None:
                 return None
-            image = await (
-                await db.execute("SELECT path FROM images WHERE sha256 = ?", (row["image_sha256"],))
+            image = db.execute(
+                "SELECT path FROM images WHERE sha256 = ?", (row["image_sha256"],)
             ).fetchone()
-            await db.execute(
+            db.execute(
                 "INSERT INTO job_attempts (job_id, attempt, worker, started_at)"
                 " VALUES (?, ?, ?, ?)",
                 (row["id"], row["attempts"], owner, now),
             )
-        return Claim(
-            job_id=row["id"],
-            attempt=row["attempts"],
-            owner=owner,
-            image_sha256=row["image_sha256"],
-            image_path=image["path"] if image else "",
-            params=json.loads(row["params"]),
-            created_at=row["created_at"],
-            started_at=now,
-        )
+            return Claim(
+                job_id=row["id"],
+                attempt=row["attempts"],
+                owner=owner,
+                image_sha256=row["image_sha256"],
+                image_path=image["path"] if image else "",
+                params=json.loads(row["params"]),
+                created_at=row["created_at"],
+                started_at=now,
+                round_attempt=row["round_attempt"],
+            )
+
+        await self._write_hand_backs()
+        return await self.write(claim)
 
     async def heartbeat(self, claim: Claim, lease_seconds: float) -> Heartbeat:
-        async with self._lock:
-            cursor = await self._conn.execute(
+        """Extend the lease. On a full disk it raises DiskFull, and until a beat gets through
+        `recover` leaves the job to its worker instead of calling it lost."""
+
+        def beat(db: sqlite3.Connection) -> sqlite3.Row | None:
+            row: sqlite3.Row | None = db.execute(
                 "UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running'"
                 " AND lease_owner = ? AND attempts = ? RETURNING cancel_requested",
                 (self._clock() + lease_seconds, claim.job_id, claim.owner, claim.attempt),
-            )
-            row = await cursor.fetchone()
+            ).fetchone()
+            return row
+
+        try:
+            row = await self.write(beat)
+        except DiskFull:
+            self._offline[claim.job_id] = claim
+            raise
+        self._offline.pop(claim.job_id, None)
         if row is None:
             return Heartbeat(owned=False, cancel_requested=False)
         return Heartbeat(owned=True, cancel_requested=bool(row["cancel_requested"]))
 
-    async def _owns(self, db: aiosqlite.Connection, claim: Claim) -> bool:
-        cursor = await db.execute(
-            "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?"
-            " AND attempts = ?",
-            (claim.job_id, claim.owner, claim.attempt),
+    @staticmethod
+    def _owns(db: sqlite3.Connection, claim: Claim) -> bool:
+        return (
+            db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?"
+                " AND attempts = ?",
+                (claim.job_id, claim.owner, claim.attempt),
+            ).fetchone()
+            is not None
         )
-        return await cursor.fetchone() is not None
 
-    async def _end_attempt(
-        self, db: aiosqlite.Connection, claim: Claim, outcome: str, error: JobFailure | None
+    def _end_attempt(
+        self, db: sqlite3.Connection, claim: Claim, outcome: str, error: JobFailure | None
     ) -> None:
-        await db.execute(
+        db.execute(
             "UPDATE job_attempts SET finished_at = ?, outcome = ?, error_code = ?,"
             " error_message = ? WHERE job_id = ? AND attempt = ? AND worker = ?"
             " AND finished_at IS NULL",
@@ -288,10 +323,11 @@ class Queue:
             ),
         )
 
-    async def _honour_cancel(self, db: aiosqlite.Connection, job_id: int, now: float) -> bool:
+    @staticmethod
+    def _honour_cancel(db: sqlite3.Connection, job_id: int, now: float) -> bool:
         """A job sent back to the queue whose cancellation was requested meanwhile ends
         `cancelled` instead of running again."""
-        cursor = await db.execute(
+        cursor = db.execute(
             "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = 'cancelled',"
             " error_message = 'cancelled while it was running' WHERE id = ?"
             " AND status = 'queued' AND cancel_requested = 1",
@@ -301,16 +337,17 @@ class Queue:
 
     async def complete(self, claim: Claim, outcome: Outcome) -> bool:
         """Write result, detections, timings and status in one transaction; False if fenced off."""
-        async with self.transaction() as db:
+
+        def complete(db: sqlite3.Connection) -> bool:
             began = time.perf_counter()
-            if not await self._owns(db, claim):
+            if not self._owns(db, claim):
                 return False
             now = self._clock()
-            await db.execute(
+            db.execute(
                 "INSERT INTO results (job_id, reasoning, created_at) VALUES (?, ?, ?)",
                 (claim.job_id, outcome.reasoning, now),
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO detections (job_id, idx, label, x1, y1, x2, y2, mask)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -324,15 +361,20 @@ class Queue:
                     for number, d in enumerate(outcome.detections, start=1)
                 ],
             )
-            await self._end_attempt(db, claim, "succeeded", None)
+            self._end_attempt(db, claim, "succeeded", None)
             timings = {**outcome.timings, "persist": (time.perf_counter() - began) * 1000}
-            await db.execute(
+            db.execute(
                 "UPDATE jobs SET status = 'succeeded', finished_at = ?, lease_owner = NULL,"
                 " lease_until = NULL, error_code = NULL, error_message = NULL, timings = ?,"
                 " models = ? WHERE id = ?",
                 (now, json.dumps(timings), json.dumps(outcome.models), claim.job_id),
             )
             return True
+
+        if not await self.write(complete):
+            return False
+        self._offline.pop(claim.job_id, None)
+        return True
 
     async def fail(
         self,
@@ -345,18 +387,18 @@ class Queue:
     ) -> str | None:
         """Record a failed attempt. With `retry_in` and attempts left the job is queued again
         after that delay; otherwise it ends `failed`. Returns the new status, None if fenced."""
-        async with self.transaction() as db:
-            if not await self._owns(db, claim):
+
+        def fail(db: sqlite3.Connection) -> str | None:
+            if not self._owns(db, claim):
                 return None
-            cursor = await db.execute(
+            row = db.execute(
                 "SELECT attempts, max_attempts FROM jobs WHERE id = ?", (claim.job_id,)
-            )
-            row = await cursor.fetchone()
+            ).fetchone()
             assert row is not None
             retry = retry_in is not None and row["attempts"] < row["max_attempts"]
             now = self._clock()
-            await self._end_attempt(db, claim, "retrying" if retry else "failed", failure)
-            await db.execute(
+            self._end_attempt(db, claim, "retrying" if retry else "failed", failure)
+            db.execute(
                 "UPDATE jobs SET status = ?, run_after = ?, finished_at = ?, lease_owner = NULL,"
                 " lease_until = NULL, error_code = ?, error_message = ?,"
                 " timings = coalesce(?, timings), models = coalesce(?, models) WHERE id = ?",
@@ -371,55 +413,90 @@ class Queue:
                     claim.job_id,
                 ),
             )
-            if retry and await self._honour_cancel(db, claim.job_id, now):
+            if retry and self._honour_cancel(db, claim.job_id, now):
                 return "cancelled"
             return "queued" if retry else "failed"
 
+        status = await self.write(fail)
+        if status is not None:
+            self._offline.pop(claim.job_id, None)
+        return status
+
     async def finish_cancelled(self, claim: Claim, reason: str) -> bool:
-        async with self.transaction() as db:
-            if not await self._owns(db, claim):
+        def finish(db: sqlite3.Connection) -> bool:
+            if not self._owns(db, claim):
                 return False
             failure = JobFailure("cancelled", reason, transient=False)
-            await self._end_attempt(db, claim, "cancelled", failure)
-            await db.execute(
+            self._end_attempt(db, claim, "cancelled", failure)
+            db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_owner = NULL,"
                 " lease_until = NULL, error_code = ?, error_message = ? WHERE id = ?",
                 (self._clock(), failure.code, failure.message, claim.job_id),
             )
             return True
 
-    async def release(self, claim: Claim) -> bool:
-        """Give a running job back (shutdown): queued again, the attempt not counted."""
-        async with self.transaction() as db:
-            if not await self._owns(db, claim):
-                return False
-            await self._end_attempt(db, claim, "released", None)
-            now = self._clock()
-            await db.execute(
-                "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_after = ?,"
-                " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                (now, claim.job_id),
-            )
-            await self._honour_cancel(db, claim.job_id, now)
-            return True
+        if not await self.write(finish):
+            return False
+        self._offline.pop(claim.job_id, None)
+        return True
+
+    async def release(self, claim: Claim, why: JobFailure | None = None) -> bool:
+        """Give a running job back (shutdown, a full disk): queued again in its old place, the
+        attempt not counted. On a full disk it raises DiskFull and the hand-back is written
+        by the next claim or recovery that gets through; until then nothing calls it lost."""
+        try:
+            released = await self.write(lambda db: self._release(db, claim, why))
+        except DiskFull:
+            self._offline[claim.job_id] = claim
+            self._unreleased[claim.job_id] = (claim, why)
+            raise
+        self._offline.pop(claim.job_id, None)
+        self._unreleased.pop(claim.job_id, None)
+        return released
+
+    def _release(self, db: sqlite3.Connection, claim: Claim, why: JobFailure | None) -> bool:
+        if not self._owns(db, claim):
+            return False
+        self._end_attempt(db, claim, "released", why)
+        now = self._clock()
+        # run_after stays as it was: the job goes back to its place in line, not the end.
+        db.execute(
+            "UPDATE jobs SET status = 'queued', attempts = attempts - 1,"
+            " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+            (claim.job_id,),
+        )
+        self._honour_cancel(db, claim.job_id, now)
+        return True
+
+    async def _write_hand_backs(self) -> None:
+        """The hand-backs a full disk held up, before anything else is written."""
+        for claim, why in list(self._unreleased.values()):
+            await self.release(claim, why)
 
     async def recover(self, *, expired_only: bool) -> tuple[int, int]:
         """Running jobs whose worker is gone go back to the queue, or to `failed` once their
         attempts are used up (a job that kills its worker every time must not loop forever).
         At start-up every running job is orphaned (the data directory is locked to one
-        process); later only expired leases are. Returns (requeued, failed)."""
+        process); later only expired leases are. Returns (requeued, failed).
+
+        A requeued job keeps its `run_after`, so it runs next, ahead of everything that
+        arrived while it was running. A job whose lease a full disk kept this process from
+        extending or handing back is not lost: its worker is alive and finishes it."""
         lease_filter = " AND lease_until < ?" if expired_only else ""
-        async with self.transaction() as db:
+        held_offline: dict[int, tuple[str, int]] = {}
+
+        def recover(db: sqlite3.Connection) -> tuple[int, int]:
             now = self._clock()
             args: tuple[Any, ...] = (now,) if expired_only else ()
-            cursor = await db.execute(
+            rows = db.execute(
                 "SELECT id, attempts, max_attempts, lease_owner FROM jobs"
                 " WHERE status = 'running'" + lease_filter,
                 args,
-            )
-            rows = await cursor.fetchall()
+            ).fetchall()
             requeued = failed = 0
             for row in rows:
+                if held_offline.get(row["id"]) == (row["lease_owner"], row["attempts"]):
+                    continue
                 lost = JobFailure(
                     "worker_lost",
                     f"the worker running attempt {row['attempts']} stopped without finishing "
@@ -427,82 +504,99 @@ class Queue:
                     transient=True,
                 )
                 give_up = row["attempts"] >= row["max_attempts"]
-                await db.execute(
+                db.execute(
                     "UPDATE job_attempts SET finished_at = ?, outcome = 'lost', error_code = ?,"
                     " error_message = ? WHERE job_id = ? AND attempt = ? AND finished_at IS NULL",
                     (now, lost.code, lost.message, row["id"], row["attempts"]),
                 )
-                await db.execute(
-                    "UPDATE jobs SET status = ?, run_after = ?, finished_at = ?,"
+                db.execute(
+                    "UPDATE jobs SET status = ?, finished_at = ?,"
                     " lease_owner = NULL, lease_until = NULL, error_code = ?, error_message = ?"
                     " WHERE id = ?",
                     (
                         "failed" if give_up else "queued",
-                        now,
                         now if give_up else None,
                         lost.code,
                         lost.message,
                         row["id"],
                     ),
                 )
-                await self._honour_cancel(db, row["id"], now)
+                self._honour_cancel(db, row["id"], now)
                 failed += give_up
                 requeued += not give_up
-        return requeued, failed
+            return requeued, failed
+
+        await self._write_hand_backs()
+        # Copied on the event loop, which alone changes `_offline`, not read from the thread.
+        held_offline.update((job_id, (c.owner, c.attempt)) for job_id, c in self._offline.items())
+        return await self.write(recover)
 
     # -- the user's side ------------------------------------------------------------------
 
     async def request_cancel(self, job_id: int) -> str:
         """Cancel a queued job now; ask a running one to stop at its next stage boundary."""
-        async with self.transaction() as db:
-            status = await self._status(db, job_id)
+
+        def cancel(db: sqlite3.Connection) -> str:
+            status = self._status(db, job_id)
             if status == "queued":
-                await db.execute(
+                db.execute(
                     "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = ?,"
                     " error_message = ? WHERE id = ?",
                     (self._clock(), "cancelled", "cancelled before it started", job_id),
                 )
                 return "cancelled"
             if status == "running":
-                await db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 return "running"
             raise Conflict(f"job {job_id} is already {status}", code="job_finished")
 
+        return await self.write(cancel)
+
     async def retry(self, job_id: int) -> None:
-        """Queue a failed or cancelled job again with a fresh attempt budget."""
-        async with self.transaction() as db:
-            status = await self._status(db, job_id)
+        """Queue a failed or cancelled job again with a fresh attempt budget: as many more
+        attempts as it was submitted with, numbered on from the last (never reused, so the
+        attempt history and the lease fence stay unambiguous)."""
+
+        def retry(db: sqlite3.Connection) -> None:
+            status = self._status(db, job_id)
             if status not in ("failed", "cancelled"):
                 raise Conflict(
                     f"job {job_id} is {status}; only failed or cancelled jobs can be retried",
                     code="job_not_retryable",
                 )
-            await db.execute(
-                "UPDATE jobs SET status = 'queued', attempts = 0, run_after = ?,"
-                " finished_at = NULL, cancel_requested = 0, error_code = NULL,"
-                " error_message = NULL WHERE id = ?",
-                (self._clock(), job_id),
+            now = self._clock()
+            db.execute(
+                "UPDATE jobs SET status = 'queued', run_after = ?, queued_at = ?,"
+                " attempt_budget = coalesce(attempt_budget, max_attempts),"
+                " max_attempts = attempts + coalesce(attempt_budget, max_attempts),"
+                " started_at = NULL, finished_at = NULL, cancel_requested = 0,"
+                " error_code = NULL, error_message = NULL WHERE id = ?",
+                (now, now, job_id),
             )
 
-    async def _status(self, db: aiosqlite.Connection, job_id: int) -> str:
-        cursor = await db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,))
-        row = await cursor.fetchone()
+        await self.write(retry)
+
+    @staticmethod
+    def _status(db: sqlite3.Connection, job_id: int) -> str:
+        row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} does not exist", code="job_not_found")
         return str(row["status"])
 
     async def counts(self) -> dict[str, int]:
-        async with self.reading() as db:
-            cursor = await db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
-            rows = await cursor.fetchall()
+        rows = await self.read(
+            lambda db: db.execute(
+                "SELECT status, count(*) AS n FROM jobs GROUP BY status"
+            ).fetchall()
+        )
         found = {row["status"]: row["n"] for row in rows}
         return {status: int(found.get(status, 0)) for status in STATUSES}
 
     async def next_run_after(self) -> float | None:
         """When the earliest queued job becomes runnable (for the worker's sleep)."""
-        async with self.reading() as db:
-            cursor = await db.execute(
+        row = await self.read(
+            lambda db: db.execute(
                 "SELECT min(run_after) AS t FROM jobs WHERE status = 'queued'"
-            )
-            row = await cursor.fetchone()
+            ).fetchone()
+        )
         return None if row is None or row["t"] is None else float(row["t"])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -42,6 +44,22 @@ def _detection_view(row: DetectionRow, image: ImageRow) -> dict[str, Any]:
     return out
 
 
+def finite(value: Any) -> Any:
+    """`value` without NaN or infinities: dropped from objects, null in arrays. Intake no
+    longer stores them, but rows written by older versions may hold them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {
+            k: finite(v)
+            for k, v in value.items()
+            if not (isinstance(v, float) and not math.isfinite(v))
+        }
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def job_view(
     job: JobRow,
     image: ImageRow,
@@ -68,7 +86,7 @@ def job_view(
             "height": image.height,
             "format": image.format,
             "captured_at": image.captured_at,
-            "exif": json.loads(image.exif) if image.exif else None,
+            "exif": finite(json.loads(image.exif)) if image.exif else None,
             "stored": image.pruned_at is None,
         },
         "params": json.loads(job.params),
@@ -102,6 +120,12 @@ def job_view(
     return view
 
 
+async def _snapshot(session: AsyncSession) -> None:
+    """Make the session's reads one transaction: in WAL mode each statement outside one sees
+    the latest commit, so a job row and its attempts read a moment apart could disagree."""
+    await session.execute(text("BEGIN"))
+
+
 class Reads:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -120,6 +144,7 @@ class Reads:
 
     async def job(self, job_id: int) -> dict[str, Any]:
         async with AsyncSession(self.engine) as session:
+            await _snapshot(session)
             job, image = await self._job_and_image(session, job_id)
             result = await session.get(ResultRow, job_id)
             detections = (
@@ -142,18 +167,24 @@ class Reads:
         async with AsyncSession(self.engine) as session:
             return (await self._job_and_image(session, job_id))[1]
 
-    async def iter_jobs(
+    async def stream(
         self, where: JobFilter, *, sort: str = "created", batch: int = 200
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every matching job, newest first, read a page at a time."""
-        cursor = None
-        while True:
-            page = await self.page(where, sort=sort, cursor=cursor, limit=batch)
-            for job in page["jobs"]:
-                yield job
-            cursor = page["next_cursor"]
-            if cursor is None:
-                return
+        """Every matching job, newest first, read a page at a time. The first page is read
+        before this returns, so a query the database refuses fails here, while an export can
+        still answer with an error status rather than a body cut short."""
+        first = await self.page(where, sort=sort, limit=batch)
+
+        async def jobs() -> AsyncIterator[dict[str, Any]]:
+            page = first
+            while True:
+                for job in page["jobs"]:
+                    yield job
+                if page["next_cursor"] is None:
+                    return
+                page = await self.page(where, sort=sort, cursor=page["next_cursor"], limit=batch)
+
+        return jobs()
 
     async def page(
         self,
@@ -182,6 +213,7 @@ class Reads:
             query = query.where(after_cursor(sort, Cursor.decode(cursor, sort)))
         query = query.order_by(key.desc(), col(JobRow.id).desc()).limit(limit + 1)
         async with AsyncSession(self.engine) as session:
+            await _snapshot(session)
             rows = (await session.exec(query)).all()
             more = len(rows) > limit
             rows = rows[:limit]
@@ -205,3 +237,19 @@ class Reads:
             last_key = last.finished_at if sort == "finished" else last.created_at
             next_cursor = Cursor(sort, float(last_key or 0), int(last.id or 0)).encode()
         return {"jobs": jobs, "next_cursor": next_cursor}
+
+    async def queue_position(self, job_id: int) -> int | None:
+        """1 for the job the worker claims next; None unless the job is queued. Counts in
+        the claim's order (store/queue.py `claim`: run_after, then id)."""
+        async with AsyncSession(self.engine) as session:
+            found = await session.execute(
+                text(
+                    "SELECT count(*) FROM jobs AS me JOIN jobs AS ahead"
+                    " ON ahead.status = 'queued' AND (ahead.run_after < me.run_after"
+                    "  OR (ahead.run_after = me.run_after AND ahead.id <= me.id))"
+                    " WHERE me.id = :id AND me.status = 'queued'"
+                ),
+                {"id": job_id},
+            )
+            position = int(found.scalar_one())
+        return position or None

@@ -1,9 +1,10 @@
 """Retention: removes finished jobs older than a cutoff (rows, stored images, or both); never
-touches queued or running work. Deletes go through the queue's writer connection."""
+touches queued or running work. Deletes run as one transaction on the queue's writer thread."""
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,42 +39,45 @@ async def prune(
     began = time.time()
     args = {"cutoff": began - older_than_seconds, "now": began}
     report = Pruned()
-    async with queue.transaction() as db:
-        count = await (await db.execute(f"SELECT count(*) FROM ({old})", args)).fetchone()
+
+    def prune_rows(db: sqlite3.Connection) -> list[tuple[str, str, int]]:
+        count = db.execute(f"SELECT count(*) FROM ({old})", args).fetchone()
         if not count or not count[0]:
-            return report
+            return []
         # Images used only by old jobs (a newer or unfinished job keeps its image).
-        images = list(
-            await (
-                await db.execute(
-                    "SELECT sha256, path, bytes FROM images WHERE pruned_at IS NULL"
-                    f" AND sha256 IN (SELECT image_sha256 FROM jobs WHERE id IN ({old}))"
-                    f" AND sha256 NOT IN (SELECT image_sha256 FROM jobs WHERE id NOT IN ({old}))",
-                    args,
-                )
-            ).fetchall()
-        )
+        images = [
+            (str(row[0]), str(row[1]), int(row[2]))
+            for row in db.execute(
+                "SELECT sha256, path, bytes FROM images WHERE pruned_at IS NULL"
+                f" AND sha256 IN (SELECT image_sha256 FROM jobs WHERE id IN ({old}))"
+                f" AND sha256 NOT IN (SELECT image_sha256 FROM jobs WHERE id NOT IN ({old}))",
+                args,
+            )
+        ]
         report.images_removed = len(images)
-        report.bytes_freed = sum(int(row[2]) for row in images)
+        report.bytes_freed = sum(size for _sha, _path, size in images)
         report.jobs_removed = 0 if keep_results else int(count[0])
         if dry_run:
-            return report  # nothing written yet: the transaction ends empty
-        await db.executemany(
+            return []  # nothing written: the transaction ends empty, no file is touched
+        db.executemany(
             "UPDATE images SET pruned_at = ? WHERE sha256 = ?",
-            [(args["now"], row[0]) for row in images],
+            [(args["now"], sha) for sha, _path, _size in images],
         )
         if not keep_results:
             # The ledger keeps knowing the file (a file left in the inbox must not become a
             # new job); only the content's claim to a job is released.
-            await db.execute(
+            db.execute(
                 f"UPDATE inbox_files SET outcome = 'pruned', job_id = NULL WHERE job_id IN ({old})",
                 args,
             )
-            await db.execute(f"DELETE FROM jobs WHERE id IN ({old})", args)
-            await db.execute(
+            db.execute(f"DELETE FROM jobs WHERE id IN ({old})", args)
+            db.execute(
                 "DELETE FROM images WHERE pruned_at IS NOT NULL AND sha256 NOT IN"
                 " (SELECT image_sha256 FROM jobs)"
             )
+        return images
+
+    images = await queue.write(prune_rows)
     # Files go after the rows are committed: a crash in between leaves a stray file, never a
     # row pointing at a missing one.
     for _sha, path, _size in images:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -24,12 +24,15 @@ if sys.platform == "darwin":
     _PRAGMAS.append("PRAGMA fullfsync=ON")
 
 
-async def open_writer(path: Path) -> aiosqlite.Connection:
-    """The long-lived connection every state change goes through (autocommit; explicit BEGIN)."""
-    conn = await aiosqlite.connect(path, isolation_level=None)
-    conn.row_factory = aiosqlite.Row
+def connect_writer(path: Path) -> sqlite3.Connection:
+    """The long-lived connection every state change goes through (autocommit; explicit BEGIN),
+    handed to the one writer thread that uses it from then on."""
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, cached_statements=256
+    )
+    conn.row_factory = sqlite3.Row
     for pragma in _PRAGMAS:
-        await conn.execute(pragma)
+        conn.execute(pragma)
     return conn
 
 

@@ -45,6 +45,8 @@ class JobRow(SQLModel, table=True):
     idempotency_key: str | None = None
     request_hash: str | None = None
     source_path: str | None = None
+    attempt_budget: int | None = None
+    queued_at: float | None = None
 
 
 class InboxFileRow(SQLModel, table=True):

@@ -1,0 +1,37 @@
+"""History filters shared by `aip jobs`, `export` and `stats`: flags in, query parameters out."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+FILTERS = ("status", "source", "created_after", "created_before", "captured_after",
+           "captured_before", "folder", "label", "min_count", "q")  # fmt: skip
+
+
+HELP = {
+    "status": "queued, running, succeeded, failed or cancelled",
+    "source": "api, path or inbox",
+    "created_after": "ISO 8601 time (UTC)",
+    "created_before": "ISO 8601 time (UTC)",
+    "captured_after": "EXIF capture time, ISO 8601",
+    "captured_before": "EXIF capture time, ISO 8601",
+    "folder": "inbox subfolder",
+    "label": "jobs that detected this label",
+    "min_count": "with --label: at least this many of it",
+    "q": "words that must all appear in the prompt or the reasoning",
+}
+
+
+def add_filters(sub: argparse.ArgumentParser) -> None:
+    for name in FILTERS:
+        sub.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=int if name == "min_count" else str,
+            help=HELP[name],
+        )
+
+
+def filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in FILTERS if getattr(args, name) is not None}

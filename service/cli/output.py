@@ -1,0 +1,151 @@
+"""How client commands print: a job for a reader, tables, JSON only when asked, and the one
+updating progress line (on a terminal's stderr only)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import textwrap
+from typing import Any, TextIO
+
+
+def print_json(value: Any, *, lines: bool = False) -> None:
+    """Indented JSON, or one compact line per value (JSON Lines) when `lines`."""
+    text = json.dumps(value, separators=(",", ":")) if lines else json.dumps(value, indent=2)
+    print(text, flush=True)
+
+
+def _where(exif: dict[str, Any]) -> str | None:
+    gps = exif.get("gps")
+    if not gps:
+        return None
+    text = f"{gps['latitude']:.6f}, {gps['longitude']:.6f}"
+    if gps.get("altitude") is not None:
+        text += f", {gps['altitude']:g} m"
+    return text
+
+
+def _model(identity: Any) -> str | None:
+    if not isinstance(identity, dict) or not identity.get("id"):
+        return None
+    text = str(identity["id"])
+    if identity.get("revision"):
+        text += f" @{identity['revision']}"
+    if identity.get("quantize"):
+        text += f" q{identity['quantize']}"
+    return text
+
+
+def _when(stamp: str | None) -> str | None:
+    """An API time (ISO 8601, UTC) as people read it."""
+    return f"{stamp.replace('T', ' ')[:19]} UTC" if stamp else None
+
+
+def _pack(items: list[str], width: int) -> list[str]:
+    """Items joined by commas, broken into lines between items, never inside one."""
+    lines = [""]
+    for item in items:
+        joined = f"{lines[-1]}, {item}" if lines[-1] else item
+        if lines[-1] and len(joined) > width:
+            lines[-1] += ","
+            lines.append(item)
+        else:
+            lines[-1] = joined
+    return lines
+
+
+def job_summary(job: dict[str, Any]) -> str:
+    """One line: id, status, what it found, the input's name."""
+    result = job.get("result")
+    if result is not None:
+        found = f"{len(result['detections'])} found"
+    elif job.get("error"):
+        found = job["error"]["code"]
+    else:
+        found = "-"
+    return f"job {job['id']}: {job['status']}, {found}, {job['input']['name']}"
+
+
+def print_job(job: dict[str, Any], out: TextIO | None = None) -> None:
+    """A job as a reader wants it: input and where it was taken, what was asked, which models
+    answered, what they found, and how long each stage took."""
+    out = out or sys.stdout
+    width = min(shutil.get_terminal_size((100, 20)).columns, 100)
+    attempt = f"attempt {job['attempts']} of {job['max_attempts']}"
+    status = job["status"]
+    if status == "running" and job.get("cancel_requested"):
+        status = "running, cancel requested"
+    print(f"job {job['id']}: {status} ({attempt})", file=out)
+    rows: list[tuple[str, str | list[str] | None]] = []
+    image = job["input"]
+    size = f"{image['width']}x{image['height']} {image.get('format') or ''}".rstrip()
+    pruned = "" if image.get("stored", True) else " (stored copy pruned)"
+    rows.append(("input", f"{image['name']}  {size}, {image['bytes']:,} bytes{pruned}"))
+    if job.get("source_path"):
+        rows.append(("from", f"{job['source']}: {job['source_path']}"))
+    exif = image.get("exif") or {}
+    rows.append(("captured", exif.get("captured_at")))
+    camera = " ".join(str(exif[k]) for k in ("make", "model") if exif.get(k))
+    rows.append(("camera", camera or None))
+    rows.append(("gps", _where(exif)))
+    extra = {k: v for k, v in exif.items() if k not in ("captured_at", "make", "model", "gps")}
+    rows.append(("exif", [f"{k} {v}" for k, v in extra.items()]))
+    params = job.get("params") or {}
+    rows.append(("queries", [str(q) for q in params.get("queries") or []]))
+    rows.append(("prompt", params.get("prompt")))
+    for role, identity in (job.get("models") or {}).items():
+        rows.append((role, _model(identity)))
+    times = [("created", job.get("created_at")), ("finished", job.get("finished_at"))]
+    rows.append(("time", [f"{k} {_when(v)}" for k, v in times if v]))
+    timings = job.get("timings_ms") or {}
+    rows.append(("timings", [f"{k} {v:.0f} ms" for k, v in timings.items()]))
+    if job.get("queue_position"):
+        rows.append(("queue", f"position {job['queue_position']}"))
+    if job.get("stage"):
+        rows.append(("stage", job["stage"]))
+    if job.get("error"):
+        rows.append(("error", f"{job['error']['code']}: {job['error']['message']}"))
+    for label, value in rows:
+        if not value:
+            continue
+        room = width - 13
+        lines = _pack(value, room) if isinstance(value, list) else textwrap.wrap(value, room)
+        for i, line in enumerate(lines):
+            print(f"  {label if i == 0 else '':<10} {line}", file=out)
+    result = job.get("result")
+    if result is None:
+        return
+    detections = result["detections"]
+    print(f"  detections ({len(detections)})", file=out)
+    label_width = max((len(d["label"]) for d in detections), default=0)
+    for d in detections:
+        box = ", ".join(f"{v:g}" for v in d["box"])
+        print(f"    {d['number']:>3}. {d['label']:<{label_width}}  [{box}]", file=out)
+    print("  reasoning", file=out)
+    for paragraph in (result["reasoning"] or "(none)").splitlines() or [""]:
+        for line in textwrap.wrap(paragraph, width - 4) or [""]:
+            print(f"    {line}", file=out)
+
+
+class Progress:
+    """One line on stderr that rewrites itself, shown only when stderr is a terminal."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self._shown = False
+
+    def show(self, text: str) -> None:
+        if not self.enabled:
+            return
+        width = shutil.get_terminal_size((80, 20)).columns - 1
+        self.stream.write("\r\033[K" + text[:width])
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._shown = False

@@ -1,0 +1,87 @@
+"""Waiting for jobs to end: polls the service, shows queue position then stage on one
+updating line, and on Ctrl-C says which jobs go on and how to keep waiting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from service.cli.output import Progress
+from service.client import Client, ClientError
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
+
+
+def progress_text(jobs: Sequence[dict[str, Any]]) -> str:
+    """What the waiting jobs are doing, in one short line."""
+    if len(jobs) == 1:
+        return f"job {jobs[0]['id']}: {_state(jobs[0])}"
+    done = sum(j["status"] in TERMINAL for j in jobs)
+    text = f"{done} of {len(jobs)} done"
+    running = [j for j in jobs if j["status"] == "running"]
+    if running:
+        text += f"; job {running[0]['id']} {_state(running[0])}"
+    queued = [j for j in jobs if j["status"] == "queued"]
+    if queued:
+        first = min((j.get("queue_position") or 0 for j in queued), default=0)
+        text += f"; {len(queued)} queued" + (f", next at position {first}" if first else "")
+    return text
+
+
+def _state(job: dict[str, Any]) -> str:
+    if job["status"] == "queued":
+        position = job.get("queue_position")
+        return f"queued, position {position} in the queue" if position else "queued"
+    if job["status"] == "running":
+        stage = str(job.get("stage") or "")
+        if stage.startswith("detect:"):  # the pipeline names the query it is looking for
+            stage = f"detect {stage.removeprefix('detect:')!r}"
+        return f"running: {stage}" if stage else "running"
+    return str(job["status"])
+
+
+def interrupted(ids: Sequence[int], jobs: dict[int, dict[str, Any]] | None = None) -> ClientError:
+    """The Ctrl-C message: the jobs go on in the service; how to find them again."""
+    pending = [i for i in ids if jobs is None or jobs.get(i, {}).get("status") not in TERMINAL]
+    pending = pending or list(ids)
+    numbers = " ".join(str(i) for i in pending)
+    listed = ", ".join(str(i) for i in pending)
+    which = f"job {listed} goes" if len(pending) == 1 else f"jobs {listed} go"
+    return ClientError(
+        f"stopped waiting; {which} on in the service: `aip wait {numbers}` waits again, "
+        f"`aip show {pending[0]}` shows {'it' if len(pending) == 1 else 'one'}",
+        exit_code=INTERRUPTED,
+    )
+
+
+def wait_for(
+    client: Client, ids: Sequence[int], *, timeout: float | None = None
+) -> list[dict[str, Any]]:
+    """Every job in `ids` once it has ended, in the same order."""
+    progress = Progress()
+    jobs: dict[int, dict[str, Any]] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            for job_id in ids:
+                if jobs.get(job_id, {}).get("status") not in TERMINAL:
+                    jobs[job_id] = client.call("GET", f"/v1/jobs/{job_id}")
+            ordered = [jobs[i] for i in ids]
+            if all(j["status"] in TERMINAL for j in ordered):
+                return ordered
+            progress.show(progress_text(ordered))
+            if deadline is not None and time.monotonic() >= deadline:
+                progress.clear()
+                raise ClientError(
+                    f"{progress_text(ordered)} after {timeout:g} s (--timeout); "
+                    f"`aip wait {' '.join(map(str, ids))}` waits again"
+                )
+            # Many jobs: ask less often, so a long wait does not load the service.
+            time.sleep(min(0.25 + 0.02 * len(ids), 5.0))
+    except KeyboardInterrupt:
+        progress.clear()
+        raise interrupted(ids, jobs) from None
+    finally:
+        progress.clear()
