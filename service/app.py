@@ -255,7 +255,11 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             requeued, failed = await queue.recover(expired_only=False)
             if requeued or failed:
                 log.warning(
-                    "recovered %d interrupted jobs (%d failed for good)", requeued + failed, failed
+                    "recovered %d interrupted job%s: %d queued again, %d failed for good",
+                    requeued + failed,
+                    "" if requeued + failed == 1 else "s",
+                    requeued,
+                    failed,
                 )
             reads = Reads(read_engine(settings.database))
             worker = Worker(settings, queue, models)
@@ -330,6 +334,8 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # The browser guard runs before every route: each one can answer its 403.
+        responses=BrowserGuard.responses,
     )
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     # Added last, so it runs first: a foreign Host or Origin never reaches a route.

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from service import config
 from service.config import Settings
 
 TIMEOUT_SECONDS = 60.0
@@ -48,12 +49,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def port_number(text: str) -> int:
     """argparse type for --port: a usage error, not a failure later, for 0 or 99999."""
     try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (1..65535)")
-    return port
+        return config.port_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is {exc}") from None
 
 
 def add_client_command(
@@ -79,6 +77,9 @@ class Client:
             raise ClientError(_bad_url(address, exc), exit_code=2) from None
         if self.http.base_url.scheme not in ("http", "https") or not self.http.base_url.host:
             raise ClientError(_bad_url(address, "it needs http:// and a host"), exit_code=2)
+        port = self.http.base_url.port
+        if port is not None and not 1 <= port <= 65535:  # httpx takes any number
+            raise ClientError(_bad_url(address, f"{port} is not a port number (1..65535)"), 2)
         self.url = str(self.http.base_url).rstrip("/")
 
     def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -126,7 +127,7 @@ class Client:
         if not isinstance(body, dict) or "message" not in body:
             raise ClientError(self._not_aip(response))
         message = f"{body.get('code', response.status_code)}: {body['message']}"
-        if response.status_code == 401:
+        if response.status_code == 401 and "AIP_TOKEN" not in message:
             message += " (the token comes from AIP_TOKEN)"
         raise ClientError(message, body=body)
 

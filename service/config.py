@@ -84,6 +84,17 @@ def _number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def port_number(value: str | int) -> int:
+    """A TCP port to listen on or connect to; the one check every command and flag shares."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError("not a port number (1..65535)") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("not a port number (1..65535)")
+    return port
+
+
 def _keep_alive(value: str) -> float | None:
     if value.strip().lower() == "pinned":
         return None
@@ -122,7 +133,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
         "allowed_dirs",
         lambda v: tuple(_path(p) for p in _split_list(v, os.pathsep)),
     ),
-    "AIP_PORT": ("port", _number(int)),
+    "AIP_PORT": ("port", port_number),
     "AIP_ALLOWED_HOSTS": ("allowed_hosts", lambda v: _split_list(v, ",")),
     "AIP_ALLOWED_ORIGINS": ("allowed_origins", lambda v: _split_list(v, ",")),
     "AIP_MAX_UPLOAD_BYTES": ("max_upload_bytes", _bytes),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import signal
 import socket
 import threading
 import time
@@ -21,6 +22,12 @@ from PIL import Image
 from service.app import create_app
 from service.config import Settings
 from service.models.host import ModelHost
+
+# A test run started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every `aip` it starts: the Ctrl-C tests would then wait forever. A
+# handler here (reset to the default in each child at exec) gives them a Ctrl-C that works.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -448,3 +448,60 @@ def test_attempt_numbers_keep_rising_across_retries_and_queue_wait_restarts(
     assert done["result"] is not None
     refused = service.client.post(f"/v1/jobs/{job_id}/retry")  # succeeded: nothing to retry
     assert refused.status_code == 409 and refused.json()["code"] == "job_not_retryable"
+
+
+# The only response values left open on purpose: whatever the camera wrote, the model options,
+# and a mask's run lengths. Every other object in a response is closed and typed.
+OPEN_MAPS = {("JobInput", "exif"), ("JobParams", "options"), ("Detection", "mask")}
+
+
+def _refs(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["$ref"].rsplit("/", 1)[-1]} if "$ref" in node else set()
+        return found.union(*(_refs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_refs(v) for v in node))
+    return set()
+
+
+def test_openapi_types_every_response_closed_and_lists_each_error_status(
+    settings: Settings, serve: Serve
+) -> None:
+    document = serve(settings).client.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+    reachable: set[str] = set()
+    todo = set().union(
+        *(_refs(op["responses"]) for ops in document["paths"].values() for op in ops.values())
+    )
+    while todo:
+        name = todo.pop()
+        reachable.add(name)
+        todo |= _refs(components[name]) - reachable
+    assert {"Job", "JobPage", "Stats", "ModelsReport", "InboxStatus", "Health"} <= reachable
+    for name in reachable:
+        schema = components[name]
+        assert schema.get("additionalProperties") is False, f"{name} is an open object"
+        for key, value in schema["properties"].items():
+            for branch in value.get("anyOf", [value]):
+                if branch.get("type") == "object" and "$ref" not in branch:
+                    untyped = branch.get("additionalProperties", True) in (True, {})
+                    assert not untyped or (name, key) in OPEN_MAPS, f"{name}.{key} is untyped"
+    for path, operations in document["paths"].items():
+        for method, op in operations.items():
+            listed = set(op["responses"])
+            where = f"{method.upper()} {path}"
+            assert "403" in listed, where  # the Host/Origin guard runs before every route
+            assert ("401" in listed) == bool(op.get("security")), where
+            if op.get("parameters") or op.get("requestBody"):
+                assert "422" in listed, where
+            if method == "post":
+                assert "413" in listed, where  # the body limit runs before every POST
+            for status, response in op["responses"].items():
+                for media, content in response.get("content", {}).items():
+                    if media == "application/json" and "schema" not in content:
+                        assert path == "/v1/exports/jobs.{fmt}", where  # COCO, a file format
+                    elif media == "application/json":
+                        assert "$ref" in content["schema"], (where, status)
+                        # Health's 503 is its own body (loading, failed); others: {code, message}
+                        if status >= "400" and (path, status) != ("/v1/health", "503"):
+                            assert content["schema"]["$ref"].endswith("/ErrorBody"), where

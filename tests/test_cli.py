@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -24,7 +25,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from service.cli import build_parser, main
+from service.cli import INTERRUPTED, main
+from service.cli.commands import build_parser
 from service.cli.waiting import progress_text
 from tests.conftest import RunningService, gate_detector, make_image, make_settings
 
@@ -122,6 +124,21 @@ def test_a_wrong_flag_prints_that_subcommands_usage(capsys: pytest.CaptureFixtur
     assert code == 2 and err.startswith("usage: aip service install ")
 
 
+def test_an_unknown_top_level_option_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--bogus"], ["--bogus", "jobs"], ["--vers"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == "" and err.startswith("usage: aip [-h]"), argv
+        assert err.splitlines()[-1] == f"aip: error: unrecognized arguments: {argv[0]}", argv
+
+
+def test_a_filter_given_twice_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # The API filters on one status; keeping only the last one silently would mislead.
+    for command in ("jobs", "export", "stats"):
+        code, out, err = run(capsys, command, "--status", "queued", "--status", "running")
+        assert code == 2 and out == "" and err.startswith(f"usage: aip {command} "), command
+        assert "argument --status: given twice" in err.splitlines()[-1], command
+
+
 # -- failures are one sentence ----------------------------------------------------------------
 
 
@@ -141,6 +158,73 @@ def test_client_commands_without_a_service_say_one_sentence(
     for bad in ("nonsense", "http://[::1", "ftp://host"):
         code, _, err = run(capsys, "jobs", "--url", bad)
         assert code == 2 and "--url http://127.0.0.1:8765" in _one_sentence(err), bad
+
+
+def test_an_out_of_range_port_is_refused_before_any_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIP_PORT", "99999")
+    sentences = set()
+    for command in (["jobs"], ["show", "1"], ["serve", "--data-dir", str(tmp_path / "d")]):
+        code, out, err = run(capsys, *command)
+        assert code == 2 and out == "", command
+        sentences.add(_one_sentence(err))
+    assert sentences == {"aip: AIP_PORT='99999': not a port number (1..65535)"}
+    monkeypatch.delenv("AIP_PORT")
+    for url in ("http://127.0.0.1:99999", "http://127.0.0.1:0"):
+        code, _, err = run(capsys, "jobs", "--url", url)
+        assert code == 2 and "is not a port number (1..65535)" in _one_sentence(err), url
+        assert "no service answers" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def _unix_socket(path: str) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(path)  # the socket file stays after close
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"), [(os.mkfifo, "a named pipe (FIFO)"), (_unix_socket, "a socket")]
+)
+def test_submit_refuses_what_is_not_a_regular_file_without_opening_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[str], None], kind: str
+) -> None:
+    special = tmp_path / "ff.jpg"
+    make(str(special))
+    url = f"http://127.0.0.1:{_free_port()}"
+    for path, what in ((str(special), kind), (os.devnull, "a character device")):
+        code, out, _ = run(capsys, "submit", path, "--url", url)  # a FIFO open would hang here
+        why = f"not a regular file ({what}): only image files can be submitted"
+        assert code == 1 and out == f"{path}: refused: {why}\n", path
+    code, out, _ = run(capsys, "submit", str(tmp_path / "nothing.jpg"), "--url", url)
+    assert code == 1 and out.endswith(": refused: no such file or folder\n")
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_not_waited_on(tmp_path: Path) -> None:
+    from service.cli.files import image_files, open_regular
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(make_image())
+    files, refused = image_files([str(path)])
+    assert files == [path] and refused == []
+    path.unlink()
+    os.mkfifo(path)  # no writer: a blocking open would wait forever
+    with pytest.raises(OSError, match=r"not a regular file \(a named pipe \(FIFO\)\)"):
+        open_regular(path)
+
+
+def test_a_missing_token_gets_one_hint(
+    tmp_path: Path,
+    serve: Serve,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AIP_TOKEN", raising=False)
+    service = serve(make_settings(tmp_path, token="s3cret"))
+    code, out, err = run(capsys, "jobs", "--url", service.url)
+    assert code == 1 and out == ""
+    sentence = _one_sentence(err)
+    assert "unauthorized" in sentence and sentence.count("AIP_TOKEN") == 1, sentence
 
 
 @contextlib.contextmanager
@@ -264,6 +348,98 @@ def test_sigterm_while_starting_up_is_a_clean_stop(tmp_path: Path) -> None:
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, first + err
     assert "stopped (SIGTERM) before the service started" in err and "Traceback" not in err
+
+
+def _aip_command() -> list[str]:
+    """The console script people run when it is installed (its start-up is the one to cover),
+    else the module."""
+    script = Path(sys.executable).with_name("aip")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+
+
+def _before_main(code: int, output: str) -> bool:
+    """What only Python itself can print: the Ctrl-C landed while the interpreter started (a
+    fatal error importing `site`), or while the launcher was still importing (`import re`,
+    `from service.cli import main`) before `main` ran: no frame of ours but a module body."""
+    if code == 1 and output.startswith("Fatal Python error: init_import_site"):
+        return True
+    if code == -signal.SIGINT and output == "":  # before Python set its handler
+        return True
+    ours = Path(__file__).resolve().parents[1] / "service"
+    frames = re.findall(r'File "([^"]+)", line \d+, in (\S+)', output)
+    return code == -signal.SIGINT and output.rstrip().endswith("KeyboardInterrupt") and all(
+        name == "<module>" and Path(file).name == "__init__.py"
+        for file, name in frames
+        if Path(file).resolve().is_relative_to(ours)
+    )
+
+
+@pytest.mark.parametrize("command", ["jobs", "serve"])
+def test_ctrl_c_at_any_moment_is_no_traceback(tmp_path: Path, command: str) -> None:
+    """Client commands exit 130, and `aip serve` stopped before it started exits 0 (as a stop
+    of a running service does), from the first instant `main` runs, imports included."""
+
+    def start(n: int, url: str) -> subprocess.Popen[str]:
+        data = str(tmp_path / f"d{n}")
+        args = (["jobs", "--url", url] if command == "jobs" else
+                ["serve", "--demo", "--port", str(_free_port()), "--data-dir", data])  # fmt: skip
+        return subprocess.Popen(
+            [*_aip_command(), *args], env=_env(tmp_path), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        return process.returncode, out + err
+
+    expected = INTERRUPTED if command == "jobs" else 0
+    # For `jobs`: a service that takes the connection and never answers, so the command is
+    # still running whenever the Ctrl-C comes.
+    with socket.socket() as silent, socket.socket() as last:
+        for listener in (silent, last):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+        url = "http://127.0.0.1:{}".format
+        for n, delay in enumerate((0.03, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6)):
+            process = start(n, url(silent.getsockname()[1]))
+            time.sleep(delay)
+            code, output = stop(process)
+            if code != expected and _before_main(code, output):
+                continue
+            assert code == expected and "Traceback" not in output, (delay, output)
+        # And once certainly inside `main`: connected to the service, or writing the demo models.
+        process = start(99, url(last.getsockname()[1]))
+        if command == "jobs":
+            last.settimeout(60)
+            connection, _ = last.accept()
+        else:
+            assert process.stderr is not None and "demo mode" in process.stderr.readline()
+        code, output = stop(process)
+    assert code == expected and "Traceback" not in output, output
+    if command == "serve":
+        assert output.strip().splitlines()[-1] == "aip: stopped (SIGINT) before the service started"
+    else:
+        connection.close()
+
+
+def test_a_ctrl_c_anywhere_in_main_is_caught_imports_included(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window a subprocess hits only by chance: the interrupt lands in the lazy import."""
+    real_import = __import__
+
+    def interrupted_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "service.cli.commands":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", interrupted_import)
+    assert main(["jobs"]) == INTERRUPTED
+    assert main(["serve", "--demo"]) == 0
+    _, err = capsys.readouterr()
+    assert err == "\naip: stopped (SIGINT) before the service started\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
 
 
 # -- waiting ----------------------------------------------------------------------------------
@@ -429,6 +605,17 @@ def test_json_only_when_asked(service: RunningService, capsys: pytest.CaptureFix
     assert code == 2 and "JSON Lines" in _one_sentence(err)
     code, out, _ = run(capsys, "retry", str(job["id"]), *url, "--json")
     assert code == 1 and out == ""  # a succeeded job is not retried: one sentence on stderr
+
+
+def test_show_lists_the_timings_in_pipeline_order_with_total_last(
+    service: RunningService, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = service.wait(service.submit().json()["id"])
+    assert job["status"] == "succeeded" and "persist" in job["timings_ms"]
+    code, out, _ = run(capsys, "show", str(job["id"]), "--url", service.url)
+    assert code == 0
+    stages = re.findall(r"(\w+) \d+ ms", out)
+    assert stages == ["queue_wait", "decode", "detect", "reason", "persist", "total"], out
 
 
 def test_inbox_reprocess_runs_a_handled_file_again(

@@ -99,7 +99,7 @@ def test_sqlite_full_is_disk_full_and_the_queue_recovers_when_space_returns(
             assert await queue.counts() == {**(await queue.counts()), "queued": 1, "running": 1}
             small_disk.free()
             again = await queue.claim("worker", 30)  # writes the held-up hand-back first
-            assert again is not None and again.job_id == first and again.attempt == 1
+            assert again is not None and again.job_id == first and again.attempt == 2
             assert await queue.complete(again, Outcome([], "saved"))
             rest = await queue.claim("worker", 30)
             assert rest is not None and rest.job_id == second
@@ -221,9 +221,10 @@ def test_a_full_disk_refuses_with_507_degrades_health_and_resumes_by_itself(
 
     small_disk.free()
     done = service.wait(running)
-    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert done["status"] == "succeeded" and done["attempts"] == 2
     outcomes = [a["outcome"] for a in done["attempt_history"]]
     assert outcomes == ["released", "succeeded"]  # handed back, never lost
+    assert done["max_attempts"] == settings.max_attempts + 1  # and the attempt not spent
     assert service.wait(queued)["status"] == "succeeded"
     fresh = service.submit(make_image(96, 48))
     assert fresh.status_code == 202

@@ -168,10 +168,46 @@ def test_bad_filters_are_422(seeded: tuple[RunningService, list[Seed]]) -> None:
         {"sort": "size"},
         {"cursor": "nonsense"},
         {"q": "   "},
+        {"source": "foo"},
+        {"source": "\x00"},
+        {"status": "\x00"},
+        {"stauts": "failed"},  # misspelt: refused, not ignored (which would list every job)
     ):
         response = service.client.get("/v1/jobs", params=params)
         assert response.status_code == 422, params
         assert response.json()["code"] in ("invalid_filter", "invalid_cursor")
+    # Every enumerated filter names its allowed values, on every route that takes it.
+    for path in ("/v1/jobs", "/v1/stats", *(f"/v1/exports/jobs.{f}" for f in EXPORTS)):
+        for params, allowed in (
+            ({"source": "foo"}, "api, path, inbox"),
+            ({"status": "x"}, "queued, running"),
+        ):
+            response = service.client.get(path, params=params)
+            assert response.status_code == 422, (path, params, response.text)
+            assert response.json()["code"] == "invalid_filter" and allowed in response.text
+
+
+def test_exports_sort_like_the_list_and_refuse_paging(
+    seeded: tuple[RunningService, list[Seed]],
+) -> None:
+    service, _ = seeded
+    for sort in ("created", "finished"):
+        listed = all_ids(service, sort=sort)
+        export = service.client.get("/v1/exports/jobs.jsonl", params={"sort": sort})
+        assert export.status_code == 200, export.text
+        assert [json.loads(line)["id"] for line in export.text.splitlines()] == listed, sort
+    # Exports and statistics answer every matching job: a page's parameters are refused, as
+    # a bad sort is, before a byte of the body goes out.
+    for path in ("/v1/stats", *(f"/v1/exports/jobs.{f}" for f in EXPORTS)):
+        for params in ({"sort": "\x00"}, {"cursor": "\x00"}, {"limit": "5"}, {"x": "1"}):
+            if path != "/v1/stats" and "sort" in params:
+                expected = "sort must be one of created, finished"
+            else:
+                expected = "does not take the query parameter"
+            response = service.client.get(path, params=params)
+            assert response.status_code == 422, (path, params, response.text)
+            assert response.json()["code"] == "invalid_filter", response.text
+            assert expected in response.json()["message"], response.text
 
 
 def test_pagination_neither_skips_nor_repeats_while_jobs_arrive_and_finish(
@@ -377,6 +413,9 @@ def test_out_of_range_inputs_are_4xx_never_500(seeded: tuple[RunningService, lis
         ("/v1/jobs", {"limit": "-1"}),
         ("/v1/jobs", {"cursor": "\x00" * 5}),
         ("/v1/jobs", {"sort": "\x00"}),
+        ("/v1/jobs", {"source": "\x00"}),
+        ("/v1/exports/jobs.csv", {"sort": "\x00"}),
+        ("/v1/exports/jobs.geojson", {"cursor": "\x00"}),
         ("/v1/stats", {"min_count": str(2**64), "label": "car"}),
     ):
         response = service.client.get(path, params=params)

@@ -580,13 +580,14 @@ def test_rows_left_unfiled_by_a_crash_are_repaired_at_start(
     def filed() -> dict[str, str | None]:
         return dict(db.execute("SELECT relative_path, filed_to FROM inbox_files").fetchall())
 
-    until(lambda: filed()["notes.txt"] is not None, what="the repair")
-    assert filed() == {
+    repaired = {
         "good.jpg": "processed/good.jpg",
         "copy.jpg": "processed/copy.jpg",
         "notes.txt": "failed/notes.txt",
         "gone.jpg": None,  # nowhere to be found: it keeps knowing the file, unfiled
     }
+    # Rows are repaired one by one, in the order the files were first seen (not fixed).
+    until(lambda: filed() == repaired, what="the repair")
     assert json.loads((failed / "notes.txt.error.json").read_text())["code"] == "unsupported_type"
     assert "duplicate_of" in json.loads((processed / "copy.jpg.duplicate.json").read_text())
     assert (processed / "good.json").exists() and not (inbox / "good.json").exists()

@@ -44,9 +44,11 @@ def test_shutdown_mid_job_releases_it_and_the_next_start_finishes_it(
 
     second = serve(settings)
     done = second.wait(job_id)
-    assert done["status"] == "succeeded" and done["attempts"] == 1  # a release costs no attempt
-    outcomes = [a["outcome"] for a in done["attempt_history"]]
-    assert outcomes == ["released", "succeeded"]
+    # A release costs no attempt (the job gets one more) and its number is never reused.
+    assert done["status"] == "succeeded", done
+    assert (done["attempts"], done["max_attempts"]) == (2, settings.max_attempts + 1), done
+    history = [(a["attempt"], a["outcome"]) for a in done["attempt_history"]]
+    assert history == [(1, "released"), (2, "succeeded")]
 
 
 def test_shutdown_within_grace_lets_the_job_finish(
@@ -269,7 +271,7 @@ def test_a_job_handed_back_at_shutdown_keeps_its_place(tmp_path: Path) -> None:
         assert await queue.release(claim)
         again = await queue.claim("worker", 30)
         await queue.close()
-        assert again is not None and again.attempt == 1  # the hand-back spent no attempt
+        assert again is not None and (again.attempt, again.round_attempt) == (2, 1)  # none spent
         return again.job_id
 
     assert asyncio.run(scenario()) == 1
@@ -350,9 +352,11 @@ def test_ctrl_c_waits_for_the_job_and_a_second_ctrl_c_hands_it_back(
     handed_back = f"WARNING aip.worker: job {job_id} handed back to the queue unfinished"
     assert _log_has(log_file, handed_back), stderr[-3000:]
     with contextlib.closing(sqlite3.connect(data_dir / "aip.db")) as db:
-        job = db.execute("SELECT status, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        job = db.execute(
+            "SELECT status, attempts, max_attempts FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
         outcomes = db.execute(
             "SELECT outcome FROM job_attempts WHERE job_id = ? ORDER BY id", (job_id,)
         ).fetchall()
-    assert job == ("queued", 0)  # queued again, no attempt spent
+    assert job == ("queued", 1, 4)  # queued again; the attempt it used is given back
     assert outcomes == [("released",)]

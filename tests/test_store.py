@@ -260,7 +260,12 @@ def test_release_gives_the_job_back_without_spending_an_attempt(tmp_path: Path) 
         assert claim is not None
         assert await queue.release(claim)
         again = await queue.claim("w2", 30)
-        assert again is not None and again.attempt == 1
+        # A new number (never reused), first of its round: the budget grew by the one given back.
+        assert again is not None and (again.attempt, again.round_attempt) == (2, 1)
+        budget = await queue.read(
+            lambda db: db.execute("SELECT max_attempts FROM jobs").fetchone()[0]
+        )
+        assert budget == 4
         await queue.close()
 
     run(scenario())

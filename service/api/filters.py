@@ -1,15 +1,35 @@
-"""The history filters as query parameters, shared by the job list, statistics and exports."""
+"""The history filters as query parameters, shared by the job list, statistics and exports, and
+the rule that those routes refuse a query parameter they do not take."""
 
 from __future__ import annotations
 
-from fastapi import Query
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from service.store.history import JobFilter
+from fastapi import Query, Request
+from pydantic import WithJsonSchema
+
+from service.errors import InvalidInput
+from service.store.history import SORTS, SOURCES, JobFilter
+from service.store.queue import STATUSES
+
+
+def _enum(values: tuple[str, ...]) -> WithJsonSchema:
+    """Documented as an enum, checked by JobFilter: a wrong value is 422 `invalid_filter` with
+    the allowed values, like every other filter."""
+    return WithJsonSchema({"type": "string", "enum": list(values)})
+
+
+StatusFilter = Annotated[str | None, Query(description="|".join(STATUSES)), _enum(STATUSES)]
+SourceFilter = Annotated[str | None, Query(description="|".join(SOURCES)), _enum(SOURCES)]
+Sort = Annotated[str, Query(description="created|finished (newest first)"), _enum(SORTS)]
+PAGING = ("sort", "cursor", "limit")
 
 
 def job_filter(
-    status: str | None = Query(None, description="queued|running|succeeded|failed|cancelled"),
-    source: str | None = Query(None, description="api|path|inbox"),
+    status: StatusFilter = None,
+    source: SourceFilter = None,
     created_after: str | None = Query(None, description="ISO 8601 date/time (UTC) or Unix s"),
     created_before: str | None = Query(None, description="ISO 8601 date/time (UTC) or Unix s"),
     captured_after: str | None = Query(None, description="EXIF capture time (camera local)"),
@@ -31,3 +51,30 @@ def job_filter(
         min_count=min_count,
         q=q,
     )
+
+
+FILTERS = tuple(inspect.signature(job_filter).parameters)
+
+
+def takes_only(*own: str) -> Callable[[Request], Any]:
+    """A dependency refusing query parameters other than the filters and `own`: a misspelt
+    filter would otherwise be ignored and widen the answer without a word."""
+    allowed = (*own, *FILTERS)
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - set(allowed))
+        if not unknown:
+            return
+        name = unknown[0]
+        why = (
+            "; only GET /v1/jobs pages (exports and statistics cover every matching job)"
+            if name in PAGING
+            else ""
+        )
+        raise InvalidInput(
+            f"this route does not take the query parameter {name[:100]!r}{why}; it takes "
+            f"{', '.join(allowed)}",
+            code="invalid_filter",
+        )
+
+    return check

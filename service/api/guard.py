@@ -8,12 +8,14 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.schemas import ErrorBody
 from service.config import Settings
 from service.errors import Forbidden
 
@@ -211,6 +213,15 @@ def origin_refused(origin: str | None) -> Forbidden:
 class BrowserGuard:
     """Pure ASGI middleware: refuse a foreign Host or Origin with 403 `{code, message}` before
     routing; answer CORS (preflights included) for the origins the user listed."""
+
+    # What it can answer on every route, for the app's OpenAPI document.
+    responses: ClassVar[dict[int | str, dict[str, Any]]] = {
+        403: {
+            "model": ErrorBody,
+            "description": "host_not_allowed or origin_not_allowed: a Host or Origin this "
+            "service does not admit (AIP_ALLOWED_HOSTS, AIP_ALLOWED_ORIGINS)",
+        }
+    }
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from service.annotate import annotate, to_jpeg
 from service.api.deps import require_token, services
-from service.api.filters import job_filter
+from service.api.filters import Sort, job_filter, takes_only
 from service.api.schemas import JobId, PruneReport, Stats, errors, typed
 from service.config import parse_age
 from service.errors import Gone, InvalidInput, NotFound
@@ -31,6 +31,7 @@ Filter = Annotated[JobFilter, Depends(job_filter)]
     "/stats",
     summary="Jobs by status and day, detections per label, mean timings",
     response_model=Stats,
+    dependencies=[Depends(takes_only())],
 )
 async def stats(request: Request, where: Filter) -> Response:
     return typed(Stats, await job_stats(services(request).reads.engine, where))
@@ -41,15 +42,19 @@ async def stats(request: Request, where: Filter) -> Response:
     summary="Stream the filtered jobs as csv|jsonl|geojson|coco",
     response_class=StreamingResponse,
     responses={200: {"content": {media: {} for media in FORMATS.values()}}, **errors(404)},
+    # Every matching job in one body: `cursor` and `limit` would mean nothing here.
+    dependencies=[Depends(takes_only("sort"))],
 )
-async def export(request: Request, fmt: str, where: Filter) -> StreamingResponse:
+async def export(
+    request: Request, fmt: str, where: Filter, sort: Sort = "created"
+) -> StreamingResponse:
     if fmt not in WRITERS:
         raise NotFound(
             f"no export format {fmt!r}; use one of {', '.join(FORMATS)}", code="unknown_format"
         )
     # The filters are checked and the first page read before the 200 goes out, so a query
     # that fails does so as a proper error response, not as a body cut short.
-    jobs = await services(request).reads.stream(where)
+    jobs = await services(request).reads.stream(where, sort=sort)
     return StreamingResponse(
         WRITERS[fmt](jobs),
         media_type=FORMATS[fmt],
@@ -93,6 +98,7 @@ class PruneRequest(BaseModel):
     "/prune",
     summary="Remove finished jobs (or only their images) older than an age",
     response_model=PruneReport,
+    responses=errors(413),
 )
 async def prune_history(request: Request, body: PruneRequest) -> Any:
     svc = services(request)

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from service.api.deps import require_token, services
-from service.api.filters import job_filter
+from service.api.filters import Sort, job_filter, takes_only
 from service.api.schemas import Job, JobId, JobPage, errors, refuse_unencodable, typed
 from service.confine import read_confined
 from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -242,11 +242,16 @@ async def submit(
     return await job_after_commit(svc, job_id, "queued", 202 if created else 200, location)
 
 
-@router.get("/jobs", summary="Jobs, newest first, filtered", response_model=JobPage)
+@router.get(
+    "/jobs",
+    summary="Jobs, newest first, filtered",
+    response_model=JobPage,
+    dependencies=[Depends(takes_only("sort", "cursor", "limit"))],
+)
 async def list_jobs(
     request: Request,
     where: Annotated[JobFilter, Depends(job_filter)],
-    sort: str = Query(default="created", description="created|finished (newest first)"),
+    sort: Sort = "created",
     cursor: str | None = Query(
         default=None, max_length=1000, description="next_cursor from the previous page"
     ),
@@ -279,7 +284,7 @@ async def show_job(request: Request, job_id: JobId) -> Response:
     responses={
         200: {"model": Job, "description": "cancelled"},
         202: {"model": Job, "description": "running: asked to stop at its next stage"},
-        **errors(404, 409),
+        **errors(404, 409, 413),
     },
 )
 async def cancel_job(request: Request, job_id: JobId) -> Response:
@@ -294,7 +299,7 @@ async def cancel_job(request: Request, job_id: JobId) -> Response:
     "/jobs/{job_id}/retry",
     status_code=202,
     summary="Queue a failed or cancelled job again, with as many attempts as it first had",
-    responses={202: {"model": Job}, **errors(404, 409)},
+    responses={202: {"model": Job}, **errors(404, 409, 413)},
 )
 async def retry_job(request: Request, job_id: JobId) -> Response:
     svc = services(request)

@@ -46,7 +46,7 @@ async def list_models(request: Request) -> Any:
     responses={
         200: {"model": RoleState, "description": "loaded (wait: true)"},
         202: {"model": RoleState, "description": "loading"},
-        **errors(404, 409),
+        **errors(404, 409, 413),
     },
 )
 async def load_model(role: str, body: LoadRequest, request: Request) -> JSONResponse:
@@ -68,7 +68,7 @@ async def load_model(role: str, body: LoadRequest, request: Request) -> JSONResp
     summary="Free a role's model; the next job reloads it",
     response_model=RoleState,
     response_model_exclude_unset=True,
-    responses=errors(404),
+    responses=errors(404, 413),
 )
 async def unload_model(role: str, request: Request) -> Any:
     host = services(request).host

@@ -1,6 +1,7 @@
 """The API's wire types: the job id path parameter, text that can cross the wire, and every
 response body, so the OpenAPI document types what the routes return. Shapes only; the routes
-and read models fill them."""
+and read models fill them. Every body is closed: a key a read model emits must be declared
+here, and only genuinely open values (EXIF, options, a mask) are untyped dicts."""
 
 from __future__ import annotations
 
@@ -38,15 +39,17 @@ def refuse_unencodable(value: Any, where: str = "the body") -> None:
 
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Source = Literal["api", "path", "inbox"]
 
 
 class Body(BaseModel):
-    """Open for additions: a key added to a read model passes through before it is typed."""
+    """Closed (`additionalProperties: false`): a key a read model adds without declaring it
+    here fails `typed()` in the tests, instead of reaching clients undocumented."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(Body):
     code: str = Field(description="stable, for programs: e.g. job_not_found, invalid_filter")
     message: str = Field(description="for people: what went wrong and what to do next")
 
@@ -72,6 +75,7 @@ class JobParams(Body):
 class ModelIdentity(Body):
     id: str
     revision: str | None
+    quantize: int | None = Field(None, description="bits, when a quantised copy served")
 
 
 class Detection(Body):
@@ -104,7 +108,7 @@ class Attempt(Body):
 class Job(Body):
     id: int
     status: Status
-    source: str = Field(description="api|path|inbox")
+    source: Source
     source_path: str | None
     attempts: int = Field(description="attempts started so far, across retries")
     max_attempts: int = Field(description="the attempt number after which a failure is final")
@@ -139,8 +143,23 @@ class LabelCount(Body):
     jobs: int
 
 
+class StatsFilter(Body):
+    """The filters as the statistics applied them; only those given."""
+
+    status: str | None = None
+    source: str | None = None
+    created_after: float | None = Field(None, description="Unix seconds")
+    created_before: float | None = Field(None, description="Unix seconds")
+    captured_after: str | None = None
+    captured_before: str | None = None
+    folder: str | None = None
+    label: str | None = None
+    min_count: int | None = None
+    q: str | None = Field(None, description="the words, as the full-text query quotes them")
+
+
 class Stats(Body):
-    filter: dict[str, Any]
+    filter: StatsFilter
     jobs: int
     by_status: dict[str, int]
     per_day: list[DayCount]
@@ -155,38 +174,91 @@ class PruneReport(Body):
     bytes_freed: int
 
 
+class LoadProgress(Body):
+    phase: str = Field(description="resolve|convert|load|swap")
+    percent: float | None = Field(description="null where it cannot be measured")
+    elapsed_seconds: float
+
+
+class LoadEstimate(Body):
+    weights_bytes: int
+    resident_bytes: int
+    peak_bytes: int
+
+
 class RoleState(Body):
     role: str = Field(description="detector|reasoner")
-    state: str = Field(description="unloaded|loading|ready|failed|...")
+    state: str = Field(description="unloaded|loading|loaded|failed")
     source: str | None = Field(None, description="hub id or folder")
     quantize: int | None = None
-    path: str | None = None
+    path: str | None = Field(None, description="the folder loaded (a quantised copy: the cache)")
     revision: str | None = None
+    source_revision: str | None = Field(None, description="of the folder asked for")
+    bytes_on_disk: int | None = None
     resident_bytes: int | None = None
-    progress: dict[str, Any] | None = None
+    peak_load_bytes: int | None = None
+    load_seconds: float | None = None
+    loaded_at: float | None = Field(None, description="Unix seconds")
+    last_used_at: float | None = Field(None, description="Unix seconds")
+    jobs_served: int | None = None
+    loads: int | None = None
+    keep_alive: Literal["pinned"] | float | None = Field(
+        None, description="pinned, or seconds idle before it is freed"
+    )
+    loading: str | None = Field(None, description="what a load in flight brings in")
+    progress: LoadProgress | None = None
+    phases: dict[str, float] | None = Field(None, description="the last load's seconds per phase")
+    estimate: LoadEstimate | None = None
+    swap: str | None = Field(None, description="how the last load fitted: beside|replace_first")
     error: str | None = None
+
+
+class MlxMemory(Body):
+    active_bytes: int
+    peak_bytes: int
+    cache_bytes: int
 
 
 class ModelsReport(Body):
     budget_bytes: int | None = None
     held_bytes: int | None = None
     evict_idle: bool | None = None
-    mlx: dict[str, Any] | None = None
+    mlx: MlxMemory | None = Field(None, description="null until MLX is in use")
     roles: list[RoleState]
 
 
+class InboxCounts(Body):
+    ingested: int
+    duplicates: int
+    rejected: int
+    already_known: int
+    reprocessed: int
+
+
 class InboxStatus(Body):
+    """Only `enabled` when the inbox is off."""
+
     enabled: bool
     path: str | None = None
-    mode: str | None = None
+    mode: str | None = Field(None, description="starting|events|polling")
+    moving: bool | None = Field(None, description="files are filed to processed/ or failed/")
+    settle_seconds: float | None = None
+    rescan_seconds: float | None = None
     pending: int | None = None
-    since_start: dict[str, int] | None = None
+    waiting: dict[str, str] | None = Field(None, description="file: why it still waits")
+    since_start: InboxCounts | None = None
+    last_scan_at: float | None = Field(None, description="Unix seconds")
 
 
 class QueueDepth(Body):
     depth: int
     running: int
     counts: dict[str, int]
+
+
+class WorkerState(Body):
+    id: str
+    current_job: int | None
 
 
 class Health(Body):
@@ -200,7 +272,7 @@ class Health(Body):
     uptime_seconds: float | None = None
     models: list[RoleState] | None = None
     queue: QueueDepth | None = None
-    worker: dict[str, Any] | None = None
+    worker: WorkerState | None = None
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -1,63 +1,57 @@
-"""The `aip` command: the parser and `main`; `serve` runs the service, the other commands are
-its HTTP clients (jobs, history, inbox, models, the background service). `main` is where every
-failure becomes one sentence and an exit status."""
+"""The `aip` entry point: `main` only. It imports nothing at module level and the rest of the
+command inside its handler, so a Ctrl-C (or a stop asked of `aip serve`) in the first instant is
+one line and an exit status, never a traceback; the parser lives in `service.cli.commands`."""
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from collections.abc import Sequence
-from typing import cast
 
-from service import __version__, deploy
-from service.cli import history, inbox, jobs, models, serve
-from service.cli.waiting import INTERRUPTED
-from service.client import ClientError
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
 
 
-class CommandParser(argparse.ArgumentParser):
-    """A subcommand's parser reports a flag it does not know with its own usage: by default
-    argparse leaves unknown flags to the top-level parser, which prints `aip`'s usage."""
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        parsed, extras = super().parse_known_args(args, namespace)
-        if extras and self.prog != "aip":
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return parsed, extras
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived while `aip serve` was starting, before uvicorn took over."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="aip", description="Local-first visual AI jobs.")
-    parser.add_argument("--version", action="version", version=f"aip {__version__}")
-    commands = cast(
-        "argparse._SubParsersAction[argparse.ArgumentParser]",
-        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
-    )
-    serve.register(commands)
-    jobs.register(commands)
-    history.register(commands)
-    inbox.register(commands)
-    models.register(commands)
-    deploy.register(commands)
-    return parser
+stops_requested: list[str] = []  # kept too: a library may swallow the exception (see serve.py)
+
+
+def stop_during_startup() -> None:
+    """Until uvicorn runs, SIGTERM or SIGINT ends `aip serve` at once: the service manager (or
+    the user) asked for a stop, which is a clean exit (status 0), whenever it comes."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        stops_requested.append(signal.Signals(signum).name)
+        raise StopRequested(stops_requested[-1])
+
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    serving = False
     try:
-        return int(args.func(args))
-    except ClientError as exc:
-        print(f"aip: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
+        args = sys.argv[1:] if argv is None else argv
+        # Top-level options take no value, so the first other word is the command.
+        serving = next((a for a in args if not a.startswith("-")), None) == "serve"
+        if serving:
+            stop_during_startup()
+        from service.cli.commands import run
+
+        return run(args)
+    except (KeyboardInterrupt, StopRequested) as stop:
+        if serving:
+            name = str(stop) or "SIGINT"  # Python's own handler, before ours was set
+            print(f"aip: stopped ({name}) before the service started", file=sys.stderr)
+            return 0
         print(file=sys.stderr)  # end the line the ^C was echoed on
         return INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`aip export | head`): not an error, and nothing left to say.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    finally:
+        import signal
 
-
+        if serving:  # the usual handlers again, for a caller in the same process (tests)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if argv is None:
+            # The process ends now: a late Ctrl-C has nothing left to stop, and would only
+            # print a traceback from the interpreter's exit handlers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

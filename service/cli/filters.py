@@ -23,11 +23,30 @@ HELP = {
 }
 
 
+class Once(argparse.Action):
+    """A filter given twice is a usage error: the service filters on one value of each, and
+    argparse would silently keep the last."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(
+                self, "given twice: the service filters on one value; run the command once for each"
+            )
+        setattr(namespace, self.dest, values)
+
+
 def add_filters(sub: argparse.ArgumentParser) -> None:
     for name in FILTERS:
         sub.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
+            action=Once,
             type=int if name == "min_count" else str,
             help=HELP[name],
         )

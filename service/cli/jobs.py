@@ -9,51 +9,26 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from service.cli.files import image_files, open_regular
 from service.cli.filters import FILTERS, add_filters, filters
 from service.cli.output import job_summary, print_job, print_json
 from service.cli.waiting import TERMINAL, interrupted, wait_for
 from service.client import Client, ClientError, add_client_command, settings_from
-from service.inbox.rules import IMAGE_SUFFIXES
 
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(settings_from(args), args.url)
 
 
-def image_files(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The files to submit, in order: each file named, and the image files under each folder
-    named (hidden ones skipped). Also what cannot be submitted, and why."""
-    files: list[Path] = []
-    missing: list[tuple[str, str]] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                missing.append((name, "a folder with no image files in it"))
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append((name, "no such file or folder"))
-    return files, missing
-
-
-def _request_key(path: Path, data: dict[str, Any]) -> str:
+def _request_key(f: BinaryIO, data: dict[str, Any]) -> str:
     """The same bytes with the same parameters make the same key, so submitting them again
     returns the first job (a duplicate) instead of doing the work twice."""
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    f.seek(0)
     return f"aip-submit-{digest.hexdigest()}"
 
 
@@ -134,9 +109,9 @@ def _refuse(
 def _submit_one(
     client: Client, args: argparse.Namespace, path: Path, data: dict[str, Any], done: Submitted
 ) -> None:
-    headers = {} if args.again else {"Idempotency-Key": _request_key(path, data)}
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
+            headers = {} if args.again else {"Idempotency-Key": _request_key(f, data)}
             status, job = client.status_and_json(
                 "POST", "/v1/jobs", files={"image": (path.name, f)}, data=data, headers=headers
             )

@@ -55,6 +55,15 @@ def _pack(items: list[str], width: int) -> list[str]:
     return lines
 
 
+STAGES = ("queue_wait", "decode", "detect", "reason", "persist")
+
+
+def _in_pipeline_order(timings: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Stages as a job goes through them, any the CLI does not know next, `total` last."""
+    rank = {stage: i for i, stage in enumerate(STAGES)}
+    return sorted(timings.items(), key=lambda kv: (kv[0] == "total", rank.get(kv[0], len(rank))))
+
+
 def job_summary(job: dict[str, Any]) -> str:
     """One line: id, status, what it found, the input's name."""
     result = job.get("result")
@@ -99,7 +108,7 @@ def print_job(job: dict[str, Any], out: TextIO | None = None) -> None:
     times = [("created", job.get("created_at")), ("finished", job.get("finished_at"))]
     rows.append(("time", [f"{k} {_when(v)}" for k, v in times if v]))
     timings = job.get("timings_ms") or {}
-    rows.append(("timings", [f"{k} {v:.0f} ms" for k, v in timings.items()]))
+    rows.append(("timings", [f"{k} {v:.0f} ms" for k, v in _in_pipeline_order(timings)]))
     if job.get("queue_position"):
         rows.append(("queue", f"position {job['queue_position']}"))
     if job.get("stage"):

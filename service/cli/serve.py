@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from service.cli import StopRequested, stops_requested
 from service.cli.startup import (
     DropStartupFailedLine,
     QuietLifespan,
     StartupError,
-    StopRequested,
     listen_socket,
-    stop_during_startup,
 )
 from service.client import port_number, settings_from
 from service.config import Settings
@@ -60,58 +59,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"aip: {exc}", file=sys.stderr)
         return 2
-    stop_during_startup()
+    from service.app import DataDirLock, create_app
+    from service.inbox.lock import InboxLock
+
+    # Refused here, before the demo models are written into a directory in use; the
+    # app's start-up takes both locks again for as long as it runs.
+    probes: list[DataDirLock | InboxLock] = [DataDirLock(settings.data_dir)]
+    if settings.inbox_enabled:
+        probes.append(InboxLock(settings.inbox_dir, settings.data_dir))
     try:
-        from service.app import DataDirLock, create_app
-        from service.inbox.lock import InboxLock
-
-        # Refused here, before the demo models are written into a directory in use; the
-        # app's start-up takes both locks again for as long as it runs.
-        probes: list[DataDirLock | InboxLock] = [DataDirLock(settings.data_dir)]
-        if settings.inbox_enabled:
-            probes.append(InboxLock(settings.inbox_dir, settings.data_dir))
-        try:
-            with contextlib.ExitStack() as held:
-                for probe in probes:
-                    probe.acquire()
-                    held.callback(probe.release)
-        except AipError as exc:
-            print(f"aip: {exc.message}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(
-                f"aip: cannot use the data directory ({exc}): set --data-dir or AIP_DATA_DIR",
-                file=sys.stderr,
-            )
-            return 2
-        configure_logging(args.log_level, settings.logs_dir, stderr=settings.log_stderr)
-        try:
-            settings = prepare_models(settings)
-        except AipError as exc:
-            print(f"aip: {exc.message}", file=sys.stderr)
-            return 2
-        import uvicorn
-
-        app = QuietLifespan(create_app(settings))
-        config = uvicorn.Config(
-            app,
-            log_level=args.log_level,
-            log_config=None,  # uvicorn's records go through configure_logging's handlers
-            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 2,
-            lifespan="on",
+        with contextlib.ExitStack() as held:
+            for probe in probes:
+                probe.acquire()
+                held.callback(probe.release)
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"aip: cannot use the data directory ({exc}): set --data-dir or AIP_DATA_DIR",
+            file=sys.stderr,
         )
-        from service.serving import Server  # the worker hears of each stop signal
+        return 2
+    configure_logging(args.log_level, settings.logs_dir, stderr=settings.log_stderr)
+    try:
+        settings = prepare_models(settings)
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        return 2
+    import uvicorn
 
-        server = Server(config, app.app)
-        logging.getLogger("uvicorn.error").addFilter(DropStartupFailedLine())
-        log.info("starting on %s", settings.base_url)
-        # uvicorn re-raises the stop signal once it has shut down; a stop we were asked for is
-        # a clean exit (status 0), which is what launchd and systemd must see.
-        for stop_signal in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop_signal, lambda *_: None)
-    except StopRequested as stop:
-        print(f"aip: stopped ({stop}) before the service started", file=sys.stderr)
-        return 0
+    app = QuietLifespan(create_app(settings))
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        log_config=None,  # uvicorn's records go through configure_logging's handlers
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 2,
+        lifespan="on",
+    )
+    from service.serving import Server  # the worker hears of each stop signal
+
+    server = Server(config, app.app)
+    logging.getLogger("uvicorn.error").addFilter(DropStartupFailedLine())
+    log.info("starting on %s", settings.base_url)
+    if stops_requested:  # asked for while starting, its exception lost on the way
+        raise StopRequested(stops_requested[0])
+    # uvicorn re-raises the stop signal once it has shut down; a stop we were asked for is
+    # a clean exit (status 0), which is what launchd and systemd must see. One that comes
+    # before uvicorn takes the signals over stops it as soon as it has started.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: setattr(server, "should_exit", True))
     with contextlib.suppress(SystemExit):  # uvicorn's way to say the lifespan start-up failed
         server.run(sockets=[sock])
     if not server.started:

@@ -1,16 +1,16 @@
 """What stands between `aip serve` and a running uvicorn: the listening socket (taken before
-anything is created), a stop asked for while starting, and start-up refusals as one sentence."""
+anything is created) and start-up refusals as one sentence (a stop asked for while starting is
+`service.cli.main`'s, from its first instant)."""
 
 from __future__ import annotations
 
 import errno
 import logging
-import signal
 import socket
-from types import FrameType
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.config import port_number
 from service.errors import AipError
 
 log = logging.getLogger("aip")
@@ -20,15 +20,13 @@ class StartupError(Exception):
     """A reason `aip serve` cannot start, in one sentence that says what to change."""
 
 
-class StopRequested(BaseException):
-    """SIGTERM or SIGINT arrived before uvicorn took over the signals."""
-
-
 def listen_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, for uvicorn to listen on. Binding here, before the database
     or the inbox are touched, makes a taken port a one-sentence refusal with no race."""
-    if not 1 <= port <= 65535:
-        raise StartupError(f"{port} is not a port number (1..65535): set --port or AIP_PORT")
+    try:
+        port_number(port)  # Settings from flags and AIP_PORT are checked; others may not be
+    except ValueError as exc:
+        raise StartupError(f"{port} is {exc}: set --port or AIP_PORT") from None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
@@ -55,17 +53,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
             "--port/AIP_PORT"
         ) from None
     return sock
-
-
-def stop_during_startup() -> None:
-    """Until uvicorn runs, SIGTERM or SIGINT ends start-up at once: the service manager asked
-    for a stop, which is a clean exit (status 0)."""
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise StopRequested(signal.Signals(signum).name)
-
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, stop)
 
 
 class QuietLifespan:

@@ -7,11 +7,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from service.cli import INTERRUPTED
 from service.cli.output import Progress
 from service.client import Client, ClientError
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
 
 
 def progress_text(jobs: Sequence[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ from service.store.queue import STATUSES
 from service.store.tables import DetectionRow, ImageRow, JobRow
 
 SORTS = ("created", "finished")
+SOURCES = ("api", "path", "inbox")
 MAX_TEXT = 1000  # the longest text filter: a label, a folder, a source or the words of q
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -91,7 +92,13 @@ class JobFilter:
                 f"unknown status {status!r}; use one of {', '.join(STATUSES)}",
                 code="invalid_filter",
             )
-        for name in ("source", "folder", "label"):
+        source = given.get("source")
+        if source is not None and source not in SOURCES:
+            raise InvalidInput(
+                f"unknown source {str(source)[:100]!r}; use one of {', '.join(SOURCES)}",
+                code="invalid_filter",
+            )
+        for name in ("folder", "label"):
             if len(str(given.get(name, ""))) > MAX_TEXT:
                 raise InvalidInput(
                     f"{name} is longer than {MAX_TEXT} characters", code="invalid_filter"
@@ -106,7 +113,7 @@ class JobFilter:
                 raise InvalidInput("min_count needs a label to count", code="invalid_filter")
         values: dict[str, Any] = {
             "status": status,
-            "source": given.get("source"),
+            "source": source,
             # "/" or "" is the whole inbox: no folder condition.
             "folder": str(given["folder"]).strip("/") + "/"
             if str(given.get("folder", "")).strip("/")

@@ -459,9 +459,12 @@ class Queue:
             return False
         self._end_attempt(db, claim, "released", why)
         now = self._clock()
-        # run_after stays as it was: the job goes back to its place in line, not the end.
+        # run_after stays as it was: the job goes back to its place in line, not the end. The
+        # attempt keeps its number (numbers are never reused) and is not spent: the job gets
+        # one more, while the budget a later retry grants stays the one it was submitted with.
         db.execute(
-            "UPDATE jobs SET status = 'queued', attempts = attempts - 1,"
+            "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1,"
+            " attempt_budget = coalesce(attempt_budget, max_attempts),"
             " lease_owner = NULL, lease_until = NULL WHERE id = ?",
             (claim.job_id,),
         )
