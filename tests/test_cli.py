@@ -27,6 +27,7 @@ from PIL import Image
 
 from service.cli import INTERRUPTED, main
 from service.cli.commands import build_parser
+from service.cli.output import job_summary, print_job, printable
 from service.cli.waiting import progress_text
 from tests.conftest import RunningService, gate_detector, make_image, make_settings
 
@@ -635,3 +636,20 @@ def test_inbox_reprocess_runs_a_handled_file_again(
     again = int(out.split(": job ")[1].split()[0])
     assert again != first["id"]
     assert service.wait(again)["input"]["sha256"] == first["input"]["sha256"]
+
+
+def test_show_never_sends_escape_sequences_from_a_model_or_a_file_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    job = {
+        "id": 7, "status": "succeeded", "attempts": 1, "max_attempts": 3,
+        "input": {"name": "evil\x1b]0;title\x07.jpg", "width": 4, "height": 3, "bytes": 10},
+        "params": {"queries": ["car\u202e"], "prompt": "why?"},
+        "result": {"detections": [{"number": 1, "label": "car\u202e", "box": [0, 0, 1, 1]}],
+                   "reasoning": "fine\x1b[2J\nsecond line"},
+    }  # fmt: skip
+    print_job(job)
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "fine\ufffd[2J" in shown and "second line" in shown
+    assert printable(job_summary(job)) == job_summary(job)

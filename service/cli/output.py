@@ -3,11 +3,21 @@ updating progress line (on a terminal's stderr only)."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
 import textwrap
+import unicodedata
 from typing import Any, TextIO
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control and format characters (escape sequences a model or
+    a file name could carry, bidi overrides) shown as U+FFFD; line breaks kept."""
+    return "".join(
+        "\ufffd" if c != "\n" and unicodedata.category(c) in ("Cc", "Cf") else c for c in text
+    )
 
 
 def print_json(value: Any, *, lines: bool = False) -> None:
@@ -73,13 +83,20 @@ def job_summary(job: dict[str, Any]) -> str:
         found = job["error"]["code"]
     else:
         found = "-"
-    return f"job {job['id']}: {job['status']}, {found}, {job['input']['name']}"
+    return printable(f"job {job['id']}: {job['status']}, {found}, {job['input']['name']}")
 
 
 def print_job(job: dict[str, Any], out: TextIO | None = None) -> None:
     """A job as a reader wants it: input and where it was taken, what was asked, which models
     answered, what they found, and how long each stage took."""
-    out = out or sys.stdout
+    target = out or sys.stdout
+    out = io.StringIO()
+    _write_job(job, out)
+    target.write(printable(out.getvalue()))
+    target.flush()
+
+
+def _write_job(job: dict[str, Any], out: TextIO) -> None:
     width = min(shutil.get_terminal_size((100, 20)).columns, 100)
     attempt = f"attempt {job['attempts']} of {job['max_attempts']}"
     status = job["status"]
