@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import signal
 import socket
 import threading
@@ -145,6 +146,26 @@ class RunningService:
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def subprocess_env(
+    inbox: Path, checkpoints: tuple[Path, Path] | None = None, **settings: str | Path
+) -> dict[str, str]:
+    """The environment of an `aip` started as a process: none of this machine's AIP_* values,
+    its own inbox, the tiny checkpoints when given, and `settings` as AIP_<NAME>."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIP_")}
+    env["AIP_INBOX"] = str(inbox)
+    if checkpoints:
+        env["AIP_DETECTOR"], env["AIP_REASONER"] = map(str, checkpoints)
+    env.update({f"AIP_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
 
 
 def make_settings(tmp_path: Path, **changes: Any) -> Settings:

@@ -29,24 +29,20 @@ from service.cli import INTERRUPTED, main
 from service.cli.commands import build_parser
 from service.cli.output import job_summary, print_job, printable
 from service.cli.waiting import progress_text
-from tests.conftest import RunningService, gate_detector, make_image, make_settings
+from tests.conftest import (
+    RunningService,
+    free_port,
+    gate_detector,
+    make_image,
+    make_settings,
+    subprocess_env,
+)
 
 Serve = Callable[..., RunningService]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(tmp_path: Path, checkpoints: tuple[Path, Path] | None = None) -> dict[str, str]:
-    """The environment of a subprocess `aip`: nothing of this machine's AIP_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIP_")}
-    env["AIP_INBOX"] = str(tmp_path / "inbox")
-    if checkpoints:
-        env["AIP_DETECTOR"], env["AIP_REASONER"] = map(str, checkpoints)
-    return env
+    return subprocess_env(tmp_path / "inbox", checkpoints)
 
 
 def aip(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
@@ -146,7 +142,7 @@ def test_a_filter_given_twice_is_a_usage_error(capsys: pytest.CaptureFixture[str
 def test_client_commands_without_a_service_say_one_sentence(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     code, out, err = aip("export", "--url", url, env=_env(tmp_path))
     assert code == 1 and out == ""
     assert "no service answers" in _one_sentence(err) and "aip serve" in err
@@ -192,7 +188,7 @@ def test_submit_refuses_what_is_not_a_regular_file_without_opening_it(
 ) -> None:
     special = tmp_path / "ff.jpg"
     make(str(special))
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     for path, what in ((str(special), kind), (os.devnull, "a character device")):
         code, out, _ = run(capsys, "submit", path, "--url", url)  # a FIFO open would hang here
         why = f"not a regular file ({what}): only image files can be submitted"
@@ -309,7 +305,7 @@ def test_a_second_service_on_the_same_data_dir_or_inbox_is_one_sentence(
 ) -> None:
     data = service.settings.data_dir
     env = _env(tmp_path, tiny_checkpoints)
-    code, out, err = aip("serve", "--data-dir", str(data), "--port", str(_free_port()), env=env)
+    code, out, err = aip("serve", "--data-dir", str(data), "--port", str(free_port()), env=env)
     assert code == 2 and out == ""
     sentence = _one_sentence(err)
     assert "already using" in sentence and str(data) in sentence and "--data-dir" in sentence
@@ -317,7 +313,7 @@ def test_a_second_service_on_the_same_data_dir_or_inbox_is_one_sentence(
     other = tmp_path / "other"  # another data directory, the same inbox
     code, _, err = aip(
         "serve", "--data-dir", str(other), "--inbox", str(service.settings.inbox_dir),
-        "--port", str(_free_port()), env=env,
+        "--port", str(free_port()), env=env,
     )  # fmt: skip
     assert code == 2 and "--inbox" in _one_sentence(err) and "already watched" in err
 
@@ -330,7 +326,7 @@ def test_a_failure_inside_the_apps_start_up_is_one_sentence(
     env = {**_env(tmp_path, tiny_checkpoints), "AIP_DB": str(folder)}
     code, out, err = aip(
         "serve", "--log-level", "warning", "--data-dir", str(tmp_path / "data"),
-        "--port", str(_free_port()), env=env,
+        "--port", str(free_port()), env=env,
     )  # fmt: skip
     assert code == 1 and out == ""
     assert "unable to open database file" in _one_sentence(err) and "startup failed" not in err
@@ -338,7 +334,7 @@ def test_a_failure_inside_the_apps_start_up_is_one_sentence(
 
 def test_sigterm_while_starting_up_is_a_clean_stop(tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--demo", "--port", str(_free_port()),
+        [sys.executable, "-m", "service.cli", "serve", "--demo", "--port", str(free_port()),
          "--data-dir", str(tmp_path / "data")],
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -383,7 +379,7 @@ def test_ctrl_c_at_any_moment_is_no_traceback(tmp_path: Path, command: str) -> N
     def start(n: int, url: str) -> subprocess.Popen[str]:
         data = str(tmp_path / f"d{n}")
         args = (["jobs", "--url", url] if command == "jobs" else
-                ["serve", "--demo", "--port", str(_free_port()), "--data-dir", data])  # fmt: skip
+                ["serve", "--demo", "--port", str(free_port()), "--data-dir", data])  # fmt: skip
         return subprocess.Popen(
             [*_aip_command(), *args], env=_env(tmp_path), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,27 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_image
+from tests.conftest import free_port, make_image, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start(data_dir: Path, port: int, checkpoints: tuple[Path, Path]) -> subprocess.Popen[bytes]:
-    detector, reasoner = checkpoints
-    env = {
-        **os.environ,
-        "AIP_DATA_DIR": str(data_dir),
-        "AIP_PORT": str(port),
-        "AIP_INBOX": str(data_dir / "inbox"),
-        "AIP_DETECTOR": str(detector),
-        "AIP_REASONER": str(reasoner),
-    }
+    env = subprocess_env(data_dir / "inbox", checkpoints, data_dir=data_dir, port=port)
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"],
         env=env,
@@ -58,7 +42,7 @@ def _start(data_dir: Path, port: int, checkpoints: tuple[Path, Path]) -> subproc
 def test_kill_9_mid_job_then_restart_finishes_every_job_once(
     tmp_path: Path, tiny_checkpoints: tuple[Path, Path]
 ) -> None:
-    data_dir, port = tmp_path / "data", _free_port()
+    data_dir, port = tmp_path / "data", free_port()
     url = f"http://127.0.0.1:{port}"
     process = _start(data_dir, port, tiny_checkpoints)
     queries = ",".join(f"object {i}" for i in range(8))  # long enough to be caught running

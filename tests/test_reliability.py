@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sqlite3
@@ -25,7 +24,14 @@ from service.config import Settings
 from service.detection import Detection
 from service.store.migrate import migrate
 from service.store.queue import ImageRecord, Outcome, Queue
-from tests.conftest import RunningService, gate_detector, make_image, make_settings
+from tests.conftest import (
+    RunningService,
+    free_port,
+    gate_detector,
+    make_image,
+    make_settings,
+    subprocess_env,
+)
 
 Serve = Callable[..., RunningService]
 
@@ -291,20 +297,11 @@ def test_ctrl_c_waits_for_the_job_and_a_second_ctrl_c_hands_it_back(
     tmp_path: Path, tiny_checkpoints: tuple[Path, Path], upload_in_flight: bool
 ) -> None:
     data_dir = tmp_path / "data"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    detector, reasoner = tiny_checkpoints
-    env = {
-        **os.environ,
-        "AIP_DATA_DIR": str(data_dir),
-        "AIP_PORT": str(port),
-        "AIP_INBOX": str(tmp_path / "inbox"),
-        "AIP_DETECTOR": str(detector),
-        "AIP_REASONER": str(reasoner),
-        "AIP_SHUTDOWN_GRACE": "120",
-    }
+    env = subprocess_env(
+        tmp_path / "inbox", tiny_checkpoints, data_dir=data_dir, port=port, shutdown_grace=120
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--log-level", "info"],
         env=env,
