@@ -24,6 +24,7 @@ REGISTRY = {
     "inbox": "bench.inbox_bench",
     "model_host": "bench.model_host_bench",
     "overhead": "bench.overhead_bench",
+    "two_server": "bench.two_server_bench",
     "multiquery": "bench.multiquery_bench",
     "demo": "bench.demo_bench",
     "decode": "bench.decode_bench",

@@ -15,6 +15,7 @@ import asyncio
 import io
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -87,10 +88,17 @@ class BareLoop:
         return len(images) / (time.perf_counter() - began)
 
 
-async def _service_rate(url: str, images: list[bytes]) -> float:
-    """Submit every image at once, wait until all have finished; jobs/s over that span."""
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def _service_rate(url: str, images: list[bytes], seen: dict[str, list[float]]) -> float:
+    """Submit every image at once; jobs/s from the first submission to the last job's
+    `finished_at` (the service's commit time, same clock): the poll is `aip wait`'s pace, so
+    neither its requests nor its interval are counted. Into `seen`: each job's decode wait
+    (ms), and each burst's share of the span spent outside the models' calls."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        began = time.perf_counter()
+        began = time.time()
         ids = []
         for i, data in enumerate(images):
             response = await client.post(
@@ -100,6 +108,7 @@ async def _service_rate(url: str, images: list[bytes]) -> float:
             )
             response.raise_for_status()
             ids.append(response.json()["id"])
+        finished, inference = [], 0.0
         for job_id in ids:
             while True:
                 job = (await client.get(f"/v1/jobs/{job_id}")).json()
@@ -107,8 +116,13 @@ async def _service_rate(url: str, images: list[bytes]) -> float:
                     break
                 if job["status"] in ("failed", "cancelled"):
                     raise RuntimeError(f"benchmark job {job_id} {job['status']}: {job}")
-                await asyncio.sleep(0.02)
-        return len(images) / (time.perf_counter() - began)
+                await asyncio.sleep(0.25)
+            finished.append(_epoch(job["finished_at"]))
+            seen["decode"].append(job["timings_ms"]["decode"])
+            inference += (job["timings_ms"]["detect"] + job["timings_ms"]["reason"]) / 1000
+        span = max(finished) - began
+        seen["outside"].append(1 - inference / span)
+        return len(images) / span
 
 
 def _wait_ready(url: str, timeout: float = 600) -> None:
@@ -122,22 +136,26 @@ def _wait_ready(url: str, timeout: float = 600) -> None:
 def run(quick: bool) -> list[Row]:
     from service.models import tiny
 
-    # small on a CPU with reference BLAS takes minutes per job: few jobs, more rounds
-    size, jobs, rounds, tokens = ("tiny", 2, 2, 16) if quick else ("small", 1, 3, 32)
+    # Bursts of 2 at least: the next job's decode overlapping this one's inference is part
+    # of what is measured. `small` takes long per job on a CPU: few jobs, few rounds.
+    size, jobs, rounds, tokens = ("tiny", 2, 3, 16) if quick else ("small", 2, 2, 32)
     detector, reasoner = tiny.build_checkpoints(CHECKPOINTS / size, size)
     bare = BareLoop(detector, reasoner, tokens)
     counter = iter(range(10**6))
     batch = lambda: [_frame(next(counter)) for _ in range(jobs)]  # noqa: E731
     bare.job(_frame(10**5))  # warm-up: first-call compilation and caches
     loop = asyncio.new_event_loop()
+    seen: dict[str, list[float]] = {"decode": [], "outside": []}
     work = Path(tempfile.mkdtemp(prefix="aip-bench-overhead-"))
     try:
         with idle_service.running(work, (detector, reasoner, tokens)) as url:
             _wait_ready(url)
-            loop.run_until_complete(_service_rate(url, [_frame(10**5 + 1)]))  # warm-up
+            loop.run_until_complete(
+                _service_rate(url, [_frame(10**5 + 1)], {"decode": [], "outside": []})
+            )  # warm-up
             samples = interleaved(
                 {
-                    "ours": lambda: loop.run_until_complete(_service_rate(url, batch())),
+                    "ours": lambda: loop.run_until_complete(_service_rate(url, batch(), seen)),
                     "bare": lambda: bare.rate(batch()),
                 },
                 rounds,
@@ -150,10 +168,16 @@ def run(quick: bool) -> list[Row]:
             median(samples["ours"]),
             median(samples["bare"]),
             unit="jobs/s",
-            at_least=0.97,
+            at_least=1.0,
             note=f"640×480 JPEGs, {len(QUERIES)} queries, {tokens} reasoning tokens, greedy; "
             f"{jobs} jobs × {rounds} rounds interleaved; the service in its own process, "
-            "the bare loop in this one (same cores)"
+            "the bare loop in this one (same cores); span: first submit to the last job's "
+            "finished_at, polled at `aip wait`'s pace. The next queued image is decoded while "
+            f"a job infers: decode wait per job median {median(seen['decode']):.1f} ms; the "
+            "service's time outside the model calls (HTTP intake, queue, decode, persist): "
+            f"median {median(seen['outside']):.1%} of the span, so a ratio below 1 is the "
+            "models running slower in the service's process than in this one (cores shared "
+            "with whatever else runs: compare rounds)"
             + ("; quick: tiny checkpoints (the row is on small: full run)" if quick else ""),
         )
     ]

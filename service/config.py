@@ -95,6 +95,16 @@ def port_number(value: str | int) -> int:
     return port
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("use a whole number of 1 or more") from None
+    if number < 1:
+        raise ValueError("use a whole number of 1 or more")
+    return number
+
+
 def _keep_alive(value: str) -> float | None:
     if value.strip().lower() == "pinned":
         return None
@@ -114,6 +124,12 @@ def _bytes(value: str) -> int:
     from service.models.budget import parse_bytes  # pure: no mlx behind it
 
     return parse_bytes(value)
+
+
+def _cpu_blas(value: str) -> str:
+    from service.models.blas import parse_setting  # loads nothing: that waits for mlx
+
+    return parse_setting(value)
 
 
 # Every environment variable: the setting it fills and how its text is read.
@@ -139,6 +155,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_MAX_UPLOAD_BYTES": ("max_upload_bytes", _bytes),
     "AIP_MAX_PIXELS": ("max_pixels", _number(int)),
     "AIP_MAX_ATTEMPTS": ("max_attempts", _number(int)),
+    "AIP_DETECT_MAX_TOKENS": ("detect_max_tokens", _count),
+    "AIP_REASON_MAX_TOKENS": ("reason_max_tokens", _count),
     "AIP_LEASE_SECONDS": ("lease_seconds", _number(float)),
     "AIP_JOB_TIMEOUT": ("job_timeout_seconds", _number(float)),
     "AIP_SHUTDOWN_GRACE": ("shutdown_grace_seconds", _number(float)),
@@ -156,6 +174,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_INBOX_POLLING": ("inbox_polling", _flag),
     "AIP_RETENTION_KEEP_RESULTS": ("retention_keep_results", _flag),
     "AIP_LOG_STDERR": ("log_stderr", _flag),
+    "AIP_CPU_BLAS": ("cpu_blas", _cpu_blas),
 }
 
 
@@ -193,8 +212,11 @@ class Settings:
     lease_seconds: float = 30.0
     job_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 15.0
+    # Tokens each detection query / the reasoning may generate: a job's default and its
+    # ceiling (a job may ask for fewer, never more).
     detect_max_tokens: int = 256
     reason_max_tokens: int = 256
+    cpu_blas: str = "auto"  # the BLAS MLX's Linux CPU backend uses: auto, mkl or bundled
     poll_interval_seconds: float = 1.0
     retry_base_seconds: float = 2.0
     inbox_enabled: bool = True
@@ -208,6 +230,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.retention is not None:
             parse_age(self.retention)  # a bad policy stops start-up before anything runs
+        for name in ("detect_max_tokens", "reason_max_tokens"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be 1 or more, not {getattr(self, name)!r}")
 
     @property
     def database(self) -> Path:

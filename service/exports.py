@@ -1,5 +1,6 @@
 """Exports of job history in formats other tools read: CSV, JSON Lines, GeoJSON, COCO. Each
-is a stream of text chunks over a stream of job views, so memory stays flat at any size."""
+is a stream of text chunks over a stream of pages of job views, one chunk per page, so memory
+stays flat at any size and the response is written in few, large pieces."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from service import __version__
 from service.detection import decode_mask
 
-Jobs = AsyncIterator[dict[str, Any]]
+Pages = AsyncIterator[list[dict[str, Any]]]  # pages of job views, as Reads.stream gives them
 FORMATS = {
     "csv": "text/csv; charset=utf-8",
     "jsonl": "application/x-ndjson",
@@ -43,28 +44,33 @@ def _line(values: list[Any]) -> str:
     return buffer.getvalue()
 
 
-async def to_csv(jobs: Jobs) -> AsyncIterator[str]:
+async def to_csv(pages: Pages) -> AsyncIterator[str]:
     """One row per detection, and one row for each job without detections."""
     yield _line(CSV_COLUMNS)
-    async for job in jobs:
-        gps, result = _gps(job), job.get("result") or {}
-        base = [
-            job["id"], job["status"], job["source"], job.get("source_path") or "",
-            job["input"]["name"], job["created_at"], job["finished_at"] or "",
-            job["input"]["width"], job["input"]["height"], job["input"].get("captured_at") or "",
-            gps.get("latitude", ""), gps.get("longitude", ""), gps.get("altitude", ""),
-        ]  # fmt: skip
-        reasoning = result.get("reasoning", "")
-        detections = result.get("detections") or []
-        if not detections:
-            yield _line([*base, "", "", "", "", "", "", reasoning])
-        for d in detections:
-            yield _line([*base, d["number"], d["label"], *d["box"], reasoning])
+    async for page in pages:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        for job in page:
+            gps, result = _gps(job), job.get("result") or {}
+            base = [
+                job["id"], job["status"], job["source"], job.get("source_path") or "",
+                job["input"]["name"], job["created_at"], job["finished_at"] or "",
+                job["input"]["width"], job["input"]["height"],
+                job["input"].get("captured_at") or "",
+                gps.get("latitude", ""), gps.get("longitude", ""), gps.get("altitude", ""),
+            ]  # fmt: skip
+            reasoning = result.get("reasoning", "")
+            detections = result.get("detections") or []
+            if not detections:
+                writer.writerow([*base, "", "", "", "", "", "", reasoning])
+            for d in detections:
+                writer.writerow([*base, d["number"], d["label"], *d["box"], reasoning])
+        yield buffer.getvalue()
 
 
-async def to_jsonl(jobs: Jobs) -> AsyncIterator[str]:
-    async for job in jobs:
-        yield _dumps(job, ensure_ascii=False) + "\n"
+async def to_jsonl(pages: Pages) -> AsyncIterator[str]:
+    async for page in pages:
+        yield "".join([_dumps(job, ensure_ascii=False) + "\n" for job in page])
 
 
 def _counts(job: dict[str, Any]) -> dict[str, int]:
@@ -74,31 +80,42 @@ def _counts(job: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
-async def to_geojson(jobs: Jobs) -> AsyncIterator[str]:
-    """A FeatureCollection with one Point (longitude, latitude[, altitude]) per geotagged job."""
+def _feature(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The job as a Point (longitude, latitude[, altitude]); None when it has no position."""
+    gps = _gps(job)
+    if "latitude" not in gps or "longitude" not in gps:
+        return None
+    position = [gps["longitude"], gps["latitude"]]
+    if "altitude" in gps:
+        position.append(gps["altitude"])
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": position},
+        "properties": {
+            "job_id": job["id"],
+            "name": job["input"]["name"],
+            "status": job["status"],
+            "captured_at": job["input"].get("captured_at"),
+            "counts": _counts(job),
+            "reasoning": (job.get("result") or {}).get("reasoning"),
+        },
+    }
+
+
+async def to_geojson(pages: Pages) -> AsyncIterator[str]:
+    """A FeatureCollection with one Point per geotagged job."""
     yield '{"type": "FeatureCollection", "features": ['
     first = True
-    async for job in jobs:
-        gps = _gps(job)
-        if "latitude" not in gps or "longitude" not in gps:
-            continue
-        position = [gps["longitude"], gps["latitude"]]
-        if "altitude" in gps:
-            position.append(gps["altitude"])
-        feature = {
-            "type": "Feature",
-            "geometry": {"type": "Point", "coordinates": position},
-            "properties": {
-                "job_id": job["id"],
-                "name": job["input"]["name"],
-                "status": job["status"],
-                "captured_at": job["input"].get("captured_at"),
-                "counts": _counts(job),
-                "reasoning": (job.get("result") or {}).get("reasoning"),
-            },
-        }
-        yield ("" if first else ",") + "\n" + _dumps(feature, ensure_ascii=False)
-        first = False
+    async for page in pages:
+        chunk = []
+        for job in page:
+            feature = _feature(job)
+            if feature is None:
+                continue
+            chunk.append(("" if first else ",") + "\n" + _dumps(feature, ensure_ascii=False))
+            first = False
+        if chunk:
+            yield "".join(chunk)
     yield "\n]}\n"
 
 
@@ -137,45 +154,56 @@ def _coco_rle(mask: dict[str, Any], width: int, height: int) -> dict[str, Any]:
     return {"size": [height, width], "counts": counts}
 
 
-async def to_coco(jobs: Jobs) -> AsyncIterator[str]:
+def _annotation(
+    annotation_id: int, job_id: int, d: dict[str, Any], category_id: int, width: int, height: int
+) -> dict[str, Any]:
+    x1, y1, x2, y2 = d["box"]
+    annotation: dict[str, Any] = {
+        "id": annotation_id,
+        "image_id": job_id,
+        "category_id": category_id,
+        "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
+        "area": round((x2 - x1) * (y2 - y1), 2),
+        "iscrowd": 0,
+    }
+    if d.get("mask"):
+        annotation["segmentation"] = _coco_rle(d["mask"], width, height)
+    return annotation
+
+
+async def to_coco(pages: Pages) -> AsyncIterator[str]:
     """COCO detection JSON: images, then annotations (bbox [x, y, w, h]), then categories.
     Annotations wait in a temporary file so the jobs are read once."""
-    yield _dumps(
-        {"info": {"description": "aip export", "version": __version__}, "licenses": []}
-    )[:-1]
+    header = _dumps({"info": {"description": "aip export", "version": __version__}, "licenses": []})
+    yield header[:-1]
     yield ', "images": ['
     categories: dict[str, int] = {}
     with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, mode="w+") as spool:
         first_image = first_annotation = True
         annotation_id = 0
-        async for job in jobs:
-            if job.get("result") is None:
-                continue
-            image = {
-                "id": job["id"],
-                "file_name": job.get("source_path") or job["input"]["name"],
-                "width": job["input"]["width"],
-                "height": job["input"]["height"],
-            }
-            yield ("" if first_image else ",") + _dumps(image, ensure_ascii=False)
-            first_image = False
-            for d in job["result"]["detections"]:
-                x1, y1, x2, y2 = d["box"]
-                annotation_id += 1
-                annotation: dict[str, Any] = {
-                    "id": annotation_id,
-                    "image_id": job["id"],
-                    "category_id": categories.setdefault(d["label"], len(categories) + 1),
-                    "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
-                    "area": round((x2 - x1) * (y2 - y1), 2),
-                    "iscrowd": 0,
+        async for page in pages:
+            images, annotations = [], []
+            for job in page:
+                if job.get("result") is None:
+                    continue
+                width, height = job["input"]["width"], job["input"]["height"]
+                image = {
+                    "id": job["id"],
+                    "file_name": job.get("source_path") or job["input"]["name"],
+                    "width": width,
+                    "height": height,
                 }
-                if d.get("mask"):
-                    annotation["segmentation"] = _coco_rle(
-                        d["mask"], image["width"], image["height"]
-                    )
-                spool.write(("" if first_annotation else ",") + _dumps(annotation))
-                first_annotation = False
+                images.append(("" if first_image else ",") + _dumps(image, ensure_ascii=False))
+                first_image = False
+                for d in job["result"]["detections"]:
+                    annotation_id += 1
+                    category = categories.setdefault(d["label"], len(categories) + 1)
+                    annotation = _annotation(annotation_id, job["id"], d, category, width, height)
+                    annotations.append(("" if first_annotation else ",") + _dumps(annotation))
+                    first_annotation = False
+            spool.write("".join(annotations))
+            if images:
+                yield "".join(images)
         yield '], "annotations": ['
         spool.seek(0)
         while chunk := spool.read(64 * 1024):
@@ -184,7 +212,7 @@ async def to_coco(jobs: Jobs) -> AsyncIterator[str]:
     yield '], "categories": ' + _dumps(names, ensure_ascii=False) + "}\n"
 
 
-WRITERS: dict[str, Callable[[Jobs], AsyncIterator[str]]] = {
+WRITERS: dict[str, Callable[[Pages], AsyncIterator[str]]] = {
     "csv": to_csv,
     "jsonl": to_jsonl,
     "geojson": to_geojson,

@@ -28,13 +28,54 @@ class JobParams:
     queries: tuple[str, ...]
     prompt: str
     options: dict[str, Any] = field(default_factory=dict)
+    # Stored resolved, so a retry generates as much as the first attempt did; None only for
+    # jobs stored before limits were (they run with the settings' values).
+    detect_max_tokens: int | None = None
+    reason_max_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"queries": list(self.queries), "prompt": self.prompt, "options": self.options}
+        out = {"queries": list(self.queries), "prompt": self.prompt, "options": self.options}
+        for name in TOKEN_LIMITS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobParams:
-        return cls(tuple(raw["queries"]), raw["prompt"], dict(raw.get("options") or {}))
+        return cls(
+            tuple(raw["queries"]),
+            raw["prompt"],
+            dict(raw.get("options") or {}),
+            raw.get("detect_max_tokens"),
+            raw.get("reason_max_tokens"),
+        )
+
+
+# A job's generation limits: each defaults to, and may not exceed, its setting.
+TOKEN_LIMITS = {
+    "detect_max_tokens": "AIP_DETECT_MAX_TOKENS",
+    "reason_max_tokens": "AIP_REASON_MAX_TOKENS",
+}
+
+
+def token_limit(raw: Any, name: str, cap: int) -> int:
+    """A job's `name` (form text or a JSON number; absent: `cap`) checked to be 1..`cap`."""
+    if raw is None or raw == "":
+        return cap
+    refusal = InvalidInput(
+        f"{name} must be a whole number from 1 to {cap}: {TOKEN_LIMITS[name]} is this "
+        "service's default and ceiling",
+        code="invalid_option",
+    )
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise refusal
+    try:
+        value = int(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError, OverflowError):
+        raise refusal from None
+    if not 1 <= value <= cap:
+        raise refusal
+    return value
 
 
 def parse_queries(values: Iterable[str]) -> list[str]:
@@ -51,6 +92,8 @@ def build_params(
     max_queries: int,
     max_prompt_chars: int,
     max_query_chars: int = 200,
+    detect_max_tokens: int | None = None,
+    reason_max_tokens: int | None = None,
 ) -> JobParams:
     chosen = parse_queries(queries) if queries else list(default_queries)
     unique = list(dict.fromkeys(chosen))
@@ -72,13 +115,24 @@ def build_params(
         raise InvalidInput(
             f"prompt of {len(text)} characters; at most {max_prompt_chars}", code="invalid_prompt"
         )
-    return JobParams(tuple(unique), text)
+    return JobParams(
+        tuple(unique),
+        text,
+        detect_max_tokens=detect_max_tokens,
+        reason_max_tokens=reason_max_tokens,
+    )
 
 
 def params_within(
-    queries: Sequence[str] | None, prompt: str | None, settings: Settings
+    queries: Sequence[str] | None,
+    prompt: str | None,
+    settings: Settings,
+    *,
+    detect_max_tokens: Any = None,
+    reason_max_tokens: Any = None,
 ) -> JobParams:
-    """`build_params` with the service's defaults and limits."""
+    """`build_params` with the service's defaults and limits; the token limits as sent (text
+    or a number; None: the setting)."""
     return build_params(
         queries,
         prompt,
@@ -86,6 +140,12 @@ def params_within(
         default_prompt=settings.default_prompt,
         max_queries=settings.max_queries,
         max_prompt_chars=settings.max_prompt_chars,
+        detect_max_tokens=token_limit(
+            detect_max_tokens, "detect_max_tokens", settings.detect_max_tokens
+        ),
+        reason_max_tokens=token_limit(
+            reason_max_tokens, "reason_max_tokens", settings.reason_max_tokens
+        ),
     )
 
 
@@ -141,14 +201,28 @@ def analyse(
 ) -> Analysis:
     """Run every query through the detector, then the reasoner once.
 
-    `checkpoint(stage)` is called at each stage boundary and may raise to stop the job there
-    (cancellation, timeout, shutdown). `original_size`: the size of the image `image` was
-    reduced from; boxes are given in its pixels."""
+    The job's own token limits are used; `detect_tokens` and `reason_tokens` only for a job
+    stored without them. `checkpoint(stage)` is called at each stage boundary and may raise
+    to stop the job there (cancellation, timeout, shutdown). `original_size`: the size of the
+    image `image` was reduced from; boxes are given in its pixels."""
+    detect_tokens = params.detect_max_tokens or detect_tokens
+    reason_tokens = params.reason_max_tokens or reason_tokens
     detections: list[Detection] = []
     began = time.perf_counter()
-    for query in params.queries:
-        checkpoint(f"detect:{query}")
-        found = detector.detect(image, query, max_new_tokens=detect_tokens)
+    detect_many = getattr(detector, "detect_many", None)  # one image encoding for all queries
+    if detect_many is not None:
+        groups = detect_many(
+            image,
+            params.queries,
+            max_new_tokens=detect_tokens,
+            on_group=lambda group: checkpoint("detect:" + ", ".join(group)),
+        )
+    else:
+        groups = []
+        for query in params.queries:
+            checkpoint(f"detect:{query}")
+            groups.append(detector.detect(image, query, max_new_tokens=detect_tokens))
+    for found in groups:
         detections.extend(to_original(found, original_size) if original_size else found)
     detected = time.perf_counter()
     checkpoint("reason")

@@ -15,11 +15,11 @@ from typing import Any
 
 from service.config import Settings
 from service.errors import DiskFull, JobFailure
-from service.intake import open_for_models
 from service.models.host import ModelHost
 from service.pipeline import JobParams, analyse
 from service.policy import backoff_seconds, classify, pause_seconds
-from service.store.queue import Claim, Outcome, Queue
+from service.prefetch import Prefetch
+from service.store.queue import Claim, ClaimNext, Outcome, Queue
 
 log = logging.getLogger("aip.worker")
 
@@ -53,36 +53,44 @@ class Worker:
         self._pause_for_disk = False
         self._claim_errors = 0
         self._claim_error_logged = float("-inf")
+        self.prefetch = Prefetch(settings.data_dir, queue)
 
     def notify(self) -> None:
-        """A job was queued: stop sleeping."""
+        """A job was queued: stop sleeping (busy: decode the next job's image meanwhile)."""
         self._wake.set()
+        if self.current is not None:
+            self.prefetch.ahead()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="aip-worker")
 
     async def run(self) -> None:
+        following: Claim | None = None  # claimed in the commit that ended the last job
+        claim: Claim | None
         while not self._stopping:
-            if self._pause_for_disk:
-                self._pause_for_disk = False
-                await self._wait_for_space(pause_seconds(self._disk_strikes))
-                continue
-            try:
-                claim = await self.queue.claim(self.id, self.settings.lease_seconds)
-            except DiskFull:  # said by the queue, at most once a minute
-                self._disk_full()
-                continue
-            except Exception:
-                await self._claim_failed()
-                continue
-            self._claim_errors = 0
-            if claim is None:
-                await self._sleep()
-                continue
+            if following is not None:
+                claim, following = following, None
+            else:
+                if self._pause_for_disk:
+                    self._pause_for_disk = False
+                    await self._wait_for_space(pause_seconds(self._disk_strikes))
+                    continue
+                try:
+                    claim = await self.queue.claim(self.id, self.settings.lease_seconds)
+                except DiskFull:  # said by the queue, at most once a minute
+                    self._disk_full()
+                    continue
+                except Exception:
+                    await self._claim_failed()
+                    continue
+                self._claim_errors = 0
+                if claim is None:
+                    await self._sleep()
+                    continue
             self._job_done.clear()
             self.current = claim
             try:
-                await self.process(claim)
+                following = await self.process(claim)
             except DiskFull:
                 await self._hand_back(claim)
             except Exception:  # the loop must survive anything one job does
@@ -90,6 +98,18 @@ class Worker:
             finally:
                 self.current = None
                 self._job_done.set()
+        if following is not None:  # claimed as the stop began: back to its place, not run
+            try:
+                await self.queue.release(following)
+            except DiskFull:
+                log.warning("job %s could not be handed back: the disk is full", following.job_id)
+
+    def _claim_next(self) -> ClaimNext | None:
+        """What to claim in the commit that ends the running job: nothing once stopping or
+        pausing for a full disk, else the next job, saving the separate claim's commit."""
+        if self._stopping or self._pause_for_disk:
+            return None
+        return ClaimNext(self.id, self.settings.lease_seconds)
 
     def _disk_full(self) -> None:
         self._disk_strikes += 1
@@ -138,7 +158,9 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
 
-    async def process(self, claim: Claim) -> None:
+    async def process(self, claim: Claim) -> Claim | None:
+        """Run one claimed job to its end; returns the next job, claimed in the same commit
+        that recorded this one's end (None: none was ready, or none was wanted)."""
         began = time.perf_counter()
         timings: dict[str, float] = {
             "queue_wait": max(claim.started_at - claim.created_at, 0) * 1000
@@ -153,9 +175,7 @@ class Worker:
             self.stage = "decode"
             decode_began = time.perf_counter()
             try:
-                image, original_size = await asyncio.to_thread(
-                    open_for_models, self.settings.data_dir, claim.image_path
-                )
+                image, original_size = await self.prefetch.take(claim.image_path)
             except FileNotFoundError:
                 raise JobFailure(
                     "input_missing",
@@ -169,6 +189,7 @@ class Worker:
                     transient=False,
                 ) from exc
             timings["decode"] = (time.perf_counter() - decode_began) * 1000
+            self.prefetch.ahead()  # the next job's decode overlaps this one's inference
             analysis = await self.host.infer(
                 lambda detector, reasoner: analyse(
                     image,
@@ -184,8 +205,7 @@ class Worker:
             )
             timings.update(analysis.timings)
         except StopJob as stop:
-            await self._stopped(claim, stop, timings, models)
-            return
+            return await self._stopped(claim, stop, timings, models)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -195,8 +215,13 @@ class Worker:
                 if failure.transient
                 else None
             )
-            status = await self.queue.fail(
-                claim, failure, retry_in=retry_in, timings=timings, models=models
+            status, following = await self.queue.fail(
+                claim,
+                failure,
+                retry_in=retry_in,
+                timings=timings,
+                models=models,
+                claim_next=self._claim_next(),
             )
             log.warning(
                 "job %s attempt %s failed (%s: %s) -> %s",
@@ -206,7 +231,7 @@ class Worker:
                 failure.message,
                 status or "lease lost",
             )
-            return
+            return following
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -214,7 +239,8 @@ class Worker:
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
         outcome = Outcome(analysis.detections, analysis.reasoning, timings, models)
         self.stage = "persist"
-        if await self.queue.complete(claim, outcome):
+        done, following = await self.queue.complete(claim, outcome, claim_next=self._claim_next())
+        if done:
             self._disk_strikes = 0
             log.info(
                 "job %s succeeded: %d detections in %.0f ms",
@@ -224,6 +250,7 @@ class Worker:
             )
         else:
             log.warning("job %s: lease lost before completion; result discarded", claim.job_id)
+        return following
 
     def _checkpoint(self, stage: str) -> None:
         """Called on the model thread between stages."""
@@ -264,15 +291,26 @@ class Worker:
 
     async def _stopped(
         self, claim: Claim, stop: StopJob, timings: dict[str, float], models: dict[str, Any]
-    ) -> None:
+    ) -> Claim | None:
+        following = None
         if stop.why == "cancelled":
-            await self.queue.finish_cancelled(claim, stop.message)
+            _, following = await self.queue.finish_cancelled(
+                claim, stop.message, claim_next=self._claim_next()
+            )
         elif stop.why == "timeout":
             failure = JobFailure("timeout", stop.message, transient=False)
-            await self.queue.fail(claim, failure, retry_in=None, timings=timings, models=models)
+            _, following = await self.queue.fail(
+                claim,
+                failure,
+                retry_in=None,
+                timings=timings,
+                models=models,
+                claim_next=self._claim_next(),
+            )
         elif stop.why == "shutdown":
             await self.queue.release(claim)
         log.info("job %s stopped: %s", claim.job_id, stop.message)
+        return following
 
     def stop_signalled(self, again: bool) -> None:
         """A stop signal arrived (on the event loop's thread): the first says what shutdown
@@ -326,3 +364,4 @@ class Worker:
                 self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        self.prefetch.close()

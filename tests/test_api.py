@@ -30,7 +30,13 @@ def test_submit_poll_succeeds_with_detections_reasoning_timings_and_models(
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] in ("queued", "running")
-    assert job["params"] == {"queries": ["car", "person"], "prompt": "What is here?", "options": {}}
+    assert job["params"] == {
+        "queries": ["car", "person"],
+        "prompt": "What is here?",
+        "options": {},
+        "detect_max_tokens": settings.detect_max_tokens,  # the settings: defaults and ceilings
+        "reason_max_tokens": settings.reason_max_tokens,
+    }
 
     done = service.wait(job["id"])
     assert done["status"] == "succeeded", done

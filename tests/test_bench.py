@@ -96,3 +96,52 @@ def test_unknown_checkpoint_size_is_refused(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 2 and "invalid choice: 'huge'" in done.stderr
+
+
+def test_two_server_baseline_gets_float32_weights_equal_to_ours(
+    tiny_checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """On a CPU the two-server benchmark hands mlx_vlm.server float32 copies: loaded the plain
+    way, they hold exactly the weights the service computes with after its CPU dtype rule."""
+    import mlx.core as mx
+    import mlx_vlm
+    from mlx.utils import tree_flatten
+
+    from bench.two_server_bench import float32_copy
+    from service.models import mlx_runtime
+
+    if not mlx_runtime.on_cpu():
+        pytest.skip("the service keeps float32 weights on a CPU backend only")
+    detector = tiny_checkpoints[0]
+    copy = float32_copy(detector, tmp_path / "copy")
+    assert float32_copy(detector, copy) == copy  # kept once built
+    theirs = dict(tree_flatten(mlx_vlm.load(str(copy))[0].parameters()))
+    ours = dict(tree_flatten(mlx_runtime.load(detector)[0].parameters()))
+    assert theirs.keys() == ours.keys()
+    assert {v.dtype for v in theirs.values()} == {mx.float32}
+    assert all(mx.array_equal(theirs[k], ours[k]).item() for k in ours)
+
+
+def test_two_server_memory_counts_a_process_and_its_children() -> None:
+    """The memory row's reading (psutil, and the /proc fallback where it runs): a child holding
+    64 MiB is counted under its parent, and both readings agree."""
+    from bench import two_server_bench as bench
+
+    # the child holds its bytes until its stdin (inherited from the parent) closes
+    hold = "import sys; b = bytearray(64 << 20); print('ready', flush=True); sys.stdin.read()"
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {hold!r}])"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", spawn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        readings = [bench.tree_rss(parent.pid, bench.processes())]
+        if Path("/proc/self/status").exists():
+            readings.append(bench.tree_rss(parent.pid, bench._proc_processes()))
+        for rss in readings:
+            assert rss >= 64 << 20
+        assert max(readings) - min(readings) < 16 << 20
+    finally:
+        assert parent.stdin is not None
+        parent.stdin.close()
+        parent.wait(timeout=30)

@@ -116,6 +116,22 @@ def test_a_file_written_in_chunks_becomes_one_job_on_the_complete_bytes(
     assert not (inbox / "slow.png").exists()
 
 
+def test_a_file_rewritten_at_the_same_size_while_it_settles_is_queued_as_rewritten(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    service = inbox_service(inbox_settle_seconds=0.5)
+    inbox = service.settings.inbox_dir
+    first, last = (make_image(64, 48, fmt="BMP", color=c) for c in ((9, 9, 9), (250, 9, 9)))
+    assert len(first) == len(last)  # uncompressed: the same size, other bytes
+    (inbox / "same.bmp").write_bytes(first)
+    time.sleep(0.3)  # seen and still for a few looks: read early
+    (inbox / "same.bmp").write_bytes(last)
+    jobs = until(lambda: inbox_jobs(service), what="a job")
+    import hashlib
+
+    assert [job["input"]["sha256"] for job in jobs] == [hashlib.sha256(last).hexdigest()]
+
+
 def test_a_burst_of_500_files_gives_500_jobs_and_no_duplicates(
     inbox_service: Callable[..., RunningService],
 ) -> None:

@@ -247,16 +247,17 @@ def test_a_failed_load_leaves_the_old_model_serving_and_says_why(
     assert job["status"] == "succeeded" and job["models"]["reasoner"]["revision"] == served
 
 
+@pytest.mark.parametrize("which", ["reasoner", "detector"])  # the detector holds a cycle
 def test_unload_gives_mlx_memory_back_and_load_takes_it_again(
-    tmp_path: Path, serve: Serve, own_host: Callable[..., ModelHost]
+    which: str, tmp_path: Path, serve: Serve, own_host: Callable[..., ModelHost]
 ) -> None:
     service = ready(serve(make_settings(tmp_path), host=own_host()))
-    assert service.client.post("/v1/models/reasoner/unload").json()["state"] == "unloaded"
+    assert service.client.post(f"/v1/models/{which}/unload").json()["state"] == "unloaded"
     before = active_bytes(service)
-    loaded = service.client.post("/v1/models/reasoner/load", json={"wait": True}).json()
+    loaded = service.client.post(f"/v1/models/{which}/load", json={"wait": True}).json()
     assert loaded["state"] == "loaded"
     assert active_bytes(service) - before == pytest.approx(loaded["resident_bytes"], rel=0.02)
-    assert service.client.post("/v1/models/reasoner/unload").json()["state"] == "unloaded"
+    assert service.client.post(f"/v1/models/{which}/unload").json()["state"] == "unloaded"
     assert abs(active_bytes(service) - before) <= 0.01 * loaded["resident_bytes"]
     assert service.client.get("/v1/health").status_code == 200  # standing by, not failed
 

@@ -1,5 +1,6 @@
-"""GET /v1/health: are the models loaded, how deep is the queue, which version is this. With a
-token configured, a caller without it learns the status and nothing else."""
+"""GET /v1/health: are the models loaded, how deep is the queue, which version is this and
+which CPU BLAS it multiplies with. With a token configured, a caller without it learns the
+status and nothing else."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from service import __version__
 from service.api.deps import has_token, services
 from service.api.schemas import Health, typed
 from service.diskspace import problem
+from service.models import blas
 from service.services import Services
 
 router = APIRouter(tags=["health"])
@@ -57,5 +59,6 @@ async def health(request: Request) -> Response:
             "id": svc.worker.id,
             "current_job": svc.worker.current.job_id if svc.worker.current else None,
         },
+        "cpu_blas": blas.describe(),  # measured once at model-host start: a read here
     }
     return typed(Health, body, status_code=code)

@@ -29,8 +29,13 @@ router = APIRouter(
     tags=["jobs"], dependencies=[Depends(require_token)], responses=errors(401, 422)
 )
 
-_FORM_FIELDS = {"image", "queries", "query", "prompt", "max_attempts"}
-_JSON_FIELDS = {"path", "queries", "prompt", "max_attempts"}
+_OPTIONS = ("max_attempts", "detect_max_tokens", "reason_max_tokens")
+_FORM_FIELDS = {"image", "queries", "query", "prompt", *_OPTIONS}
+_JSON_FIELDS = {"path", "queries", "prompt", *_OPTIONS}
+_TOKENS_DOC = {
+    "detect_max_tokens": "tokens per detection query; default and ceiling: AIP_DETECT_MAX_TOKENS",
+    "reason_max_tokens": "tokens of reasoning; default and ceiling: AIP_REASON_MAX_TOKENS",
+}
 _MEDIA = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
@@ -58,6 +63,10 @@ _SUBMIT_DOC: dict[str, Any] = {
                         },
                         "prompt": {"type": "string"},
                         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 10},
+                        **{
+                            name: {"type": "integer", "minimum": 1, "description": text}
+                            for name, text in _TOKENS_DOC.items()
+                        },
                     },
                 }
             },
@@ -70,6 +79,10 @@ _SUBMIT_DOC: dict[str, Any] = {
                         "queries": {"type": "array", "items": {"type": "string"}},
                         "prompt": {"type": "string"},
                         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 10},
+                        **{
+                            name: {"type": "integer", "minimum": 1, "description": text}
+                            for name, text in _TOKENS_DOC.items()
+                        },
                     },
                 }
             },
@@ -113,13 +126,15 @@ def _max_attempts(raw: Any, default: int) -> int:
     return value
 
 
-async def _from_form(request: Request) -> tuple[bytes, str, list[str], str | None, Any]:
+async def _from_form(
+    request: Request,
+) -> tuple[bytes, str, list[str], str | None, dict[str, Any]]:
     form = await request.form(max_files=1, max_fields=64)
     unknown = set(form.keys()) - _FORM_FIELDS
     if unknown:
         raise InvalidInput(
             f"unknown form fields: {', '.join(sorted(unknown))}; expected image, queries, "
-            "prompt, max_attempts",
+            f"prompt, {', '.join(_OPTIONS)}",
             code="unknown_fields",
         )
     upload = form.get("image")
@@ -133,13 +148,13 @@ async def _from_form(request: Request) -> tuple[bytes, str, list[str], str | Non
         upload.filename or "upload",
         queries,
         prompt if isinstance(prompt, str) else None,
-        form.get("max_attempts"),
+        {name: form.get(name) for name in _OPTIONS},
     )
 
 
 async def _from_json(
     request: Request, max_bytes: int
-) -> tuple[bytes, str, list[str], str | None, Any]:
+) -> tuple[bytes, str, list[str], str | None, dict[str, Any]]:
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -161,7 +176,7 @@ async def _from_json(
         raise InvalidInput("`prompt` must be a string", code="invalid_prompt")
     allowed = services(request).settings.allowed_dirs
     data, path = await asyncio.to_thread(read_confined, body["path"], allowed, max_bytes)
-    return data, path, queries, prompt, body.get("max_attempts")
+    return data, path, queries, prompt, {name: body.get(name) for name in _OPTIONS}
 
 
 async def job_after_commit(
@@ -204,11 +219,11 @@ async def submit(
     content_type = request.headers.get("content-type", "")
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         source = "api"
-        data, name, queries, prompt, attempts = await _from_form(request)
+        data, name, queries, prompt, options = await _from_form(request)
     elif content_type.startswith("application/json"):
         source = "path"
         _check_json(await request.body())
-        data, name, queries, prompt, attempts = await _from_json(request, settings.max_upload_bytes)
+        data, name, queries, prompt, options = await _from_json(request, settings.max_upload_bytes)
     else:
         raise UnsupportedMedia(
             "send multipart/form-data with an `image` file, or JSON with a `path`",
@@ -219,8 +234,14 @@ async def submit(
     refuse_unencodable(name, "the file name")
     refuse_unencodable(queries, "`queries`")
     refuse_unencodable(prompt, "`prompt`")
-    params = params_within(queries, prompt, settings)
-    max_attempts = _max_attempts(attempts, settings.max_attempts)
+    params = params_within(
+        queries,
+        prompt,
+        settings,
+        detect_max_tokens=options["detect_max_tokens"],
+        reason_max_tokens=options["reason_max_tokens"],
+    )
+    max_attempts = _max_attempts(options["max_attempts"], settings.max_attempts)
     async with svc.intake_slots:
         record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
         await asyncio.to_thread(store_image, data, record, settings.data_dir)

@@ -70,6 +70,12 @@ class JobParams(Body):
     queries: list[str]
     prompt: str
     options: dict[str, Any]
+    detect_max_tokens: int | None = Field(
+        None, description="tokens per detection query; absent on jobs from before limits"
+    )
+    reason_max_tokens: int | None = Field(
+        None, description="tokens of reasoning; absent on jobs from before limits"
+    )
 
 
 class ModelIdentity(Body):
@@ -261,6 +267,21 @@ class WorkerState(Body):
     current_job: int | None
 
 
+class CpuBlas(Body):
+    """The BLAS MLX's CPU backend multiplies with (`AIP_CPU_BLAS`), measured at model-host
+    start."""
+
+    setting: str = Field(description="auto|mkl|bundled")
+    blas: str = Field(
+        description="mkl|bundled (the mlx[cpu] wheel's)|platform (what this mlx build links)"
+    )
+    reason: str
+    threading: str | None = Field(None, description="MKL's threading layer")
+    threads: int | None = None
+    library: str | None = Field(None, description="the file serving cblas_sgemm, as bound")
+    gflops: float | None = Field(None, description="float32 GEMM 256x256, null until measured")
+
+
 class Health(Body):
     """Without the token (when one is set), only `status`."""
 
@@ -273,6 +294,7 @@ class Health(Body):
     models: list[RoleState] | None = None
     queue: QueueDepth | None = None
     worker: WorkerState | None = None
+    cpu_blas: CpuBlas | None = Field(None, description="null until the BLAS is chosen")
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -61,6 +61,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {"queries": args.query or []}
     if args.prompt:
         data["prompt"] = args.prompt
+    for name in ("detect_max_tokens", "reason_max_tokens"):
+        if getattr(args, name) is not None:  # else the service's setting
+            data[name] = str(getattr(args, name))
     done = Submitted()
     for name, why in refused:
         _refuse(args, done, name, {"code": "not_found", "message": why}, why)
@@ -246,6 +249,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     submit.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder")
     submit.add_argument("--query", "-q", action="append", help="detection query (repeatable)")
     submit.add_argument("--prompt", "-p", help="question for the reasoning model")
+    submit.add_argument(
+        "--detect-max-tokens",
+        type=int,
+        metavar="N",
+        help="tokens per detection query (default and ceiling: the service's "
+        "AIP_DETECT_MAX_TOKENS)",
+    )
+    submit.add_argument(
+        "--reason-max-tokens",
+        type=int,
+        metavar="N",
+        help="tokens of reasoning (default and ceiling: the service's AIP_REASON_MAX_TOKENS)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the results")
     submit.add_argument(
         "--again",

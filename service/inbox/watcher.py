@@ -19,6 +19,7 @@ from watchfiles import Change, awatch
 from service.config import Settings
 from service.diskspace import is_disk_full, watch
 from service.errors import AipError
+from service.inbox.early import EarlyReads
 from service.inbox.filing import file_away, write_duplicate, write_error
 from service.inbox.repair import repair_unfiled
 from service.inbox.reprocess import reprocess_file
@@ -66,9 +67,11 @@ class InboxWatcher:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _rescan_now: asyncio.Event = field(default_factory=asyncio.Event)
+    _early: EarlyReads = field(init=False)
 
     def __post_init__(self) -> None:
         self.root = self.settings.inbox_dir.resolve()
+        self._early = EarlyReads(self.settings.max_pixels)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -90,6 +93,7 @@ class InboxWatcher:
             # A task that died was logged when it did; stopping must go on regardless.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._early.close()
 
     @staticmethod
     def _report_death(task: asyncio.Task[None]) -> None:
@@ -236,6 +240,7 @@ class InboxWatcher:
         limit = asyncio.Semaphore(os.cpu_count() or 2)
         while True:
             await asyncio.sleep(interval)
+            self._early.keep_only(self.pending)
             ready = [file for relative in list(self.pending) if (file := self._settled(relative))]
             await asyncio.gather(*(self._handle(file, limit) for file in ready))
 
@@ -258,6 +263,10 @@ class InboxWatcher:
             )
             return None
         if now - waiting.changed_at < self.settings.inbox_settle_seconds:
+            # Still since the last look: decode it while it settles (used only if unchanged).
+            plain = not waiting.note and not waiting.failures and kind_of(relative) == "image"
+            if plain and stat.st_size <= self.settings.max_upload_bytes:
+                self._early.start(relative, self.root / relative, stat.st_size, stat.st_mtime_ns)
             return None
         return FileSeen(relative, stat.st_size, stat.st_mtime_ns)
 
@@ -339,10 +348,14 @@ class InboxWatcher:
                     f"{settings.max_upload_bytes:,} (AIP_MAX_UPLOAD_BYTES)",
                     code="payload_too_large",
                 )
-            data = await asyncio.to_thread((self.root / relative).read_bytes)
-            if len(data) != file.size:
-                return False  # still being written after all
-            image = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
+            early = await self._early.take(relative, file.size, file.mtime_ns)
+            if early is not None:
+                data, image = early
+            else:
+                data = await asyncio.to_thread((self.root / relative).read_bytes)
+                if len(data) != file.size:
+                    return False  # still being written after all
+                image = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
         except AipError as exc:
             if exc.code == "corrupt_image" and self._written_within(self.root / relative, 5):
                 self.pending[relative].note = "incomplete image; waiting for more bytes"

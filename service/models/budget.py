@@ -13,9 +13,12 @@ from pathlib import Path
 from service.errors import OverBudget
 from service.models.sources import read_header, shards
 
-# Weights are materialised this many bytes at a time: one chunk's source arrays, plus a copy of
-# a tensor the model's sanitize() rearranges, are what a load holds beyond its final size.
+# Weights are materialised this many bytes at a time at most, a sixteenth of the model at least
+# down to MIN_CHUNK_BYTES: one chunk's source arrays, plus a copy of a tensor the model's
+# sanitize() rearranges, are what a load holds beyond its final size. A small model's chunk
+# shrinks with it, or one chunk would be the whole model and the peak twice its size.
 CHUNK_BYTES = 16 * 1024 * 1024
+MIN_CHUNK_BYTES = 1024 * 1024
 # Without a GPU working set to go by, models may take this share of physical memory.
 RAM_SHARE = 0.75
 
@@ -87,8 +90,13 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def chunk_for(resident_bytes: int) -> int:
+    """The bytes materialised per loading step for a model holding `resident_bytes`."""
+    return min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, resident_bytes // 16))
+
+
 def _with_chunk(weights: int, resident: int, largest: int) -> Estimate:
-    return Estimate(weights, resident, resident + min(weights, CHUNK_BYTES) + 2 * largest)
+    return Estimate(weights, resident, resident + min(weights, chunk_for(resident)) + 2 * largest)
 
 
 def estimate_load(tensors: Collection[Tensor], *, cpu: bool) -> Estimate:

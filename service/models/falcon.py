@@ -1,8 +1,10 @@
-"""The detector runtime: Falcon Perception through mlx-vlm, raw output turned into Detections."""
+"""The detector runtime: Falcon Perception through mlx-vlm (driven by falcon_engine), raw output
+turned into Detections."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from PIL import Image
 
 from service.detection import Detection, encode_mask
 from service.models import mlx_runtime
+from service.models.falcon_engine import FalconEngine
 
 
 def to_detections(
@@ -40,12 +43,14 @@ def _to_numpy(mask: Any) -> Any:
 
 
 class FalconDetector:
-    """One loaded checkpoint. `generate_perception` keeps per-call state on the model (it is
-    reset at the start of every call), so calls are serialised."""
+    """One loaded checkpoint. mlx-vlm's model keeps per-prompt state on itself, so calls are
+    serialised. Detection runs through FalconEngine: the image is prefilled once for all of
+    its queries, and the boxes equal one `generate_perception` call per query."""
 
     def __init__(self, model: Any, processor: Any) -> None:
         self.model = model
         self.processor = processor
+        self.engine = FalconEngine(model, processor)
         self._specials = mlx_runtime.special_tokens(processor)
         self._lock = threading.Lock()
 
@@ -53,13 +58,30 @@ class FalconDetector:
         self, image: Image.Image, query: str, *, max_new_tokens: int = 64
     ) -> list[Detection]:
         """Boxes for one referring expression; each is labelled with `query` as given."""
+        return self.detect_many(image, [query], max_new_tokens=max_new_tokens)[0]
+
+    def detect_many(
+        self,
+        image: Image.Image,
+        queries: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        on_group: Callable[[list[str]], None] | None = None,
+    ) -> list[list[Detection]]:
+        """Boxes for each query, in order. The image is encoded once; queries decode together
+        in groups, and `on_group(queries)` is called (with the queries as given) before each
+        group starts: it may raise to stop there."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        text = mlx_runtime.plain_text(query, self._specials)
+        texts = [mlx_runtime.plain_text(q, self._specials) for q in queries]
+        given = dict(zip(reversed(texts), reversed(queries), strict=True))  # text -> first query
+
+        def started(group: Sequence[str]) -> None:
+            if on_group is not None:
+                on_group([given[text] for text in group])
+
         with self._lock:
-            raw = self.model.generate_perception(
-                self.processor, image=rgb, query=text, max_new_tokens=max_new_tokens
-            )
-        return to_detections(raw, query, rgb.size)
+            raw = self.engine.detect(rgb, texts, max_new_tokens=max_new_tokens, on_group=started)
+        return [to_detections(r, q, rgb.size) for r, q in zip(raw, queries, strict=True)]
 
 
 def load(path: Path) -> FalconDetector:

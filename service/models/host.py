@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import time
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.errors import AipError, Conflict, JobFailure, ModelUnavailable, NotFound
+from service.models import blas, loading, swap
 from service.models import budget as budgets
-from service.models import loading, swap
 from service.models import quantize as quant
 from service.models.roles import Loaded, RoleState, Target
 from service.models.sources import ROLES
@@ -69,6 +70,10 @@ class ModelHost:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelHost:
+        # Before anything imports mlx; once per process. Where MKL is required but cannot load,
+        # load_all fails both roles with the reason (in /v1/health), as does any later load.
+        with contextlib.suppress(blas.BlasUnavailable):
+            blas.configure(settings.cpu_blas)
         return cls(
             {"detector": settings.detector, "reasoner": settings.reasoner},
             budget_bytes=settings.memory_budget_bytes,
@@ -132,7 +137,15 @@ class ModelHost:
     # -- loading ------------------------------------------------------------------------------
 
     async def load_all(self) -> None:
-        """Load both roles as configured; a failure is kept on the role and raised."""
+        """Load both roles as configured; a failure is kept on the role and raised. First,
+        once: which CPU BLAS serves and its speed (a tiny GEMM, ms), for the health report."""
+        if self.stand_ins is None and (blas.describe() or {}).get("gflops") is None:
+            try:
+                await self.thread.run(blas.measure)
+            except blas.BlasUnavailable as exc:  # mlx cannot be imported: no model can load
+                for state in self.roles.values():
+                    state.state, state.error = "failed", exc.message
+                raise
         for role in ROLES:
             await self.load(role)
 
@@ -201,10 +214,10 @@ class ModelHost:
     def install(self, role: str, loaded: Loaded) -> None:
         """On the model thread, between jobs: the new model takes over, the old one is freed."""
         state = self.roles[role]
-        state.current = loaded
+        held = state.current.resident_bytes if state.current else 0
+        loading.let_go(lambda: setattr(state, "current", loaded), held)
         state.last = replace(loaded, runtime=None)  # a description only: holds no weights
         state.loads += 1
-        loading.give_back_memory()
 
     def _settle(
         self,
@@ -246,8 +259,9 @@ class ModelHost:
             state.state = "unloaded"
 
     def _drop(self, role: str) -> None:
-        self.roles[role].current = None
-        loading.give_back_memory()
+        state = self.roles[role]
+        held = state.current.resident_bytes if state.current else 0
+        loading.let_go(lambda: setattr(state, "current", None), held)
 
     async def expire_idle(self, now: float | None = None) -> list[str]:
         """Unload the roles with a keep-alive that no job has used for that long; never while

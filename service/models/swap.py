@@ -69,14 +69,17 @@ async def prepare(host: Host, role: str, target: Target) -> Prepared:
     state = host.roles[role]
     began = time.perf_counter()
     state.progress = Progress("resolve")
-    source = (
-        await asyncio.to_thread(resolve, role, target.source, allow_download=False)
-        if host.resolve_sources
-        else Path(target.source)
-    )
-    go_offline()  # downloads happen before (`aip models pull`, `aip serve`), never here
-    source_revision = await asyncio.to_thread(revision_of, source)
-    tensors = await asyncio.to_thread(budgets.read_tensors, source)
+
+    def inspect() -> tuple[Path, str, list[budgets.Tensor]]:  # one trip to a worker thread
+        found = (
+            resolve(role, target.source, allow_download=False)
+            if host.resolve_sources
+            else Path(target.source)
+        )
+        go_offline()  # downloads happen before (`aip models pull`, `aip serve`), never here
+        return found, revision_of(found), budgets.read_tensors(found)
+
+    source, source_revision, tensors = await asyncio.to_thread(inspect)
     cpu = await host.on_cpu()
     path, convert = source, False
     if target.quantize:
@@ -142,8 +145,9 @@ async def run(host: Host, role: str, prepared: Prepared) -> None:
         if prepared.convert:
             await _convert(host, state, prepared)
         loaded = await materialise(
-            host, role, prepared.target, prepared.path, prepared.source_revision
-        )
+            host, role, prepared.target, prepared.path, prepared.source_revision,
+            revision=prepared.source_revision if prepared.path == prepared.source else None,
+        )  # fmt: skip
         began = time.perf_counter()
         state.progress = Progress("swap")
         await host.thread.run(lambda: host.install(role, loaded))
@@ -172,9 +176,16 @@ async def _convert(host: Host, state: RoleState, prepared: Prepared) -> None:
 
 
 async def materialise(
-    host: Host, role: str, target: Target, path: Path, source_revision: str
+    host: Host,
+    role: str,
+    target: Target,
+    path: Path,
+    source_revision: str,
+    *,
+    revision: str | None = None,
 ) -> Loaded:
-    """Read the weights in steps on the model thread (jobs run between them) and wrap them."""
+    """Read the weights in steps on the model thread (jobs run between them) and wrap them.
+    `revision`: the folder's, when already taken (the source loaded as it is)."""
     state = host.roles[role]
     began = time.perf_counter()
     progress = state.progress = Progress("load", 0.0)
@@ -186,7 +197,8 @@ async def materialise(
         while not await host.thread.run(staged.step):
             progress.fraction = staged.fraction
         runtime, resident, peak = await host.thread.run(staged.finish)
-    revision = await asyncio.to_thread(revision_of, path)
+    if revision is None:
+        revision = await asyncio.to_thread(revision_of, path)
     on_disk = await asyncio.to_thread(bytes_on_disk, path)
     seconds = time.perf_counter() - began
     estimated = (state.estimate or {}).get("resident_bytes", 0)
@@ -206,7 +218,9 @@ async def materialise(
 async def _restore(host: Host, role: str, old: Loaded) -> None:
     """Bring back the model a failed replacement had freed: it fit before."""
     try:
-        back = await materialise(host, role, old.target, old.path, old.source_revision)
+        back = await materialise(
+            host, role, old.target, old.path, old.source_revision, revision=old.revision
+        )
         await host.thread.run(lambda: host.install(role, back))
         log.warning("%s: the previous model %s serves again", role, old.target)
     except Exception as exc:

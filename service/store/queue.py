@@ -7,6 +7,8 @@
 Every transition is one function run as one transaction on the writer thread (one hop from
 the event loop; see store/writer.py); a running job's transitions are fenced by (owner,
 attempt) so a worker that lost its lease can never overwrite what a newer attempt wrote.
+A worker ending an attempt may claim its next job in the same transaction (`claim_next`):
+one commit, one fsync, where ending and claiming apart would take two.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 from service.detection import Detection
 from service.diskspace import DiskState, is_disk_full, watch
@@ -82,6 +85,20 @@ class Heartbeat:
     cancel_requested: bool
 
 
+class ClaimNext(NamedTuple):
+    """Who claims the next job in the transaction that ends an attempt, and for how long."""
+
+    owner: str
+    lease_seconds: float
+
+
+class _Unset(Enum):
+    UNSET = 0
+
+
+_UNSET: Literal[_Unset.UNSET] = _Unset.UNSET
+
+
 class Queue:
     def __init__(
         self,
@@ -109,7 +126,7 @@ class Queue:
 
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, group: bool = False) -> T:
         """`fn(conn)` as one write transaction on the writer thread (BEGIN IMMEDIATE ...
-        COMMIT; with `group`, possibly sharing its COMMIT with other intake writes waiting at
+        COMMIT; with `group`, possibly sharing its COMMIT with other group writes waiting at
         the same time). A write refused for want of space raises DiskFull (507), whether a
         statement or the COMMIT (where WAL frames are written) hit it; nothing of it is kept.
         A cancelled caller does not stop it: it lands whole or not at all."""
@@ -231,46 +248,45 @@ class Queue:
 
     async def claim(self, owner: str, lease_seconds: float) -> Claim | None:
         """Atomically take the oldest runnable queued job, or None. Order is by `run_after`,
-        which a job handed back or interrupted keeps: it runs before anything newer."""
-
-        def claim(db: sqlite3.Connection) -> Claim | None:
-            now = self._clock()  # read in the transaction: a long wait must not shorten the lease
-            row = db.execute(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
-                " lease_owner = ?, lease_until = ?, started_at = coalesce(started_at, ?)"
-                " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_after <= ?"
-                "             ORDER BY run_after, id LIMIT 1)"
-                # Queued since: creation, or the last explicit retry (the queue wait's start).
-                " RETURNING id, attempts, image_sha256, params,"
-                " coalesce(queued_at, created_at) AS created_at, started_at,"
-                " attempts - max_attempts + coalesce(attempt_budget, max_attempts)"
-                " AS round_attempt",
-                (owner, now + lease_seconds, now, now),
-            ).fetchone()
-            if row is None:
-                return None
-            image = db.execute(
-                "SELECT path FROM images WHERE sha256 = ?", (row["image_sha256"],)
-            ).fetchone()
-            db.execute(
-                "INSERT INTO job_attempts (job_id, attempt, worker, started_at)"
-                " VALUES (?, ?, ?, ?)",
-                (row["id"], row["attempts"], owner, now),
-            )
-            return Claim(
-                job_id=row["id"],
-                attempt=row["attempts"],
-                owner=owner,
-                image_sha256=row["image_sha256"],
-                image_path=image["path"] if image else "",
-                params=json.loads(row["params"]),
-                created_at=row["created_at"],
-                started_at=now,
-                round_attempt=row["round_attempt"],
-            )
-
+        which a job handed back or interrupted keeps: it runs before anything newer. It may
+        share its commit with intake writes waiting at the same time."""
         await self._write_hand_backs()
-        return await self.write(claim)
+        return await self.write(lambda db: self._claim(db, owner, lease_seconds), group=True)
+
+    def _claim(self, db: sqlite3.Connection, owner: str, lease_seconds: float) -> Claim | None:
+        now = self._clock()  # read in the transaction: a long wait must not shorten the lease
+        row = db.execute(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
+            " lease_owner = ?, lease_until = ?, started_at = coalesce(started_at, ?)"
+            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_after <= ?"
+            "             ORDER BY run_after, id LIMIT 1)"
+            # Queued since: creation, or the last explicit retry (the queue wait's start).
+            " RETURNING id, attempts, image_sha256, params,"
+            " coalesce(queued_at, created_at) AS created_at, started_at,"
+            " attempts - max_attempts + coalesce(attempt_budget, max_attempts)"
+            " AS round_attempt",
+            (owner, now + lease_seconds, now, now),
+        ).fetchone()
+        if row is None:
+            return None
+        image = db.execute(
+            "SELECT path FROM images WHERE sha256 = ?", (row["image_sha256"],)
+        ).fetchone()
+        db.execute(
+            "INSERT INTO job_attempts (job_id, attempt, worker, started_at) VALUES (?, ?, ?, ?)",
+            (row["id"], row["attempts"], owner, now),
+        )
+        return Claim(
+            job_id=row["id"],
+            attempt=row["attempts"],
+            owner=owner,
+            image_sha256=row["image_sha256"],
+            image_path=image["path"] if image else "",
+            params=json.loads(row["params"]),
+            created_at=row["created_at"],
+            started_at=now,
+            round_attempt=row["round_attempt"],
+        )
 
     async def heartbeat(self, claim: Claim, lease_seconds: float) -> Heartbeat:
         """Extend the lease. On a full disk it raises DiskFull, and until a beat gets through
@@ -335,8 +351,39 @@ class Queue:
         )
         return cursor.rowcount > 0
 
-    async def complete(self, claim: Claim, outcome: Outcome) -> bool:
-        """Write result, detections, timings and status in one transaction; False if fenced off."""
+    async def _end(
+        self, end: Callable[[sqlite3.Connection], T], claim_next: ClaimNext | _Unset | None
+    ) -> tuple[T, Claim | None]:
+        """`end(db)` (an attempt's last write) and, when asked, the claim of the next job, in
+        one transaction: both land or neither. The claim is made even when `end` finds the
+        attempt fenced off: the worker is free either way, and would claim next anyway."""
+        wanted = None if claim_next is _UNSET else claim_next
+        if self._unreleased:  # a held-up hand-back is written before any claim: `claim` does it
+            wanted = None
+
+        def end_and_claim(db: sqlite3.Connection) -> tuple[T, Claim | None]:
+            ended = end(db)
+            if wanted is None:
+                return ended, None
+            return ended, self._claim(db, wanted.owner, wanted.lease_seconds)
+
+        # Grouped: a worker's commit may carry intake writes waiting at the same time.
+        return await self.write(end_and_claim, group=True)
+
+    @overload
+    async def complete(self, claim: Claim, outcome: Outcome) -> bool: ...
+
+    @overload
+    async def complete(
+        self, claim: Claim, outcome: Outcome, *, claim_next: ClaimNext | None
+    ) -> tuple[bool, Claim | None]: ...
+
+    async def complete(
+        self, claim: Claim, outcome: Outcome, *, claim_next: ClaimNext | _Unset | None = _UNSET
+    ) -> bool | tuple[bool, Claim | None]:
+        """Write result, detections, timings and status in one transaction; False if fenced off.
+        With `claim_next` (None: claim nothing), returns (done, the next job claimed in the
+        same transaction or None)."""
 
         def complete(db: sqlite3.Connection) -> bool:
             began = time.perf_counter()
@@ -371,10 +418,33 @@ class Queue:
             )
             return True
 
-        if not await self.write(complete):
-            return False
-        self._offline.pop(claim.job_id, None)
-        return True
+        done, following = await self._end(complete, claim_next)
+        if done:
+            self._offline.pop(claim.job_id, None)
+        return done if claim_next is _UNSET else (done, following)
+
+    @overload
+    async def fail(
+        self,
+        claim: Claim,
+        failure: JobFailure,
+        *,
+        retry_in: float | None,
+        timings: dict[str, float] | None = None,
+        models: dict[str, Any] | None = None,
+    ) -> str | None: ...
+
+    @overload
+    async def fail(
+        self,
+        claim: Claim,
+        failure: JobFailure,
+        *,
+        retry_in: float | None,
+        timings: dict[str, float] | None = None,
+        models: dict[str, Any] | None = None,
+        claim_next: ClaimNext | None,
+    ) -> tuple[str | None, Claim | None]: ...
 
     async def fail(
         self,
@@ -384,9 +454,11 @@ class Queue:
         retry_in: float | None,
         timings: dict[str, float] | None = None,
         models: dict[str, Any] | None = None,
-    ) -> str | None:
+        claim_next: ClaimNext | _Unset | None = _UNSET,
+    ) -> str | tuple[str | None, Claim | None] | None:
         """Record a failed attempt. With `retry_in` and attempts left the job is queued again
-        after that delay; otherwise it ends `failed`. Returns the new status, None if fenced."""
+        after that delay; otherwise it ends `failed`. Returns the new status, None if fenced;
+        with `claim_next`, (that, the next job claimed in the same transaction or None)."""
 
         def fail(db: sqlite3.Connection) -> str | None:
             if not self._owns(db, claim):
@@ -417,12 +489,25 @@ class Queue:
                 return "cancelled"
             return "queued" if retry else "failed"
 
-        status = await self.write(fail)
+        status, following = await self._end(fail, claim_next)
         if status is not None:
             self._offline.pop(claim.job_id, None)
-        return status
+        return status if claim_next is _UNSET else (status, following)
 
-    async def finish_cancelled(self, claim: Claim, reason: str) -> bool:
+    @overload
+    async def finish_cancelled(self, claim: Claim, reason: str) -> bool: ...
+
+    @overload
+    async def finish_cancelled(
+        self, claim: Claim, reason: str, *, claim_next: ClaimNext | None
+    ) -> tuple[bool, Claim | None]: ...
+
+    async def finish_cancelled(
+        self, claim: Claim, reason: str, *, claim_next: ClaimNext | _Unset | None = _UNSET
+    ) -> bool | tuple[bool, Claim | None]:
+        """End a running attempt `cancelled`; False if fenced off. With `claim_next`, returns
+        (that, the next job claimed in the same transaction or None)."""
+
         def finish(db: sqlite3.Connection) -> bool:
             if not self._owns(db, claim):
                 return False
@@ -435,10 +520,10 @@ class Queue:
             )
             return True
 
-        if not await self.write(finish):
-            return False
-        self._offline.pop(claim.job_id, None)
-        return True
+        done, following = await self._end(finish, claim_next)
+        if done:
+            self._offline.pop(claim.job_id, None)
+        return done if claim_next is _UNSET else (done, following)
 
     async def release(self, claim: Claim, why: JobFailure | None = None) -> bool:
         """Give a running job back (shutdown, a full disk): queued again in its old place, the

@@ -1,23 +1,94 @@
-"""Read models: a job as the API shows it, and pages of jobs; reads only, never writes."""
+"""Read models: a job as the API shows it, and pages of jobs; reads only, never writes.
+
+Each read runs whole on a read thread, in one transaction (one snapshot): one hop from the
+event loop. It is SQLAlchemy Core over a blocking twin of the read engine, selecting the
+columns a view needs as plain rows (no ORM objects), in as few statements as the view
+allows: a job with its image and result in one, its detections, its attempts; a page is one
+statement for its jobs and one for all their detections."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
-from sqlalchemy import text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Select,
+    bindparam,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel import col
 
 from service.errors import InvalidInput, NotFound
 from service.store.history import Cursor, JobFilter, after_cursor, sort_column
+from service.store.sqlite import BUSY_TIMEOUT_MS
 from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
 
 MAX_PAGE = 200
+
+# What a job's view shows, in one row: the job, its image and (when there is one) its result.
+_VIEW_COLUMNS: tuple[Any, ...] = (
+    col(JobRow.id),
+    col(JobRow.status),
+    col(JobRow.source),
+    col(JobRow.source_path),
+    col(JobRow.attempts),
+    col(JobRow.max_attempts),
+    col(JobRow.cancel_requested),
+    col(JobRow.created_at),
+    col(JobRow.started_at),
+    col(JobRow.finished_at),
+    col(JobRow.input_name),
+    col(JobRow.params),
+    col(JobRow.timings),
+    col(JobRow.models),
+    col(JobRow.error_code),
+    col(JobRow.error_message),
+    col(ImageRow.sha256),
+    col(ImageRow.bytes),
+    col(ImageRow.width),
+    col(ImageRow.height),
+    col(ImageRow.format),
+    col(ImageRow.captured_at),
+    col(ImageRow.exif),
+    col(ImageRow.pruned_at),
+    col(ResultRow.job_id).label("result_of"),
+    col(ResultRow.reasoning),
+)
+_DETECTION_COLUMNS: tuple[Any, ...] = (
+    col(DetectionRow.job_id),
+    col(DetectionRow.idx),
+    col(DetectionRow.label),
+    col(DetectionRow.x1),
+    col(DetectionRow.y1),
+    col(DetectionRow.x2),
+    col(DetectionRow.y2),
+    col(DetectionRow.mask),
+)
+
+
+def _views() -> Select[Any]:
+    """The view's row for every job; callers add the conditions and the order."""
+    return (
+        select(*_VIEW_COLUMNS)
+        .join_from(JobRow, ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
+        .outerjoin(ResultRow, col(ResultRow.job_id) == col(JobRow.id))
+    )
+
+
+_ONE_JOB = _views().where(col(JobRow.id) == bindparam("id"))
 
 
 def iso(ts: float | None) -> str | None:
@@ -26,21 +97,21 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _detection_view(row: DetectionRow, image: ImageRow) -> dict[str, Any]:
-    box = [row.x1, row.y1, row.x2, row.y2]
+def _detection_view(row: Sequence[Any], width: int, height: int) -> dict[str, Any]:
+    _job_id, number, label, x1, y1, x2, y2, mask = row  # _DETECTION_COLUMNS
     out: dict[str, Any] = {
-        "number": row.idx,
-        "label": row.label,
-        "box": [round(v, 2) for v in box],
+        "number": number,
+        "label": label,
+        "box": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)],
         "box_normalized": [
-            round(box[0] / image.width, 6),
-            round(box[1] / image.height, 6),
-            round(box[2] / image.width, 6),
-            round(box[3] / image.height, 6),
+            round(x1 / width, 6),
+            round(y1 / height, 6),
+            round(x2 / width, 6),
+            round(y2 / height, 6),
         ],
     }
-    if row.mask is not None:
-        out["mask"] = json.loads(row.mask)
+    if mask is not None:
+        out["mask"] = json.loads(mask)
     return out
 
 
@@ -61,47 +132,52 @@ def finite(value: Any) -> Any:
 
 
 def job_view(
-    job: JobRow,
-    image: ImageRow,
-    result: ResultRow | None,
-    detections: Sequence[DetectionRow],
-    attempts: Sequence[AttemptRow] | None = None,
+    row: Sequence[Any],
+    detections: Sequence[Sequence[Any]],
+    attempts: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
+    """A job as the API shows it, from its `_views()` row, its detection rows (in order) and,
+    for a single job, its attempt rows."""
+    # _VIEW_COLUMNS, in order: unpacking is several times cheaper than `row.name` lookups.
+    (
+        job_id, status, source, source_path, attempts_so_far, max_attempts, cancel_requested,
+        created_at, started_at, finished_at, input_name, params, timings, models, error_code,
+        error_message, sha256, size, width, height, image_format, captured_at, exif, pruned_at,
+        result_of, reasoning,
+    ) = row  # fmt: skip
     view: dict[str, Any] = {
-        "id": job.id,
-        "status": job.status,
-        "source": job.source,
-        "source_path": job.source_path,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "cancel_requested": bool(job.cancel_requested),
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
+        "id": job_id,
+        "status": status,
+        "source": source,
+        "source_path": source_path,
+        "attempts": attempts_so_far,
+        "max_attempts": max_attempts,
+        "cancel_requested": bool(cancel_requested),
+        "created_at": iso(created_at),
+        "started_at": iso(started_at),
+        "finished_at": iso(finished_at),
         "input": {
-            "name": job.input_name,
-            "sha256": image.sha256,
-            "bytes": image.bytes,
-            "width": image.width,
-            "height": image.height,
-            "format": image.format,
-            "captured_at": image.captured_at,
-            "exif": finite(json.loads(image.exif)) if image.exif else None,
-            "stored": image.pruned_at is None,
+            "name": input_name,
+            "sha256": sha256,
+            "bytes": size,
+            "width": width,
+            "height": height,
+            "format": image_format,
+            "captured_at": captured_at,
+            "exif": finite(json.loads(exif)) if exif else None,
+            "stored": pruned_at is None,
         },
-        "params": json.loads(job.params),
-        "timings_ms": {k: round(v, 1) for k, v in json.loads(job.timings or "{}").items()},
-        "models": json.loads(job.models or "{}"),
+        "params": json.loads(params),
+        "timings_ms": {k: round(v, 1) for k, v in json.loads(timings).items()} if timings else {},
+        "models": json.loads(models) if models else {},
         "result": None,
-        "error": (
-            {"code": job.error_code, "message": job.error_message} if job.error_code else None
-        ),
-        "links": {"self": f"/v1/jobs/{job.id}", "image": f"/v1/jobs/{job.id}/image"},
+        "error": {"code": error_code, "message": error_message} if error_code else None,
+        "links": {"self": f"/v1/jobs/{job_id}", "image": f"/v1/jobs/{job_id}/image"},
     }
-    if result is not None:
+    if result_of is not None:
         view["result"] = {
-            "detections": [_detection_view(d, image) for d in detections],
-            "reasoning": result.reasoning,
+            "detections": [_detection_view(d, width, height) for d in detections],
+            "reasoning": reasoning,
         }
     if attempts is not None:
         view["attempt_history"] = [
@@ -120,71 +196,139 @@ def job_view(
     return view
 
 
-async def _snapshot(session: AsyncSession) -> None:
-    """Make the session's reads one transaction: in WAL mode each statement outside one sees
-    the latest commit, so a job row and its attempts read a moment apart could disagree."""
-    await session.execute(text("BEGIN"))
+# One job's rows; the view row itself is _ONE_JOB.
+_ITS_DETECTIONS = (
+    select(*_DETECTION_COLUMNS)
+    .where(col(DetectionRow.job_id) == bindparam("id"))
+    .order_by(col(DetectionRow.idx))
+)
+_ITS_ATTEMPTS = (
+    select(
+        col(AttemptRow.attempt),
+        col(AttemptRow.worker),
+        col(AttemptRow.started_at),
+        col(AttemptRow.finished_at),
+        col(AttemptRow.outcome),
+        col(AttemptRow.error_code),
+        col(AttemptRow.error_message),
+    )
+    .where(col(AttemptRow.job_id) == bindparam("id"))
+    .order_by(col(AttemptRow.id))
+)
+_ITS_IMAGE = (
+    select(*(col(getattr(ImageRow, name)) for name in ImageRow.model_fields))
+    .join_from(JobRow, ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
+    .where(col(JobRow.id) == bindparam("id"))
+)
+# Counts in the claim's order (store/queue.py `claim`: run_after, then id).
+_QUEUE_POSITION = text(
+    "SELECT count(*) FROM jobs AS me JOIN jobs AS ahead"
+    " ON ahead.status = 'queued' AND (ahead.run_after < me.run_after"
+    "  OR (ahead.run_after = me.run_after AND ahead.id <= me.id))"
+    " WHERE me.id = :id AND me.status = 'queued'"
+)
+
+T = TypeVar("T")
+JobRows = tuple[Any, Sequence[Any], Sequence[Any]]  # view row, detections, attempts
+READ_THREADS = 4
+
+
+def blocking_twin(engine: AsyncEngine, *, pool_size: int = READ_THREADS) -> Engine:
+    """A blocking engine on `engine`'s database, through its backend's default driver, for
+    reads run whole on a read thread. On SQLite the driver begins no transaction before a
+    SELECT, so the engine sends BEGIN itself (SQLAlchemy's documented pysqlite recipe): a
+    read of several statements is one snapshot, which WAL mode does not give otherwise."""
+    url = engine.url.set(drivername=engine.url.get_backend_name())
+    twin = create_engine(url, pool_size=pool_size)
+    if url.get_backend_name() == "sqlite":
+
+        @event.listens_for(twin, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None
+            dbapi_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            dbapi_conn.execute("PRAGMA query_only=ON")
+
+        @event.listens_for(twin, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+    return twin
+
+
+class Reader:
+    """Runs a read function on one of a few read threads, in one transaction: one hop from
+    the event loop per read, however many statements it makes."""
+
+    def __init__(self, engine: Engine, threads: int = READ_THREADS) -> None:
+        self.engine = engine
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="aip-db-read")
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        def read() -> T:
+            with self.engine.connect() as conn:  # begins at the first statement
+                return fn(conn)  # leaving rolls the read-only transaction back
+
+        return await asyncio.get_running_loop().run_in_executor(self._threads, read)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._threads.shutdown)
+        self.engine.dispose()
+
+
+def _job_rows(conn: Connection, job_id: int) -> JobRows:
+    row = conn.execute(_ONE_JOB, {"id": job_id}).first()
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+    detections = conn.execute(_ITS_DETECTIONS, {"id": job_id}).all() if row.result_of else ()
+    return row, detections, conn.execute(_ITS_ATTEMPTS, {"id": job_id}).all()
 
 
 class Reads:
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+        self.engine = engine  # statistics (store/stats.py) aggregate through it
+        self._reader = Reader(blocking_twin(engine))
 
     async def close(self) -> None:
+        await self._reader.close()
         await self.engine.dispose()
 
     @staticmethod
-    async def _job_and_image(session: AsyncSession, job_id: int) -> tuple[JobRow, ImageRow]:
-        job = await session.get(JobRow, job_id)
-        if job is None:
-            raise NotFound(f"job {job_id} does not exist", code="job_not_found")
-        image = await session.get(ImageRow, job.image_sha256)
-        assert image is not None  # a foreign key guarantees it
-        return job, image
+    async def _job_and_image(reader: Reader, job_id: int) -> JobRows:
+        """The job's view row (job, image, result), its detections and its attempts: one
+        read, one snapshot."""
+        return await reader.run(partial(_job_rows, job_id=job_id))
 
     async def job(self, job_id: int) -> dict[str, Any]:
-        async with AsyncSession(self.engine) as session:
-            await _snapshot(session)
-            job, image = await self._job_and_image(session, job_id)
-            result = await session.get(ResultRow, job_id)
-            detections = (
-                await session.exec(
-                    select(DetectionRow)
-                    .where(DetectionRow.job_id == job_id)
-                    .order_by(col(DetectionRow.idx))
-                )
-            ).all()
-            attempts = (
-                await session.exec(
-                    select(AttemptRow)
-                    .where(AttemptRow.job_id == job_id)
-                    .order_by(col(AttemptRow.id))
-                )
-            ).all()
-            return job_view(job, image, result, detections, attempts)
+        return job_view(*await self._job_and_image(self._reader, job_id))
 
     async def image_of(self, job_id: int) -> ImageRow:
-        async with AsyncSession(self.engine) as session:
-            return (await self._job_and_image(session, job_id))[1]
+        def read(conn: Connection) -> Row[Any] | None:
+            return conn.execute(_ITS_IMAGE, {"id": job_id}).first()
+
+        row = await self._reader.run(read)
+        if row is None:
+            raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+        return ImageRow.model_validate(row._mapping)
 
     async def stream(
-        self, where: JobFilter, *, sort: str = "created", batch: int = 200
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Every matching job, newest first, read a page at a time. The first page is read
-        before this returns, so a query the database refuses fails here, while an export can
-        still answer with an error status rather than a body cut short."""
+        self, where: JobFilter, *, sort: str = "created", batch: int = MAX_PAGE
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every matching job, newest first, as pages of views (one query for the jobs and one
+        for their detections per page). The first page is read before this returns, so a
+        query the database refuses fails here, while an export can still answer with an
+        error status rather than a body cut short."""
         first = await self.page(where, sort=sort, limit=batch)
 
-        async def jobs() -> AsyncIterator[dict[str, Any]]:
+        async def pages() -> AsyncIterator[list[dict[str, Any]]]:
             page = first
             while True:
-                for job in page["jobs"]:
-                    yield job
+                if page["jobs"]:
+                    yield page["jobs"]
                 if page["next_cursor"] is None:
                     return
                 page = await self.page(where, sort=sort, cursor=page["next_cursor"], limit=batch)
 
-        return jobs()
+        return pages()
 
     async def page(
         self,
@@ -200,11 +344,7 @@ class Reads:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be 1..{MAX_PAGE}", code="invalid_filter")
         key = sort_column(sort)
-        query = (
-            select(JobRow, ImageRow, ResultRow)
-            .join(ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
-            .outerjoin(ResultRow, col(ResultRow.job_id) == col(JobRow.id))
-        )
+        query = _views()
         for condition in (where or JobFilter()).conditions():
             query = query.where(condition)
         if sort == "finished":
@@ -212,44 +352,37 @@ class Reads:
         if cursor is not None:
             query = query.where(after_cursor(sort, Cursor.decode(cursor, sort)))
         query = query.order_by(key.desc(), col(JobRow.id).desc()).limit(limit + 1)
-        async with AsyncSession(self.engine) as session:
-            await _snapshot(session)
-            rows = (await session.exec(query)).all()
+
+        def read(conn: Connection) -> dict[str, Any]:
+            rows = conn.execute(query).all()
             more = len(rows) > limit
             rows = rows[:limit]
-            ids = [job.id for job, _, _ in rows]
-            detections: dict[int, list[DetectionRow]] = {}
-            if ids:
-                found = await session.exec(
-                    select(DetectionRow)
-                    .where(col(DetectionRow.job_id).in_(ids))
+            detections: dict[int, list[Any]] = {}
+            with_result = [row.id for row in rows if row.result_of is not None]
+            if with_result:
+                found = conn.execute(
+                    select(*_DETECTION_COLUMNS)
+                    .where(col(DetectionRow.job_id).in_(with_result))
                     .order_by(col(DetectionRow.job_id), col(DetectionRow.idx))
                 )
-                for d in found.all():
-                    detections.setdefault(d.job_id, []).append(d)
-        jobs = [
-            job_view(job, image, result, detections.get(job.id or 0, []))
-            for job, image, result in rows
-        ]
-        next_cursor = None
-        if more and rows:
-            last = rows[-1][0]
-            last_key = last.finished_at if sort == "finished" else last.created_at
-            next_cursor = Cursor(sort, float(last_key or 0), int(last.id or 0)).encode()
-        return {"jobs": jobs, "next_cursor": next_cursor}
+                for d in found:
+                    detections.setdefault(d[0], []).append(d)
+            next_cursor = None
+            if more and rows:
+                last = rows[-1]
+                last_key = last.finished_at if sort == "finished" else last.created_at
+                next_cursor = Cursor(sort, float(last_key or 0), int(last.id)).encode()
+            # Built on the read thread too: a page of 200 views is milliseconds of Python
+            # the event loop need not spend.
+            jobs = [job_view(row, detections.get(row.id, ())) for row in rows]
+            return {"jobs": jobs, "next_cursor": next_cursor}
+
+        return await self._reader.run(read)
 
     async def queue_position(self, job_id: int) -> int | None:
-        """1 for the job the worker claims next; None unless the job is queued. Counts in
-        the claim's order (store/queue.py `claim`: run_after, then id)."""
-        async with AsyncSession(self.engine) as session:
-            found = await session.execute(
-                text(
-                    "SELECT count(*) FROM jobs AS me JOIN jobs AS ahead"
-                    " ON ahead.status = 'queued' AND (ahead.run_after < me.run_after"
-                    "  OR (ahead.run_after = me.run_after AND ahead.id <= me.id))"
-                    " WHERE me.id = :id AND me.status = 'queued'"
-                ),
-                {"id": job_id},
-            )
-            position = int(found.scalar_one())
-        return position or None
+        """1 for the job the worker claims next; None unless the job is queued."""
+
+        def read(conn: Connection) -> int:
+            return int(conn.execute(_QUEUE_POSITION, {"id": job_id}).scalar_one())
+
+        return await self._reader.run(read) or None

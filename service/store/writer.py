@@ -2,10 +2,11 @@
 transaction as one function (one hop from the event loop per transaction); it knows SQL
 transactions, not jobs.
 
-Concurrent intake writes waiting together are group-committed: one transaction, each in its
-own SAVEPOINT (one caller's error undoes only its own work), one COMMIT (one fsync), and only
-then is each caller answered. A write whose caller is cancelled still runs to its end on the
-thread, so it lands whole or not at all and the connection never stays inside a transaction.
+Concurrent writes waiting together (intake, and the worker's claims and attempt endings) are
+group-committed: one transaction, each in its own SAVEPOINT (one caller's error undoes only its
+own work), one COMMIT (one fsync), and only then is each caller answered. A write whose caller
+is cancelled still runs to its end on the thread, so it lands whole or not at all and the
+connection never stays inside a transaction.
 """
 
 from __future__ import annotations
