@@ -26,6 +26,8 @@ REGISTRY = {
     "overhead": "bench.overhead_bench",
     "two_server": "bench.two_server_bench",
     "multiquery": "bench.multiquery_bench",
+    "followup": "bench.followup_bench",
+    "batch": "bench.batch_bench",
     "demo": "bench.demo_bench",
     "decode": "bench.decode_bench",
     "e2b_decode": "bench.e2b_decode_bench",  # full run only: builds the E2B shape once

@@ -22,12 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import docs as docs_api
+from service.api import followups as followups_api
 from service.api import health, history, inbox, jobs
 from service.api import models as models_api
 from service.api.guard import BrowserGuard
 from service.config import Settings, parse_age
 from service.diskspace import is_disk_full, watch
 from service.errors import AipError, DiskFull, PayloadTooLarge, StartupRefused
+from service.followups import FollowUps
 from service.inbox.lock import InboxLock
 from service.inbox.watcher import InboxWatcher
 from service.leftovers import remove_unfinished_images
@@ -35,6 +37,7 @@ from service.models.host import ModelHost
 from service.periodic import every
 from service.private import enter_private_umask, leave_private_umask, tighten
 from service.services import Services
+from service.store import followups as followup_store
 from service.store.ledger import Ledger
 from service.store.migrate import migrate
 from service.store.queue import Queue
@@ -243,6 +246,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         models = host or ModelHost.from_settings(settings)
         queue: Queue | None = None
         reads: Reads | None = None
+        asked: FollowUps | None = None
         try:
             if settings.inbox_enabled:
                 inbox_lock.acquire()
@@ -262,6 +266,10 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                     failed,
                 )
             reads = Reads(read_engine(settings.database))
+            if await followup_store.recover(queue):
+                log.warning("follow-up questions interrupted by the last stop are queued again")
+            asked = app.state.followups = FollowUps(settings, queue, models)
+            asked.start()
             worker = Worker(settings, queue, models)
             watcher = None
             if settings.inbox_enabled:
@@ -310,6 +318,8 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 await worker.stop()
             log.info("aip stopped; queue %s", await queue.counts())
         finally:
+            if asked is not None:
+                await asked.stop()
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -346,5 +356,6 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     app.include_router(inbox.router, prefix="/v1")
     app.include_router(models_api.router, prefix="/v1")
     app.include_router(history.router, prefix="/v1")
+    app.include_router(followups_api.router, prefix="/v1")
     docs_api.install(app)
     return app

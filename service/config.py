@@ -132,6 +132,12 @@ def _cpu_blas(value: str) -> str:
     return parse_setting(value)
 
 
+def _batch(value: str) -> int | str:
+    from service.batching import parse_setting
+
+    return parse_setting(value)
+
+
 # Every environment variable: the setting it fills and how its text is read.
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_DATA_DIR": ("data_dir", _path),
@@ -175,6 +181,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_RETENTION_KEEP_RESULTS": ("retention_keep_results", _flag),
     "AIP_LOG_STDERR": ("log_stderr", _flag),
     "AIP_CPU_BLAS": ("cpu_blas", _cpu_blas),
+    "AIP_BATCH": ("batch", _batch),
 }
 
 
@@ -217,6 +224,7 @@ class Settings:
     detect_max_tokens: int = 256
     reason_max_tokens: int = 256
     cpu_blas: str = "auto"  # the BLAS MLX's Linux CPU backend uses: auto, mkl or bundled
+    batch: int | str = "auto"  # jobs run together at most; auto: chosen per device (batching.py)
     poll_interval_seconds: float = 1.0
     retry_base_seconds: float = 2.0
     inbox_enabled: bool = True

@@ -235,3 +235,102 @@ def analyse(
         reasoning=reasoning,
         timings={"detect": (detected - began) * 1000, "reason": (reasoned - detected) * 1000},
     )
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One job of a batch: its image, parameters, and its own stage checkpoint."""
+
+    image: Image.Image
+    params: JobParams
+    checkpoint: Callable[[str], None] = lambda stage: None
+    original_size: tuple[int, int] | None = None
+
+
+# Every job's reasoning in one call: (reasoner, images, prompts, token limits) -> texts.
+ReasonMany = Callable[[Any, list[Image.Image], list[str], list[int]], list[str]]
+
+
+def _reason_each(
+    reasoner: Any, images: list[Image.Image], prompts: list[str], limits: list[int]
+) -> list[str]:
+    return [
+        reasoner.reason(i, p, max_tokens=n) for i, p, n in zip(images, prompts, limits, strict=True)
+    ]
+
+
+def analyse_many(
+    items: Sequence[BatchItem],
+    detector: Detector,
+    reasoner: Reasoner,
+    *,
+    detect_tokens: int = 256,
+    reason_tokens: int = 256,
+    reason_many: ReasonMany = _reason_each,
+) -> list[Analysis | BaseException]:
+    """`analyse` for several jobs, each job's outcome (or what stopped it) in its place: the
+    same detections and text each would get alone. Detection runs job by job; the reasoning
+    of the jobs still going runs as one `reason_many` call. A job that raises (its
+    checkpoint included) ends alone; if the batched reasoning raises, each job's reasoning
+    runs again alone, so only the job that causes it fails."""
+    results: list[Analysis | BaseException] = []
+    for item in items:
+        try:
+            results.append(
+                analyse(
+                    item.image,
+                    item.params,
+                    detector,
+                    _Deferred(),
+                    detect_tokens=detect_tokens,
+                    checkpoint=item.checkpoint,
+                    original_size=item.original_size,
+                )
+            )
+        except Exception as exc:
+            results.append(exc)
+    going: list[int] = []
+    for index, item in enumerate(items):
+        if isinstance(results[index], Analysis):
+            try:
+                item.checkpoint("reason")
+            except Exception as exc:
+                results[index] = exc
+            else:
+                going.append(index)
+    began = time.perf_counter()
+    prompts = [reasoning_prompt(items[i].params.prompt, _found(results[i])) for i in going]
+    images = [items[i].image for i in going]
+    limits = [items[i].params.reason_max_tokens or reason_tokens for i in going]
+    texts: list[str | BaseException]
+    try:
+        texts = list(reason_many(reasoner, images, prompts, limits)) if going else []
+    except Exception:
+        texts = []
+        for image, prompt, limit in zip(images, prompts, limits, strict=True):
+            try:
+                texts.append(reasoner.reason(image, prompt, max_tokens=limit))
+            except Exception as exc:
+                texts.append(exc)
+    reason_ms = (time.perf_counter() - began) * 1000
+    for index, text in zip(going, texts, strict=True):
+        done = results[index]
+        assert isinstance(done, Analysis)
+        results[index] = (
+            text
+            if isinstance(text, BaseException)
+            else Analysis(done.detections, text, {**done.timings, "reason": reason_ms})
+        )
+    return results
+
+
+class _Deferred:
+    """The reasoner of a batch's detection pass: reasoning waits for the whole batch."""
+
+    def reason(self, image: Image.Image, prompt: str, *, max_tokens: int) -> str:
+        return ""
+
+
+def _found(result: Analysis | BaseException) -> list[Detection]:
+    assert isinstance(result, Analysis)
+    return result.detections

@@ -1,5 +1,6 @@
-"""The drain loop: claim a job, decode its image, run the pipeline on the model thread while
-heartbeating the lease, then persist the outcome. Knows the queue and the host, not HTTP."""
+"""The drain loop: claim a job (or a batch of up to `AIP_BATCH`), decode its image, run the
+pipeline on the model thread while heartbeating each lease, then persist each outcome. Knows
+the queue and the host, not HTTP."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import time
 import uuid
 from typing import Any
 
+from service import batching
 from service.config import Settings
 from service.errors import DiskFull, JobFailure
 from service.models.host import ModelHost
-from service.pipeline import JobParams, analyse
+from service.pipeline import Analysis, BatchItem, JobParams, ReasonMany, analyse, analyse_many
 from service.policy import backoff_seconds, classify, pause_seconds
-from service.prefetch import Prefetch
+from service.prefetch import Decoded, Prefetch
 from service.store.queue import Claim, ClaimNext, Outcome, Queue
 
 log = logging.getLogger("aip.worker")
@@ -33,20 +35,43 @@ class StopJob(Exception):
         self.message = message
 
 
+class _Run:
+    """One claimed job in flight: its own stop request, checked at its own stage boundaries."""
+
+    def __init__(self, worker: Worker, claim: Claim, timeout: float) -> None:
+        self.worker = worker
+        self.claim = claim
+        self.deadline = time.monotonic() + timeout
+        self.reason: tuple[str, str] | None = None
+        self.flag = threading.Event()
+
+    def request_stop(self, why: str, message: str) -> None:
+        self.reason = (why, message)
+        self.flag.set()
+
+    def checkpoint(self, stage: str) -> None:
+        """Called on the model thread between stages."""
+        self.worker.stage = stage
+        if self.flag.is_set() and self.reason is not None:
+            why, message = self.reason
+            raise StopJob(why, f"{message} (before {stage})")
+
+
 class Worker:
     def __init__(self, settings: Settings, queue: Queue, host: ModelHost) -> None:
         self.settings = settings
         self.queue = queue
         self.host = host
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.current: Claim | None = None
+        self.current: Claim | None = None  # the running job (a batch's first)
+        self.running: dict[int, _Run] = {}  # every running job, by id
         self.stage: str | None = None  # what the current job is doing, for `aip submit --wait`
+        self.batch = 1  # jobs claimed together at most: AIP_BATCH, resolved as the loop starts
+        self.batches: list[int] = []  # sizes of the batches run (more than one job), lately
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._job_done = asyncio.Event()
-        self._stop_reason: tuple[str, str] | None = None
-        self._stop_flag = threading.Event()
         self._hurry = asyncio.Event()  # a second stop signal: hand the job back now
         self._announced = False
         self._disk_strikes = 0  # writes refused by a full disk since the last job was saved
@@ -54,6 +79,12 @@ class Worker:
         self._claim_errors = 0
         self._claim_error_logged = float("-inf")
         self.prefetch = Prefetch(settings.data_dir, queue)
+
+    @property
+    def _stop_flag(self) -> threading.Event:
+        """The running job's stop request (a batch's first job), set once it must stop."""
+        run = self.running.get(self.current.job_id) if self.current is not None else None
+        return run.flag if run is not None else threading.Event()
 
     def notify(self) -> None:
         """A job was queued: stop sleeping (busy: decode the next job's image meanwhile)."""
@@ -64,10 +95,40 @@ class Worker:
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="aip-worker")
 
+    async def _resolve_batch(self) -> int:
+        setting = self.settings.batch
+        if setting != "auto":
+            return batching.check(int(setting))
+        try:
+            on_cpu = await self.host.on_cpu()
+        except Exception:  # no model runtime to ask: one job at a time is always sound
+            return 1
+        return batching.resolve("auto", on_cpu=on_cpu)
+
     async def run(self) -> None:
+        self.batch = await self._resolve_batch()
         following: Claim | None = None  # claimed in the commit that ended the last job
         claim: Claim | None
         while not self._stopping:
+            if following is None and self.batch > 1 and not self._pause_for_disk:
+                try:
+                    claims = await self.queue.claim_many(
+                        self.id, self.settings.lease_seconds, self.batch
+                    )
+                except DiskFull:
+                    self._disk_full()
+                    continue
+                except Exception:
+                    await self._claim_failed()
+                    continue
+                self._claim_errors = 0
+                if not claims:
+                    await self._sleep()
+                    continue
+                if len(claims) > 1:
+                    await self._run_batch(claims)
+                    continue
+                following = claims[0]
             if following is not None:
                 claim, following = following, None
             else:
@@ -97,6 +158,7 @@ class Worker:
                 log.exception("job %s: unexpected error while finishing it", claim.job_id)
             finally:
                 self.current = None
+                self.running.clear()
                 self._job_done.set()
         if following is not None:  # claimed as the stop began: back to its place, not run
             try:
@@ -107,8 +169,8 @@ class Worker:
     def _claim_next(self) -> ClaimNext | None:
         """What to claim in the commit that ends the running job: nothing once stopping or
         pausing for a full disk, else the next job, saving the separate claim's commit."""
-        if self._stopping or self._pause_for_disk:
-            return None
+        if self._stopping or self._pause_for_disk or self.batch > 1:
+            return None  # a batch worker claims its next jobs together, in one commit
         return ClaimNext(self.id, self.settings.lease_seconds)
 
     def _disk_full(self) -> None:
@@ -162,34 +224,14 @@ class Worker:
         """Run one claimed job to its end; returns the next job, claimed in the same commit
         that recorded this one's end (None: none was ready, or none was wanted)."""
         began = time.perf_counter()
-        timings: dict[str, float] = {
-            "queue_wait": max(claim.started_at - claim.created_at, 0) * 1000
-        }
-        self._stop_reason = None
-        self._stop_flag.clear()
-        deadline = time.monotonic() + self.settings.job_timeout_seconds
-        heartbeat = asyncio.create_task(self._heartbeat(claim, deadline))
+        run = self._start(claim)
+        timings = _waited(claim)
+        heartbeat = asyncio.create_task(self._heartbeat(run))
         models = self.host.identity()  # until infer() names the models that ran the job
         try:
-            params = JobParams.from_dict(claim.params)
-            self.stage = "decode"
-            decode_began = time.perf_counter()
-            try:
-                image, original_size = await self.prefetch.take(claim.image_path)
-            except FileNotFoundError:
-                raise JobFailure(
-                    "input_missing",
-                    f"the stored input {claim.image_path} is gone from the data directory",
-                    transient=False,
-                ) from None
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise JobFailure(
-                    "corrupt_image",
-                    f"the stored image could not be decoded: {exc}",
-                    transient=False,
-                ) from exc
-            timings["decode"] = (time.perf_counter() - decode_began) * 1000
+            image, original_size = await self._decode(claim, timings)
             self.prefetch.ahead()  # the next job's decode overlaps this one's inference
+            params = JobParams.from_dict(claim.params)
             analysis = await self.host.infer(
                 lambda detector, reasoner: analyse(
                     image,
@@ -198,18 +240,120 @@ class Worker:
                     reasoner,
                     detect_tokens=self.settings.detect_max_tokens,
                     reason_tokens=self.settings.reason_max_tokens,
-                    checkpoint=self._checkpoint,
+                    checkpoint=run.checkpoint,
                     original_size=original_size,
                 ),
                 served=models,  # the exact models that ran it, taken in the same step
             )
-            timings.update(analysis.timings)
-        except StopJob as stop:
-            return await self._stopped(claim, stop, timings, models)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            failure = classify(exc)
+            return await self._end(claim, exc, timings, models, began)
+        finally:
+            await _cancelled(heartbeat)
+        return await self._end(claim, analysis, timings, models, began)
+
+    async def _run_batch(self, claims: list[Claim]) -> None:
+        """Run claimed jobs as one batch: each decoded, then all of them in one model-thread
+        call (`analyse_many`), each with its own heartbeat, deadline, cancel and fenced end;
+        what stops or fails one job ends that job alone."""
+        self._job_done.clear()
+        self.current = claims[0]
+        try:
+            await self._run_claims(claims)
+        finally:
+            self.current = None
+            self.running.clear()
+            self._job_done.set()
+
+    async def _run_claims(self, claims: list[Claim]) -> None:
+        began = time.perf_counter()
+        runs = [self._start(claim) for claim in claims]
+        beats = [asyncio.create_task(self._heartbeat(run)) for run in runs]
+        timings = {claim.job_id: _waited(claim) for claim in claims}
+        models = self.host.identity()
+        outcomes: dict[int, Analysis | BaseException] = {}
+        try:
+            items: list[tuple[Claim, BatchItem]] = []
+            for run in runs:
+                claim = run.claim
+                try:
+                    image, size = await self._decode(claim, timings[claim.job_id])
+                    params = JobParams.from_dict(claim.params)
+                except Exception as exc:
+                    outcomes[claim.job_id] = exc
+                    continue
+                items.append((claim, BatchItem(image, params, run.checkpoint, size)))
+            self.prefetch.ahead()
+            if items:
+                self.batches = [*self.batches[-99:], len(items)]
+                try:
+                    done = await self.host.infer(
+                        lambda detector, reasoner: analyse_many(
+                            [item for _, item in items],
+                            detector,
+                            reasoner,
+                            detect_tokens=self.settings.detect_max_tokens,
+                            reason_tokens=self.settings.reason_max_tokens,
+                            reason_many=_reason_many(),
+                        ),
+                        served=models,
+                    )
+                except Exception as exc:  # the host itself (a model not available): every job
+                    done = [exc] * len(items)
+                outcomes.update(
+                    (claim.job_id, out) for (claim, _), out in zip(items, done, strict=True)
+                )
+        finally:
+            for beat in beats:
+                await _cancelled(beat)
+        for claim in claims:
+            try:
+                await self._end(claim, outcomes[claim.job_id], timings[claim.job_id], models, began)
+            except DiskFull:
+                await self._hand_back(claim)
+            except Exception:  # the loop must survive anything one job does
+                log.exception("job %s: unexpected error while finishing it", claim.job_id)
+
+    def _start(self, claim: Claim) -> _Run:
+        run = _Run(self, claim, self.settings.job_timeout_seconds)
+        self.running[claim.job_id] = run
+        return run
+
+    async def _decode(self, claim: Claim, timings: dict[str, float]) -> Decoded:
+        self.stage = "decode"
+        began = time.perf_counter()
+        try:
+            decoded = await self.prefetch.take(claim.image_path)
+        except FileNotFoundError:
+            raise JobFailure(
+                "input_missing",
+                f"the stored input {claim.image_path} is gone from the data directory",
+                transient=False,
+            ) from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise JobFailure(
+                "corrupt_image",
+                f"the stored image could not be decoded: {exc}",
+                transient=False,
+            ) from exc
+        timings["decode"] = (time.perf_counter() - began) * 1000
+        return decoded
+
+    async def _end(
+        self,
+        claim: Claim,
+        result: Analysis | BaseException,
+        timings: dict[str, float],
+        models: dict[str, Any],
+        began: float,
+    ) -> Claim | None:
+        """Record how the attempt ended (fenced: a lost lease writes nothing); returns the job
+        claimed in the same commit, if any."""
+        if isinstance(result, StopJob):
+            return await self._stopped(claim, result, timings, models)
+        if isinstance(result, BaseException):
+            failure = classify(result)
             retry_in = (
                 backoff_seconds(claim.round_attempt, base=self.settings.retry_base_seconds)
                 if failure.transient
@@ -232,12 +376,9 @@ class Worker:
                 status or "lease lost",
             )
             return following
-        finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+        timings.update(result.timings)
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
-        outcome = Outcome(analysis.detections, analysis.reasoning, timings, models)
+        outcome = Outcome(result.detections, result.reasoning, timings, models)
         self.stage = "persist"
         done, following = await self.queue.complete(claim, outcome, claim_next=self._claim_next())
         if done:
@@ -245,35 +386,26 @@ class Worker:
             log.info(
                 "job %s succeeded: %d detections in %.0f ms",
                 claim.job_id,
-                len(analysis.detections),
+                len(result.detections),
                 timings["total"] - timings["queue_wait"],
             )
         else:
             log.warning("job %s: lease lost before completion; result discarded", claim.job_id)
         return following
 
-    def _checkpoint(self, stage: str) -> None:
-        """Called on the model thread between stages."""
-        self.stage = stage
-        if self._stop_flag.is_set() and self._stop_reason is not None:
-            why, message = self._stop_reason
-            raise StopJob(why, f"{message} (before {stage})")
-
     def cancel(self, job_id: int) -> None:
-        """Stop the running job at its next stage boundary, if it is this one."""
-        if self.current is not None and self.current.job_id == job_id:
-            self._request_stop("cancelled", "cancelled while running")
+        """Stop a running job at its next stage boundary, if this worker runs it."""
+        run = self.running.get(job_id)
+        if run is not None:
+            run.request_stop("cancelled", "cancelled while running")
 
-    def _request_stop(self, why: str, message: str) -> None:
-        self._stop_reason = (why, message)
-        self._stop_flag.set()
-
-    async def _heartbeat(self, claim: Claim, deadline: float) -> None:
+    async def _heartbeat(self, run: _Run) -> None:
+        claim = run.claim
         interval = max(self.settings.lease_seconds / 3, 0.05)
         while True:
-            await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0.01)))
-            if time.monotonic() >= deadline:
-                self._request_stop(
+            await asyncio.sleep(min(interval, max(run.deadline - time.monotonic(), 0.01)))
+            if time.monotonic() >= run.deadline:
+                run.request_stop(
                     "timeout", f"timed out after {self.settings.job_timeout_seconds:g} s"
                 )
             try:
@@ -284,10 +416,10 @@ class Worker:
                 log.exception("job %s: heartbeat failed", claim.job_id)
                 continue
             if not beat.owned:
-                self._request_stop("lease_lost", "the lease was lost")
+                run.request_stop("lease_lost", "the lease was lost")
                 return
             if beat.cancel_requested:
-                self._request_stop("cancelled", "cancelled while running")
+                run.request_stop("cancelled", "cancelled while running")
 
     async def _stopped(
         self, claim: Claim, stop: StopJob, timings: dict[str, float], models: dict[str, Any]
@@ -329,6 +461,19 @@ class Worker:
                 self.current.job_id,
             )
 
+    async def _give_back(self, claim: Claim) -> None:
+        try:
+            await self.queue.release(claim)
+        except DiskFull:
+            log.warning("job %s could not be handed back: the disk is full", claim.job_id)
+        else:
+            log.warning(
+                "job %s handed back to the queue unfinished (attempt %s not counted); "
+                "the next start runs it first",
+                claim.job_id,
+                claim.attempt,
+            )
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop claiming; give the running job `grace` seconds to finish (less, if
         `stop_signalled(again=True)` comes), then stop it at its next stage boundary and hand
@@ -347,21 +492,30 @@ class Worker:
             for wait in waits:
                 wait.cancel()
             if self.current is claim:
-                self._request_stop("shutdown", "the service is shutting down")
-                # The model call may be mid-inference and cannot be interrupted; give the
-                # lease back now so the job is not left to wait for lease expiry.
-                try:
-                    await self.queue.release(claim)
-                except DiskFull:
-                    log.warning("job %s could not be handed back: the disk is full", claim.job_id)
-                else:
-                    log.warning(
-                        "job %s handed back to the queue unfinished (attempt %s not counted); "
-                        "the next start runs it first",
-                        claim.job_id,
-                        claim.attempt,
-                    )
+                # The model call may be mid-inference and cannot be interrupted; give every
+                # running job's lease back now so none is left to wait for lease expiry.
+                for run in list(self.running.values()):
+                    run.request_stop("shutdown", "the service is shutting down")
+                    await self._give_back(run.claim)
                 self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self.prefetch.close()
+
+
+def _waited(claim: Claim) -> dict[str, float]:
+    return {"queue_wait": max(claim.started_at - claim.created_at, 0) * 1000}
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _reason_many() -> ReasonMany:
+    """The model runtimes' batched reasoning (imported on the model thread's first batch, so
+    this module stays free of mlx)."""
+    from service.models.gemma_batch import reason_many
+
+    return reason_many

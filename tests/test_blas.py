@@ -108,6 +108,17 @@ def test_mkl_serves_mlx_gemm_as_the_linker_binds_it_with_numpys_result(setting: 
 
 
 @linux_x86
+def test_auto_falls_back_to_the_bundled_blas_when_mkl_fails_to_load() -> None:
+    done = run_python(GEMM, "auto", MKL_THREADING_LAYER="bogus", LD_DEBUG="bindings")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["state"]["blas"] == "bundled"
+    assert "MKL did not load" in report["state"]["reason"] and "BOGUS" in report["state"]["reason"]
+    assert Path(linker_binding(done.stderr)).parent.name == "mlx_cpu.libs"
+    assert report["error"] < 1e-3
+
+
+@linux_x86
 def test_bundled_leaves_mlx_on_the_reference_blas_it_ships() -> None:
     done = run_python(GEMM, "bundled", LD_DEBUG="bindings")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -274,6 +274,7 @@ def test_a_kill_inside_complete_and_claim_leaves_both_or_neither(
 def test_the_worker_claims_each_next_job_in_the_commit_that_ends_the_last(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    settings = settings.replace(batch=1)  # one job at a time: the next is claimed on the end
     service = serve(settings)
     gate = gate_detector(service, monkeypatch)
     first = service.submit(queries="car").json()["id"]
@@ -295,6 +296,7 @@ def test_the_worker_claims_each_next_job_in_the_commit_that_ends_the_last(
 def test_a_job_claimed_as_the_worker_stops_goes_back_unrun(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    settings = settings.replace(batch=1)  # one job at a time: the next is claimed on the end
     service = serve(settings)
     gate = gate_detector(service, monkeypatch)
     first = service.submit(queries="car").json()["id"]

@@ -111,6 +111,22 @@ class Attempt(Body):
     error: ErrorBody | None
 
 
+class FollowUpLinks(Body):
+    self: str
+
+
+class FollowUp(Body):
+    n: int = Field(description="1-based, per job, in the order asked")
+    question: str
+    answer: str | None = Field(description="null until it is answered")
+    status: Literal["queued", "running", "succeeded", "failed"]
+    created_at: str
+    finished_at: str | None
+    timings_ms: dict[str, float] = Field(description="decode, reason, total")
+    error: ErrorBody | None = Field(description="why it failed; the job is unchanged")
+    links: FollowUpLinks
+
+
 class Job(Body):
     id: int
     status: Status
@@ -132,6 +148,7 @@ class Job(Body):
     attempt_history: list[Attempt] | None = Field(None, description="on a single job only")
     queue_position: int | None = Field(None, description="single job, queued: its place")
     stage: str | None = Field(None, description="single job, running: the stage it is in")
+    followups: list[FollowUp] | None = Field(None, description="questions asked since")
 
 
 class JobPage(Body):
@@ -228,6 +245,9 @@ class MlxMemory(Body):
 class ModelsReport(Body):
     budget_bytes: int | None = None
     held_bytes: int | None = None
+    prefix_cache_bytes: int | None = Field(
+        None, description="the reasoner's cached prompt prefixes; freed first under pressure"
+    )
     evict_idle: bool | None = None
     mlx: MlxMemory | None = Field(None, description="null until MLX is in use")
     roles: list[RoleState]

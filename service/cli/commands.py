@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from service import __version__, deploy
-from service.cli import history, inbox, jobs, models, serve
+from service.cli import followups, history, inbox, jobs, models, serve
 from service.client import ClientError
 
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.register(commands)
     jobs.register(commands)
+    followups.register(commands)
     history.register(commands)
     inbox.register(commands)
     models.register(commands)

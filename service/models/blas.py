@@ -160,7 +160,12 @@ def _decide(setting: str) -> State:
         return State(setting, "bundled", "the mkl wheel is not installed")
     if setting == "auto" and not _stock_cpu_wheel():
         return State(setting, "platform", "this mlx build is not the mlx[cpu] wheel: its own")
-    return _load_mkl(setting)
+    try:
+        return _load_mkl(setting)
+    except BlasUnavailable as exc:
+        if setting == "mkl":
+            raise
+        return State(setting, "bundled", f"MKL did not load, so the bundled BLAS serves: {exc}")
 
 
 def configure(setting: str | None = None) -> State:

@@ -1,14 +1,88 @@
-"""The reasoner runtime: Gemma 4 through mlx-vlm, one image and one prompt in, text out."""
+"""The reasoner runtime: Gemma 4 through mlx-vlm, one image and one prompt in, text out; and
+follow-up questions on a reasoning it did, reusing that prompt's prefilled KV cache."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from PIL import Image
 
 from service.models import mlx_runtime
+
+# The prompt keys of mlx-vlm's prepared inputs that run along the sequence.
+_PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class _Prefix:
+    """A prompt's KV cache after all its tokens but the last: the image, the detections, the
+    question. Never written to: each use continues from a copy."""
+
+    token_ids: list[int]
+    cache: list[Any]
+    nbytes: int
+
+
+class PrefixCache:
+    """The prefilled prompt prefixes of recent reasonings, least recently used dropped first.
+    Its bytes are bounded by `max_bytes`, which the model host sets to what its memory budget
+    leaves beside the models (None: no bound but `max_entries`). Changed on the model thread
+    only; `nbytes` may be read from any thread."""
+
+    def __init__(self, max_bytes: int | None = None, max_entries: int = 16) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, _Prefix] = OrderedDict()
+        self._bytes = 0  # kept as a sum: read from other threads while entries change
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> _Prefix | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: _Prefix) -> None:
+        old = self._entries.pop(key, None)
+        self._bytes += entry.nbytes - (old.nbytes if old else 0)
+        self._entries[key] = entry
+        while len(self._entries) > self.max_entries:
+            self._bytes -= self._entries.popitem(last=False)[1].nbytes
+        self.shrink(self.max_bytes)
+
+    def shrink(self, to_bytes: int | None) -> int:
+        """Drop the oldest entries until at most `to_bytes` are held; returns bytes freed."""
+        freed = 0
+        if to_bytes is None:
+            return 0
+        while self._entries and self._bytes > max(to_bytes, 0):
+            _, entry = self._entries.popitem(last=False)
+            self._bytes -= entry.nbytes
+            freed += entry.nbytes
+        return freed
+
+    def clear(self) -> int:
+        return self.shrink(0)
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    token_ids: list[int]
+    cached_tokens: int  # prompt tokens not prefilled again: taken from a cached prefix
 
 
 class GemmaReasoner:
@@ -19,26 +93,164 @@ class GemmaReasoner:
         self.processor = processor
         self._specials = mlx_runtime.special_tokens(processor)
         self._lock = threading.Lock()
+        self.prefixes = PrefixCache()
 
     def reason(self, image: Image.Image, prompt: str, *, max_tokens: int = 64) -> str:
+        return self.generate(image, self.messages(prompt), max_tokens=max_tokens).text
+
+    def follow_up(
+        self, image: Image.Image, prompt: str, answer: str, question: str, *, max_tokens: int = 64
+    ) -> str:
+        """A further question on a reasoning done before over `image`: the model sees that
+        exchange (`prompt`, as `reason` was given it, and its `answer`), then `question`. The
+        earlier prompt's prefill is reused when it is still cached."""
+        return self.generate(
+            image, self.messages(prompt, answer, question), max_tokens=max_tokens
+        ).text
+
+    def messages(self, prompt: str, *turns: str) -> list[dict[str, Any]]:
+        """The chat: the image and `prompt` from the user, then model and user turns in turn."""
+        first = [{"type": "image"}, {"type": "text", "text": self._plain(prompt)}]
+        chat: list[dict[str, Any]] = [{"role": "user", "content": first}]
+        for n, text in enumerate(turns):
+            chat.append(
+                {"role": "assistant" if n % 2 == 0 else "user", "content": self._plain(text)}
+            )
+        return chat
+
+    def _plain(self, text: str) -> str:
+        return mlx_runtime.plain_text(text, self._specials)
+
+    def generate(
+        self, image: Image.Image, messages: list[dict[str, Any]], *, max_tokens: int
+    ) -> Generated:
+        """Greedy text for `messages` over `image`, exactly as mlx-vlm's `generate` gives it.
+        The prompt's first message (the image and the question) is prefilled once and kept:
+        a later chat that starts the same way continues from a copy of that cache."""
         from mlx_vlm import generate
+        from mlx_vlm.generate.common import PromptCacheState
         from mlx_vlm.prompt_utils import apply_chat_template
 
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        text = mlx_runtime.plain_text(prompt, self._specials)
-        formatted = apply_chat_template(self.processor, self.model.config, text, num_images=1)
         with self._lock:
+            first = cast(
+                str,
+                apply_chat_template(self.processor, self.model.config, messages[:1], num_images=1),
+            )
+            key = _key(rgb, first)
+            entry = self.prefixes.get(key)
+            prepared = None  # the first message's inputs, when they were prepared here
+            if entry is None:
+                self.prefixes.misses += 1
+                prepared = self._inputs(rgb, first)
+                entry = self._prefill(dict(prepared))
+                self.prefixes.put(key, entry)
+            else:
+                self.prefixes.hits += 1
+            if len(messages) == 1:
+                formatted, inputs = first, prepared or self._inputs(rgb, first)
+            else:
+                formatted = cast(
+                    str,
+                    apply_chat_template(self.processor, self.model.config, messages, num_images=1),
+                )
+                inputs = self._inputs(rgb, formatted)
+            state = PromptCacheState()
+            state.update(entry.token_ids, _copy(self.model, entry.cache))
             result = generate(
                 self.model,
                 self.processor,
-                cast(str, formatted),
-                image=cast(Any, [rgb]),  # typed as paths, but PIL images are accepted
+                formatted,
+                input_ids=inputs.pop("input_ids"),
+                pixel_values=inputs.pop("pixel_values"),
+                mask=inputs.pop("attention_mask"),
+                prompt_cache_state=state,
                 max_tokens=max_tokens,
                 temperature=0.0,  # explicit: the checkpoint's generation_config may ask to sample
                 skip_special_tokens=True,
                 verbose=False,
+                **inputs,
             )
-        return str(result.text)
+        return Generated(
+            str(result.text),
+            [int(t) for t in (result.token_ids or [])],
+            int(getattr(result, "cached_tokens", 0) or 0),
+        )
+
+    def _inputs(self, rgb: Image.Image, formatted: str) -> dict[str, Any]:
+        """mlx-vlm's prepared inputs for the prompt, as its `generate` prepares them."""
+        from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
+
+        return dict(
+            prepare_inputs(
+                self.processor,
+                images=[rgb],
+                prompts=formatted,
+                image_token_index=getattr(self.model.config, "image_token_index", None),
+                add_special_tokens=should_add_special_tokens(
+                    self.model.config.model_type, self.processor
+                ),
+            )
+        )
+
+    def _prefill(self, inputs: dict[str, Any]) -> _Prefix:
+        """Prefill every token of the first message's prepared `inputs` but the last (the
+        continuation needs one token to run), through mlx-vlm's own `generate_step` with no
+        token to generate, and keep the cache."""
+        import mlx.core as mx
+        from mlx_vlm.generate.ar import generate_step
+        from mlx_vlm.models.cache import make_prompt_cache
+
+        ids = inputs.pop("input_ids")
+        pixels = inputs.pop("pixel_values")
+        mask = inputs.pop("attention_mask")
+        keep = ids.shape[1] - 1
+        extra = {k: v[:, :keep] if k in _PER_TOKEN else v for k, v in inputs.items()}
+        cache = make_prompt_cache(self.model.language_model)
+        steps = generate_step(
+            ids[:, :keep],
+            self.model,
+            pixels,
+            None if mask is None else mask[:, :keep],
+            max_tokens=0,
+            prompt_cache=cache,
+            temperature=0.0,
+            **extra,
+        )
+        for _ in steps:
+            pass
+        mx.eval([c.state for c in cache])
+        return _Prefix(ids[0, :keep].tolist(), cache, _cache_bytes(cache))
+
+
+def _key(rgb: Image.Image, first: str) -> str:
+    """The image's pixels and the first message's formatted text name a prefix."""
+    digest = hashlib.sha256(rgb.tobytes())
+    digest.update(f"{rgb.size}".encode())
+    digest.update(first.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _copy(model: Any, cache: list[Any]) -> list[Any]:
+    """A cache that continues from `cache` without writing into it: new arrays (MLX updates a
+    cache's array objects in place), the same offsets."""
+    import mlx.core as mx
+    from mlx_vlm.models.cache import make_prompt_cache
+
+    out = make_prompt_cache(model.language_model)
+    for fresh, kept in zip(out, cache, strict=True):
+        snapshot = kept.prefix_cache_snapshot()
+        state = tuple(None if a is None else mx.array(a) for a in snapshot["state"])
+        fresh.prefix_cache_restore({"state": state, "meta_state": snapshot["meta_state"]})
+    return out
+
+
+def _cache_bytes(cache: list[Any]) -> int:
+    total = 0
+    for entry in cache:
+        for array in entry.prefix_cache_snapshot()["state"] or ():
+            total += 0 if array is None else int(array.nbytes)
+    return total
 
 
 def load(path: Path) -> GemmaReasoner:

@@ -107,6 +107,7 @@ class ModelHost:
         return {
             "budget_bytes": self._budget,
             "held_bytes": sum(self.resident().values()),
+            "prefix_cache_bytes": self.cache_bytes(),
             "evict_idle": self.evict_idle,
             "mlx": loading.memory_if_imported(),
             "roles": self.describe(),
@@ -171,6 +172,8 @@ class ModelHost:
         state.loading, state.pending = target, slot
         state.state, state.error, state.phases = "loading", None, {}
         try:
+            # Cached prompt prefixes go before any model would: a load is the pressure.
+            await self.thread.run(lambda: self.fit_caches(0))
             prepared = await swap.prepare(self, role, target)
         except BaseException as exc:  # refused: the role stays as it was, with the reason
             self._settle(state, slot, before[0], exc)
@@ -218,6 +221,37 @@ class ModelHost:
         loading.let_go(lambda: setattr(state, "current", loaded), held)
         state.last = replace(loaded, runtime=None)  # a description only: holds no weights
         state.loads += 1
+        self.fit_caches()
+
+    # -- caches -------------------------------------------------------------------------------
+
+    def _caches(self) -> list[Any]:
+        return [
+            cache
+            for state in self.roles.values()
+            if state.current is not None
+            and (cache := getattr(state.current.runtime, "prefixes", None)) is not None
+        ]
+
+    def cache_bytes(self) -> int:
+        """What the runtimes' caches (the reasoner's prompt prefixes) hold now."""
+        return sum(int(cache.nbytes) for cache in self._caches())
+
+    def fit_caches(self, room: int | None = None) -> int:
+        """On the model thread: bound the caches to `room` bytes (None: what the budget leaves
+        beside the models, which stays their bound), dropping their oldest entries first;
+        returns the bytes freed."""
+        bound = room is None
+        if room is None and self._budget is not None:
+            room = max(self._budget - sum(self.resident().values()), 0)
+        freed = 0
+        for cache in self._caches():
+            if bound:
+                cache.max_bytes = room
+            freed += cache.shrink(room)
+        if freed:
+            loading.give_back_memory()
+        return freed
 
     def _settle(
         self,

@@ -253,6 +253,24 @@ class Queue:
         await self._write_hand_backs()
         return await self.write(lambda db: self._claim(db, owner, lease_seconds), group=True)
 
+    async def claim_many(self, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
+        """Up to `limit` runnable queued jobs, oldest first, taken in one transaction (each
+        claimed as `claim` takes one: its own attempt, lease and fence)."""
+        if limit < 1:
+            raise ValueError("claim at least one job")
+        await self._write_hand_backs()
+
+        def claim_up_to(db: sqlite3.Connection) -> list[Claim]:
+            claims: list[Claim] = []
+            while len(claims) < limit:
+                claim = self._claim(db, owner, lease_seconds)
+                if claim is None:
+                    break
+                claims.append(claim)
+            return claims
+
+        return await self.write(claim_up_to, group=True)
+
     def _claim(self, db: sqlite3.Connection, owner: str, lease_seconds: float) -> Claim | None:
         now = self._clock()  # read in the transaction: a long wait must not shorten the lease
         row = db.execute(

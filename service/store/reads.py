@@ -32,6 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from service.errors import InvalidInput, NotFound
+from service.store.followups import FOLLOWUP_COLUMNS
+from service.store.followups import view as followup_view
 from service.store.history import Cursor, JobFilter, after_cursor, sort_column
 from service.store.sqlite import BUSY_TIMEOUT_MS
 from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
@@ -135,9 +137,10 @@ def job_view(
     row: Sequence[Any],
     detections: Sequence[Sequence[Any]],
     attempts: Sequence[Any] | None = None,
+    followups: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """A job as the API shows it, from its `_views()` row, its detection rows (in order) and,
-    for a single job, its attempt rows."""
+    for a single job, its attempt rows; and its follow-up rows."""
     # _VIEW_COLUMNS, in order: unpacking is several times cheaper than `row.name` lookups.
     (
         job_id, status, source, source_path, attempts_so_far, max_attempts, cancel_requested,
@@ -193,6 +196,8 @@ def job_view(
             }
             for a in attempts
         ]
+    if followups is not None:
+        view["followups"] = [followup_view(job_id, f) for f in followups]
     return view
 
 
@@ -229,7 +234,11 @@ _QUEUE_POSITION = text(
 )
 
 T = TypeVar("T")
-JobRows = tuple[Any, Sequence[Any], Sequence[Any]]  # view row, detections, attempts
+JobRows = tuple[Any, Sequence[Any], Sequence[Any], Sequence[Any]]  # + attempts, follow-ups
+_ITS_FOLLOWUPS = text(f"SELECT {FOLLOWUP_COLUMNS} FROM followups WHERE job_id = :id ORDER BY n")
+_THEIR_FOLLOWUPS = text(
+    f"SELECT job_id, {FOLLOWUP_COLUMNS} FROM followups WHERE job_id IN :ids ORDER BY job_id, n"
+).bindparams(bindparam("ids", expanding=True))
 READ_THREADS = 4
 
 
@@ -280,7 +289,8 @@ def _job_rows(conn: Connection, job_id: int) -> JobRows:
     if row is None:
         raise NotFound(f"job {job_id} does not exist", code="job_not_found")
     detections = conn.execute(_ITS_DETECTIONS, {"id": job_id}).all() if row.result_of else ()
-    return row, detections, conn.execute(_ITS_ATTEMPTS, {"id": job_id}).all()
+    attempts = conn.execute(_ITS_ATTEMPTS, {"id": job_id}).all()
+    return row, detections, attempts, conn.execute(_ITS_FOLLOWUPS, {"id": job_id}).all()
 
 
 class Reads:
@@ -294,8 +304,8 @@ class Reads:
 
     @staticmethod
     async def _job_and_image(reader: Reader, job_id: int) -> JobRows:
-        """The job's view row (job, image, result), its detections and its attempts: one
-        read, one snapshot."""
+        """The job's view row (job, image, result), its detections, its attempts and its
+        follow-ups: one read, one snapshot."""
         return await reader.run(partial(_job_rows, job_id=job_id))
 
     async def job(self, job_id: int) -> dict[str, Any]:
@@ -374,7 +384,11 @@ class Reads:
                 next_cursor = Cursor(sort, float(last_key or 0), int(last.id)).encode()
             # Built on the read thread too: a page of 200 views is milliseconds of Python
             # the event loop need not spend.
-            jobs = [job_view(row, detections.get(row.id, ())) for row in rows]
+            asked: dict[int, list[Any]] = {row.id: [] for row in rows}
+            if asked:
+                for f in conn.execute(_THEIR_FOLLOWUPS, {"ids": list(asked)}):
+                    asked[f[0]].append(f[1:])
+            jobs = [job_view(row, detections.get(row.id, ()), None, asked[row.id]) for row in rows]
             return {"jobs": jobs, "next_cursor": next_cursor}
 
         return await self._reader.run(read)
