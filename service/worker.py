@@ -44,6 +44,7 @@ class _Run:
         self.deadline = time.monotonic() + timeout
         self.reason: tuple[str, str] | None = None
         self.flag = threading.Event()
+        self.stage: str | None = None  # its own (a batch's jobs move through stages apart)
 
     def request_stop(self, why: str, message: str) -> None:
         self.reason = (why, message)
@@ -51,7 +52,7 @@ class _Run:
 
     def checkpoint(self, stage: str) -> None:
         """Called on the model thread between stages."""
-        self.worker.stage = stage
+        self.stage = self.worker.stage = stage
         if self.flag.is_set() and self.reason is not None:
             why, message = self.reason
             raise StopJob(why, f"{message} (before {stage})")
@@ -85,6 +86,17 @@ class Worker:
         """The running job's stop request (a batch's first job), set once it must stop."""
         run = self.running.get(self.current.job_id) if self.current is not None else None
         return run.flag if run is not None else threading.Event()
+
+    def stage_of(self, job_id: int) -> str | None:
+        """What a job this worker runs is doing; None when it does not run here."""
+        run = self.running.get(job_id)
+        return run.stage if run is not None else None
+
+    def _set_stage(self, claim: Claim, stage: str) -> None:
+        self.stage = stage
+        run = self.running.get(claim.job_id)
+        if run is not None:
+            run.stage = stage
 
     def notify(self) -> None:
         """A job was queued: stop sleeping (busy: decode the next job's image meanwhile)."""
@@ -321,7 +333,7 @@ class Worker:
         return run
 
     async def _decode(self, claim: Claim, timings: dict[str, float]) -> Decoded:
-        self.stage = "decode"
+        self._set_stage(claim, "decode")
         began = time.perf_counter()
         try:
             decoded = await self.prefetch.take(claim.image_path)
@@ -379,7 +391,7 @@ class Worker:
         timings.update(result.timings)
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
         outcome = Outcome(result.detections, result.reasoning, timings, models)
-        self.stage = "persist"
+        self._set_stage(claim, "persist")
         done, following = await self.queue.complete(claim, outcome, claim_next=self._claim_next())
         if done:
             self._disk_strikes = 0

@@ -317,6 +317,8 @@ def test_batched_jobs_keep_their_leases_and_are_cancelled_one_by_one(
         ).fetchall()
     now = time.time()
     assert all(status == "running" and until > now for status, until in leases)
+    shown = [service.client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+    assert all(job["status"] == "running" and job["stage"] for job in shown)  # each its own
     assert service.client.post(f"/v1/jobs/{ids[1]}/cancel").status_code == 202
     holds.second.set()
     jobs = [service.wait(job_id) for job_id in ids]

@@ -292,10 +292,9 @@ async def show_job(request: Request, job_id: JobId) -> Response:
     svc = services(request)
     view = await svc.reads.job(job_id)
     # Progress for a waiting client: its place in the queue, then the stage it is in.
-    queued, current = view["status"] == "queued", svc.worker.current
+    queued, running = view["status"] == "queued", view["status"] == "running"
     view["queue_position"] = await svc.reads.queue_position(job_id) if queued else None
-    running_here = view["status"] == "running" and current is not None and current.job_id == job_id
-    view["stage"] = svc.worker.stage if running_here else None
+    view["stage"] = svc.worker.stage_of(job_id) if running else None
     return typed(Job, view)
 
 
