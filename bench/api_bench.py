@@ -149,10 +149,19 @@ def _saturated_rows(quick: bool) -> list[Row]:
             unit="ms",
             at_most=3.0,
             note=f"p50 busy/idle {percentile(samples['busy'], 50):.1f}/"
-            f"{percentile(samples['idle'], 50):.1f} ms; {busy_note}",
+            f"{percentile(samples['idle'], 50):.1f} ms; {busy_note}; {SATURATED_FINDING}",
         )
         for name, samples in (("GET /v1/jobs/{id}", gets), ("POST /v1/jobs", post))
     ]
+
+
+# Not profiled yet: the quick run before the CPU BLAS change measured POST p99 busy/idle 2.05.
+SATURATED_FINDING = (
+    "not profiled: the worker's matmuls now run on MKL threads across every core, so a running "
+    "job takes the cores the event loop and this benchmark's client share (the quick run "
+    "before MKL measured 2.05 for POST); to try: MKL_NUM_THREADS below the core count on "
+    "small machines, which trades model speed for request latency"
+)
 
 
 def run(quick: bool) -> list[Row]:

@@ -33,12 +33,16 @@ PARAMS = {"queries": ["car"], "prompt": "Describe.", "options": {}}
 # The 32-submitter row's profile runs in the service's process, so it is not taken live; this
 # one was taken with pyinstrument on 2026-11-28, after group commit landed.
 HTTP_FINDING = (
-    "profile (pyinstrument, service process, with group commit): Queue.enqueue is under 2% "
-    "of the event loop (one hop to the writer thread; submissions waiting together share a "
-    "COMMIT: 640 enqueues from 32 tasks took 20); ~45% is reading the job back for the 202 "
-    "body (Reads.job: SQLAlchemy async session, 4 queries via greenlet), ~5% multipart "
-    "parsing, the rest middleware and framework. Closing it: answer the 202 from what "
-    "enqueue already knows instead of reading the job back"
+    "profile (pyinstrument, service process, with group commit and Core reads): our submit "
+    "route is ~17% of the event loop: the multipart form ~27% of it, reading the job back for "
+    "the 202 body (one read-thread hop) ~21%, Queue.enqueue ~12% (submissions waiting "
+    "together share a COMMIT), pydantic ~7%; the other ~83% of the loop is uvicorn/h11, "
+    "middleware and framework per request, and the client shares the 2 cores. Huey's rate is "
+    "an in-process function call with no HTTP; 2x it over HTTP is over a thousand requests/s, "
+    "while a bare Starlette JSON route on the same uvicorn serves ~170/s with 32 clients on "
+    "these 2 cores (api rows): no route could meet it here. Closing more: "
+    "the 202 built from what enqueue knows (no read-back), a JSON submit path without "
+    "multipart, fewer middleware layers"
 )
 
 

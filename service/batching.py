@@ -14,10 +14,10 @@ MAX_BATCH = 32
 CANDIDATES = (1, 2, 4, 8)
 # On a GPU, decode is bound by per-step overhead, so a batch of 8 costs about what one does.
 GPU_DEFAULT = 8
-# On a CPU, measured (bench/batch_bench.py, `small` checkpoints, 2 cores): a burst of 8 jobs ran
-# at 1.57x the jobs/s of one at a time in batches of 2, 1.56x in 4s, 1.31x in 8s. Still 1 here:
-# the worker's look-ahead decodes one queued image, not a batch's worth, so a batch's later
-# jobs decode on claim; raise it once the look-ahead fills a batch.
+# On a CPU, measured (bench/batch_bench.py, `small` checkpoints, 2 cores, full run on a quiet
+# machine): a burst of 8 jobs ran at 1.03x the jobs/s of one at a time in batches of 2, 0.94x
+# in 4s, 1.04x in 8s (a loaded machine once showed 1.57x at 2): the matmuls already use every
+# core through the BLAS, so rows buy nothing that pays for a batch's wait and memory.
 CPU_DEFAULT = 1
 # A larger batch must buy this much throughput over the next smaller one to be worth its
 # extra memory and the wait its first job has for the last.
