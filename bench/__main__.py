@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "machine": described,
     }
-    about = (
-        f"{header['date']}, {header['mode']} run; "
-        + "; ".join(f"{k} {v}" for k, v in described.items() if v is not None)
+    about = f"{header['date']}, {header['mode']} run; " + "; ".join(
+        f"{k} {v}" for k, v in described.items() if v is not None
     )
     print(f"\n{about}\n")
     print(text(sections))

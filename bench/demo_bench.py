@@ -130,8 +130,7 @@ def run(quick: bool) -> list[Row]:
             first_base[0],
             unit="s",
             at_most=10,
-            note="baseline: a bare process importing service.app and mlx_vlm; target proposed "
-            "here",
+            note="baseline: a bare process importing service.app and mlx_vlm; target proposed here",
         ),
         compare(
             "aip serve --demo, second start to healthy",

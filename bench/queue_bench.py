@@ -40,9 +40,12 @@ HTTP_FINDING = (
     "middleware and framework per request, and the client shares the 2 cores. Huey's rate is "
     "an in-process function call with no HTTP; 2x it over HTTP is over a thousand requests/s, "
     "while a bare Starlette JSON route on the same uvicorn serves ~170/s with 32 clients on "
-    "these 2 cores (api rows): no route could meet it here. Closing more: "
-    "the 202 built from what enqueue knows (no read-back), a JSON submit path without "
-    "multipart, fewer middleware layers"
+    "these 2 cores (api rows): no route could meet it here. The read-back stays: enqueue "
+    "returns (job id, created), and the body equal to GET also needs the commit's "
+    "created_at and the stored image row (an image seen before keeps its first EXIF and "
+    "capture time), so building it without the read means enqueue returning those, a "
+    "change to its (id, created) contract. Closing more: that, a JSON submit path "
+    "without multipart, fewer middleware layers"
 )
 
 

@@ -1,6 +1,7 @@
 -- Follow-up questions on a succeeded job: asked over the API, answered by the reasoner over
 -- the job's image and its earlier exchange, kept with the job. Their text joins the job's
--- full-text row, so history search finds a job by what was asked about it later.
+-- full-text row, so history search finds a job by what was asked about it later. A job holds
+-- at most 100 (the service refuses more), so the triggers' group_concat stays small.
 
 CREATE TABLE followups (
     job_id         INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
@@ -13,6 +14,7 @@ CREATE TABLE followups (
     error_code     TEXT,
     error_message  TEXT,
     timings        TEXT,                -- JSON: milliseconds per stage
+    reasoner       TEXT,                -- JSON: the model that answered, as jobs.models has it
     created_at     REAL NOT NULL,
     started_at     REAL,
     finished_at    REAL,

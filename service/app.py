@@ -268,7 +268,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             reads = Reads(read_engine(settings.database))
             if await followup_store.recover(queue):
                 log.warning("follow-up questions interrupted by the last stop are queued again")
-            asked = app.state.followups = FollowUps(settings, queue, models)
+            asked = app.state.followups = FollowUps(settings, queue, models, reads)
             asked.start()
             worker = Worker(settings, queue, models)
             watcher = None
@@ -311,6 +311,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 watcher.start()
                 log.info("watching %s for images", watcher.root)
             yield
+            asked.stop_claiming()  # at once: the grace is for the running job and follow-up
             try:
                 if watcher is not None:
                     await watcher.stop()

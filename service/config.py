@@ -105,6 +105,20 @@ def _count(value: str) -> int:
     return number
 
 
+# Neither model's answer comes near this; a bigger limit is a typo, not a wish.
+MAX_GENERATED_TOKENS = 32768
+
+
+def _token_limit(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_GENERATED_TOKENS:
+        raise ValueError(f"use a whole number from 1 to {MAX_GENERATED_TOKENS}")
+    return number
+
+
 def _keep_alive(value: str) -> float | None:
     if value.strip().lower() == "pinned":
         return None
@@ -161,8 +175,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_MAX_UPLOAD_BYTES": ("max_upload_bytes", _bytes),
     "AIP_MAX_PIXELS": ("max_pixels", _number(int)),
     "AIP_MAX_ATTEMPTS": ("max_attempts", _number(int)),
-    "AIP_DETECT_MAX_TOKENS": ("detect_max_tokens", _count),
-    "AIP_REASON_MAX_TOKENS": ("reason_max_tokens", _count),
+    "AIP_DETECT_MAX_TOKENS": ("detect_max_tokens", _token_limit),
+    "AIP_REASON_MAX_TOKENS": ("reason_max_tokens", _token_limit),
     "AIP_LEASE_SECONDS": ("lease_seconds", _number(float)),
     "AIP_JOB_TIMEOUT": ("job_timeout_seconds", _number(float)),
     "AIP_SHUTDOWN_GRACE": ("shutdown_grace_seconds", _number(float)),
@@ -239,8 +253,10 @@ class Settings:
         if self.retention is not None:
             parse_age(self.retention)  # a bad policy stops start-up before anything runs
         for name in ("detect_max_tokens", "reason_max_tokens"):
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be 1 or more, not {getattr(self, name)!r}")
+            if not 1 <= getattr(self, name) <= MAX_GENERATED_TOKENS:
+                raise ValueError(
+                    f"{name} must be from 1 to {MAX_GENERATED_TOKENS}, not {getattr(self, name)!r}"
+                )
 
     @property
     def database(self) -> Path:

@@ -104,8 +104,7 @@ def _read_regular(raw: str, fd: int, max_bytes: int) -> bytes:
         )
     if info.st_size > max_bytes:
         raise PayloadTooLarge(
-            f"the file is {info.st_size:,} bytes; the limit is {max_bytes:,} "
-            "(AIP_MAX_UPLOAD_BYTES)"
+            f"the file is {info.st_size:,} bytes; the limit is {max_bytes:,} (AIP_MAX_UPLOAD_BYTES)"
         )
     os.set_blocking(fd, True)
     chunks, size = [], 0
@@ -131,8 +130,7 @@ def _walk(raw: str, root: Path, parts: tuple[str, ...], max_bytes: int) -> bytes
             dir_fd = stack.enter_context(_opened(root.expanduser().resolve(), _DIR_FLAGS))
         except (OSError, RuntimeError) as exc:
             raise NotFound(
-                f"the allowed folder {root} cannot be opened ({exc}); create it or fix "
-                f"{_SETTING}",
+                f"the allowed folder {root} cannot be opened ({exc}); create it or fix {_SETTING}",
                 code="file_not_found",
             ) from None
         for index, name in enumerate(parts):

@@ -21,8 +21,13 @@ from service.pipeline import JobParams, reasoning_prompt
 from service.policy import classify
 from service.store import followups as store
 from service.store.queue import Queue
+from service.store.reads import Reads
 
 log = logging.getLogger("aip.followups")
+
+# Questions come through /ask, which wakes the loop, or are left queued by a stop, which the
+# first pass finds: this slow look is only a backstop.
+IDLE_POLL_SECONDS = 30.0
 
 
 def job_prompt(ask: store.Ask, size: tuple[int, int]) -> str:
@@ -46,50 +51,92 @@ def answer(
 
 
 class FollowUps:
-    def __init__(self, settings: Settings, queue: Queue, host: ModelHost) -> None:
+    """The loop, and the one event its waiters watch: set when a follow-up ends."""
+
+    def __init__(self, settings: Settings, queue: Queue, host: ModelHost, reads: Reads) -> None:
         self.settings = settings
         self.queue = queue
         self.host = host
+        self.reads = reads
         self.current: tuple[int, int] | None = None  # (job id, n) being answered
         self._wake = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._stopping = False
+        self._deadline = 0.0  # monotonic: when a follow-up still running is put back
         self._task: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
+        """A question was stored: look for it now."""
         self._wake.set()
+
+    def ended(self) -> asyncio.Event:
+        """Set once the next follow-up ends (answered, failed, or put back at a stop): take
+        it before reading a follow-up's state, then wait on it, and no end is missed."""
+        return self._ended
+
+    def _announce_end(self) -> None:
+        ended, self._ended = self._ended, asyncio.Event()
+        ended.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="aip-followups")
 
+    def stop_claiming(self, grace: float | None = None) -> None:
+        """Shutdown began: claim nothing more; a follow-up being answered has `grace` seconds
+        (the shutdown grace by default) before `stop` puts it back."""
+        if not self._stopping:
+            grace = self.settings.shutdown_grace_seconds if grace is None else grace
+            self._deadline = time.monotonic() + grace
+            self._stopping = True
+        self._wake.set()
+
     async def stop(self) -> None:
-        """Stop at once: a follow-up being answered stays `running` in the store and is
-        queued again at the next start."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop: a follow-up still being answered when the grace ends is queued again (never
+        left `running`), and answered at the next start."""
+        self.stop_claiming()
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            left = max(self._deadline - time.monotonic(), 0.0)
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=left)
+        if self._task.done():
+            return
+        running = self.current
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if running is not None:
+            await store.release(self.queue, *running)
+            log.warning("follow-up %s/%s put back: answered at the next start", *running)
+            self._announce_end()
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             if not self.host.ready:  # loading at start: the questions wait in the store
-                await self._sleep(0.2)
+                await asyncio.sleep(0.2)
                 continue
+            # Cleared before looking: a question stored from here on wakes the sleep below.
+            self._wake.clear()
             try:
-                ask = await store.claim(self.queue)
+                # A read first: an idle service takes no write transaction to find nothing.
+                ask = await store.claim(self.queue) if await self.reads.run(store.pending) else None
             except Exception:
                 log.exception("claiming a follow-up failed")
                 await self._sleep(1.0)
                 continue
             if ask is None:
-                await self._sleep(self.settings.poll_interval_seconds)
+                await self._sleep(IDLE_POLL_SECONDS)
                 continue
             self.current = (ask.job_id, ask.n)
             try:
                 await self.answer(ask)
             finally:
                 self.current = None
+            self._announce_end()
 
     async def answer(self, ask: store.Ask) -> None:
         timings: dict[str, float] = {}
+        served: dict[str, Any] = {}
         began = time.perf_counter()
         try:
             try:
@@ -108,7 +155,8 @@ class FollowUps:
             text = await self.host.infer(
                 lambda _detector, reasoner: answer(
                     reasoner, image, prompt, ask.reasoning, ask.question, ask.max_tokens
-                )
+                ),
+                served=served,
             )
             timings["reason"] = (time.perf_counter() - reasoned) * 1000
         except asyncio.CancelledError:
@@ -118,13 +166,20 @@ class FollowUps:
             log.warning(
                 "follow-up %s/%s failed (%s: %s)", ask.job_id, ask.n, failure.code, failure.message
             )
-            await store.fail(self.queue, ask.job_id, ask.n, failure.code, failure.message, timings)
+            await store.fail(
+                self.queue,
+                ask.job_id,
+                ask.n,
+                failure.code,
+                failure.message,
+                timings,
+                served.get("reasoner"),
+            )
             return
         timings["total"] = (time.perf_counter() - began) * 1000
-        await store.finish(self.queue, ask.job_id, ask.n, text, timings)
+        await store.finish(self.queue, ask.job_id, ask.n, text, timings, served.get("reasoner"))
         log.info("follow-up %s/%s answered in %.0f ms", ask.job_id, ask.n, timings["total"])
 
     async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.01))

@@ -280,7 +280,7 @@ class Worker:
 
     async def _run_claims(self, claims: list[Claim]) -> None:
         began = time.perf_counter()
-        runs = [self._start(claim) for claim in claims]
+        runs = [self._start(claim, len(claims)) for claim in claims]
         beats = [asyncio.create_task(self._heartbeat(run)) for run in runs]
         timings = {claim.job_id: _waited(claim) for claim in claims}
         models = self.host.identity()
@@ -327,8 +327,10 @@ class Worker:
             except Exception:  # the loop must survive anything one job does
                 log.exception("job %s: unexpected error while finishing it", claim.job_id)
 
-    def _start(self, claim: Claim) -> _Run:
-        run = _Run(self, claim, self.settings.job_timeout_seconds)
+    def _start(self, claim: Claim, batch: int = 1) -> _Run:
+        # A batch's jobs decode and detect one after another, then reason together, so each
+        # job's clock allows for the others' work: the batch's jobs share their time.
+        run = _Run(self, claim, self.settings.job_timeout_seconds * batch)
         self.running[claim.job_id] = run
         return run
 
@@ -466,11 +468,14 @@ class Worker:
 
     def _announce(self) -> None:
         self._announced = True
-        if self.current is not None:
+        ids = sorted(self.running) or ([self.current.job_id] if self.current else [])
+        if ids:
+            jobs = f"job {ids[0]}" if len(ids) == 1 else "jobs " + ", ".join(map(str, ids))
             log.info(
-                "waiting up to %g s for job %s to finish (Ctrl-C again to hand it back now)",
+                "waiting up to %g s for %s to finish (Ctrl-C again to hand %s back now)",
                 self.settings.shutdown_grace_seconds,
-                self.current.job_id,
+                jobs,
+                "it" if len(ids) == 1 else "them",
             )
 
     async def _give_back(self, claim: Claim) -> None:

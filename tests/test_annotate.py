@@ -44,9 +44,7 @@ def test_three_detections_with_the_same_box_get_three_separate_tags(
 
 
 def test_a_lone_tag_sits_just_above_its_box() -> None:
-    assert label_layout([(100, 100, 300, 200)], [(90, 20)], (640, 480)) == [
-        (100, 80, 190, 100)
-    ]
+    assert label_layout([(100, 100, 300, 200)], [(90, 20)], (640, 480)) == [(100, 80, 190, 100)]
 
 
 def test_many_partly_overlapping_boxes_never_share_a_tag_spot() -> None:

@@ -349,3 +349,32 @@ def test_batched_jobs_time_out_each_on_its_own_clock(
     assert [j["status"] for j in jobs] == ["failed", "failed"]
     assert all(j["error"]["code"] == "timeout" for j in jobs)
     assert worker.batches[-1] == 2
+
+
+def test_a_batched_job_has_time_for_the_jobs_it_waits_on(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = serve(settings.replace(batch=4, max_attempts=1))
+    worker = service.services.worker
+    first = threading.Event()
+    calls: list[int] = []
+
+    def hold() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            return first.wait(timeout=60)
+        time.sleep(0.5)  # each batched job's detection: 1.5 s for the three, one at a time
+        return True
+
+    gate = gate_detector(service, monkeypatch, hold=hold)
+    service.submit(queries="car")
+    assert gate.inside.wait(timeout=60)
+    # Each job's own work fits in 1 s; the three together do not.
+    monkeypatch.setattr(worker, "settings", worker.settings.replace(job_timeout_seconds=1.0))
+    ids = [
+        service.submit(make_image(color=(i, 50, 9)), queries="car").json()["id"] for i in (1, 2, 3)
+    ]
+    first.set()
+    jobs = [service.wait(job_id) for job_id in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3, [j.get("error") for j in jobs]
+    assert worker.batches[-1] == 3

@@ -364,10 +364,14 @@ def _before_main(code: int, output: str) -> bool:
         return True
     ours = Path(__file__).resolve().parents[1] / "service"
     frames = re.findall(r'File "([^"]+)", line \d+, in (\S+)', output)
-    return code == -signal.SIGINT and output.rstrip().endswith("KeyboardInterrupt") and all(
-        name == "<module>" and Path(file).name == "__init__.py"
-        for file, name in frames
-        if Path(file).resolve().is_relative_to(ours)
+    return (
+        code == -signal.SIGINT
+        and output.rstrip().endswith("KeyboardInterrupt")
+        and all(
+            name == "<module>" and Path(file).name == "__init__.py"
+            for file, name in frames
+            if Path(file).resolve().is_relative_to(ours)
+        )
     )
 
 

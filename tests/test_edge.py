@@ -226,9 +226,7 @@ def test_a_non_ascii_bearer_token_is_401_not_500(
     assert health.status_code == 200 and set(health.json()) == {"status"}
 
 
-def test_with_a_token_docs_openapi_and_health_details_need_it(
-    tmp_path: Path, serve: Serve
-) -> None:
+def test_with_a_token_docs_openapi_and_health_details_need_it(tmp_path: Path, serve: Serve) -> None:
     service = serve(make_settings(tmp_path, token="s3cret"))
     anonymous = httpx.Client(base_url=service.url, timeout=30)
     try:

@@ -8,18 +8,26 @@ import asyncio
 import gc
 import io
 import json
+import sqlite3
+import threading
+import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from service import followups as followups_module
+from service.api.followups import MAX_BODY
 from service.config import Settings
 from service.errors import JobFailure
 from service.followups import FollowUps
 from service.models.host import ModelHost
-from tests.conftest import RunningService, gate_detector, make_image
+from service.store import followups as followup_store
+from service.store.queue import Queue
+from tests.conftest import RunningService, gate_detector, make_image, make_settings
 from tests.test_cli import run
 
 Serve = Callable[..., RunningService]
@@ -102,12 +110,14 @@ def test_a_follow_up_is_answered_stored_shown_and_searchable(
     job = finished_job(service)
     asked = service.client.post(
         f"/v1/jobs/{job['id']}/ask?wait=60",
-        json={"question": "Is the zebracrossing\x00 visible?", "max_tokens": 5},
+        json={"question": "Is the zebra\u202ecrossing\x00 visible?", "max_tokens": 5},
     )
     assert asked.status_code == 200, asked.text
     followup = asked.json()
     assert followup["status"] == "succeeded" and followup["n"] == 1, followup
-    assert followup["question"] == "Is the zebracrossing visible?"  # control characters gone
+    # Control and format characters (a bidi override) gone.
+    assert followup["question"] == "Is the zebracrossing visible?"
+    assert followup["reasoner"] == job["models"]["reasoner"] and followup["reasoner"]["id"]
     assert isinstance(followup["answer"], str) and followup["timings_ms"]["reason"] > 0
     assert asked.headers["location"] == f"/v1/jobs/{job['id']}/followups/1"
 
@@ -245,3 +255,137 @@ def test_cached_prefixes_go_first_under_pressure_and_with_the_reasoner(
     assert model_host.cache_bytes() == 0 and kept() is None  # freed with the reasoner
     finished_job(service)  # loaded again for the job, with a cache of its own
     assert model_host.cache_bytes() > 0
+
+
+def test_aip_show_lists_follow_ups_and_ask_points_at_it(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setattr(FollowUps, "start", lambda self: None)  # nothing answers: all wait
+    service = serve(settings)
+    job = finished_job(service)
+    url = ("--url", service.url)
+    code, out, _ = run(capsys, "ask", str(job["id"]), "Where is the car?", *url)
+    # Not `aip ask --wait`: that would ask a new question.
+    assert code == 0 and f"`aip show {job['id']}`" in out and "--wait" not in out, out
+    code, out, err = run(capsys, "ask", str(job["id"]), "And now?", "--timeout", "0.2", *url)
+    assert code == 1 and "--timeout" in err and f"aip show {job['id']}" in err, err
+    identity = json.dumps(job["models"]["reasoner"])
+    with sqlite3.connect(settings.database) as db:  # as the loop would have stored them
+        db.execute(
+            "UPDATE followups SET status = 'succeeded', answer = ?, reasoner = ? WHERE n = 1",
+            ("Left of the \x1b[31mtruck\u202e.", identity),
+        )
+        db.execute(
+            "UPDATE followups SET status = 'failed', error_code = 'input_missing',"
+            " error_message = 'the image is gone' WHERE n = 2"
+        )
+    code, out, _ = run(capsys, "show", str(job["id"]), *url)
+    assert code == 0 and "follow-ups (2)" in out, out
+    assert f"1. Where is the car? (succeeded, {job['models']['reasoner']['id']}" in out, out
+    assert "Left of the \ufffd[31mtruck\ufffd." in out and "\x1b" not in out, out
+    assert "2. And now? (failed)" in out and "input_missing: the image is gone" in out, out
+
+
+def test_waiting_reads_through_the_read_pool_and_the_loop_claims_only_what_is_queued(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claimed: list[Any] = []
+    real_claim = followup_store.claim
+
+    async def counted(queue: Queue) -> Any:
+        claimed.append(await real_claim(queue))
+        return claimed[-1]
+
+    monkeypatch.setattr(followup_store, "claim", counted)
+    service = serve(settings)
+    job = finished_job(service)
+    time.sleep(5 * settings.poll_interval_seconds)  # idle: no write transaction to find nothing
+    asked = service.client.post(f"/v1/jobs/{job['id']}/ask?wait=60", json={"question": "Why?"})
+    assert asked.json()["status"] == "succeeded", asked.text
+    assert [(a.job_id, a.n) for a in claimed] == [(job["id"], 1)]
+
+    # A waiter wakes on the loop's event and reads on the read pool, not the writer's.
+    writer_reads: list[str] = []
+    real_read = Queue.read
+
+    async def spied(self: Queue, fn: Any, *args: Any, **kw: Any) -> Any:
+        writer_reads.append(getattr(fn, "__module__", ""))
+        return await real_read(self, fn, *args, **kw)
+
+    monkeypatch.setattr(Queue, "read", spied)
+    monkeypatch.setattr(FollowUps, "_announce_end", lambda self: None)  # no wake: all of wait
+    queued = service.client.post(f"/v1/jobs/{job['id']}/ask", json={"question": "And?"})
+    waited = service.client.get(f"{queued.json()['links']['self']}?wait=0.5").json()
+    assert waited["n"] == 2 and "service.api.followups" not in writer_reads, writer_reads
+
+
+def test_follow_ups_per_job_are_capped(
+    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(FollowUps, "start", lambda self: None)  # nothing answers: all wait
+    service = serve(settings)
+    job = finished_job(service)
+
+    def ask() -> Any:
+        return service.client.post(f"/v1/jobs/{job['id']}/ask", json={"question": "Why?"})
+
+    for n in range(1, followup_store.MAX_QUEUED + 1):
+        assert ask().json()["n"] == n
+    waiting = ask()
+    assert waiting.status_code == 429 and waiting.json()["code"] == "too_many_followups"
+    monkeypatch.setattr(followup_store, "MAX_PER_JOB", followup_store.MAX_QUEUED)
+    full = ask()
+    assert full.status_code == 409 and full.json()["code"] == "followup_limit", full.text
+
+
+def test_refusals_name_what_is_wrong(settings: Settings, serve: Serve) -> None:
+    service = serve(settings)
+    job = finished_job(service)
+    unknown = service.client.get("/v1/jobs/999/followups/1")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "job_not_found"
+    assert service.client.get(f"/v1/jobs/{job['id']}/followups/1").json()["code"] == (
+        "followup_not_found"
+    )
+    for path in (f"/v1/jobs/{job['id']}/followups/1", f"/v1/jobs/{job['id']}/ask"):
+        for wait in ("nan", "inf", "-1", "301"):
+            refused = service.client.request(
+                "GET" if "followups" in path else "POST",
+                f"{path}?wait={wait}",
+                json={"question": "Why?"},
+            )
+            assert refused.status_code == 422, refused.text
+            assert "finite number of seconds from 0 to 300" in refused.json()["message"]
+    big = json.dumps({"question": "x" * (MAX_BODY + 1)}).encode()
+    for content in (big, iter([big[:1000], big[1000:]])):  # with Content-Length, then chunked
+        too_large = service.client.post(f"/v1/jobs/{job['id']}/ask", content=content)
+        assert too_large.status_code == 413, too_large.text
+        assert too_large.json()["code"] == "payload_too_large"
+    assert service.client.get(f"/v1/jobs/{job['id']}").json()["followups"] == []
+
+
+def test_a_follow_up_running_at_shutdown_is_queued_again(
+    tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path, shutdown_grace_seconds=0.2)
+    inside, release = threading.Event(), threading.Event()
+
+    def stuck(*args: Any, **kw: Any) -> str:
+        inside.set()
+        release.wait(timeout=60)
+        return "late"
+
+    service = serve(settings)
+    job = finished_job(service)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(followups_module, "answer", stuck)
+            asked = service.client.post(f"/v1/jobs/{job['id']}/ask", json={"question": "Why?"})
+            assert asked.status_code == 202 and inside.wait(timeout=60)
+            service.stop()  # its grace ends while the model still answers
+    finally:
+        release.set()
+    with sqlite3.connect(settings.database) as db:
+        assert db.execute("SELECT status FROM followups").fetchall() == [("queued",)]
+    again = serve(settings)
+    answered = again.client.get(f"/v1/jobs/{job['id']}/followups/1?wait=60").json()
+    assert answered["status"] == "succeeded" and answered["answer"] != "late", answered

@@ -478,9 +478,11 @@ def test_control_characters_in_q_are_4xx_or_answered_never_500(
         for fmt in ("csv", "jsonl"):
             export = service.client.get(f"/v1/exports/jobs.{fmt}", params={"q": q})
             assert export.status_code == 200, export.text
-            ids = {int(r["job_id"]) for r in csv.DictReader(io.StringIO(export.text))} if (
-                fmt == "csv"
-            ) else {json.loads(line)["id"] for line in export.text.splitlines()}
+            ids = (
+                {int(r["job_id"]) for r in csv.DictReader(io.StringIO(export.text))}
+                if (fmt == "csv")
+                else {json.loads(line)["id"] for line in export.text.splitlines()}
+            )
             assert ids == both, (fmt, q)
 
 

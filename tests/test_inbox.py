@@ -577,8 +577,10 @@ def test_rows_left_unfiled_by_a_crash_are_repaired_at_start(
     until(lambda: len(ledger(first.settings)) == 4, what="four rows")
     moved = ["good.jpg", "good.json", "copy.jpg", "copy.jpg.duplicate.json", "gone.jpg"]
     until(
-        lambda: all((processed / n).exists() for n in moved)
-        and (failed / "notes.txt.error.json").exists(),
+        lambda: (
+            all((processed / n).exists() for n in moved)
+            and (failed / "notes.txt.error.json").exists()
+        ),
         what="all moved",
     )
     jobs_before = len(inbox_jobs(first))

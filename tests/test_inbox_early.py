@@ -75,3 +75,24 @@ def test_early_reads_stay_within_their_bytes_and_are_dropped_with_their_files(
     taken = asyncio.run(main())
     assert taken[0] is None and taken[1] is not None  # dropped; read early
     assert taken[2] is None  # no room left when it was offered: read the usual way
+
+
+def test_a_file_replaced_by_one_with_its_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    path, other = tmp_path / "c.jpg", tmp_path / ".c.jpg.part"
+    first = make_image(64, 48, color=(1, 2, 3))
+    second = first[:-64] + bytes(64)  # other bytes, the same size
+    path.write_bytes(first)
+    before = stat_of(path)
+
+    async def main() -> object:
+        early = EarlyReads(MAX_PIXELS)
+        early.start("c.jpg", path, *before)
+        await asyncio.sleep(0.05)
+        # `cp -p` / `rsync -t` then a rename: new bytes, same size and mtime, another inode
+        other.write_bytes(second)
+        os.utime(other, ns=(before[1], before[1]))
+        os.replace(other, path)
+        assert stat_of(path) == before
+        return await early.take("c.jpg", *before)
+
+    assert asyncio.run(main()) is None

@@ -53,9 +53,7 @@ def test_a_jpeg_is_described_and_stored_by_content(tmp_path: Path) -> None:
     ],
     ids=["empty", "text", "truncated"],
 )
-def test_bad_bytes_are_refused_with_a_code(
-    data: bytes, error: type[AipError], code: str
-) -> None:
+def test_bad_bytes_are_refused_with_a_code(data: bytes, error: type[AipError], code: str) -> None:
     with pytest.raises(error) as caught:
         inspect_image(data, max_pixels=LIMIT)
     assert caught.value.code == code
@@ -141,10 +139,14 @@ def _palette_with_transparency() -> Image.Image:
 CASES = {
     # name: (encoded file, colour expected on the left, on the right)
     "16-bit grey (brightest becomes white)": (
-        _encoded(_halves("I;16", 0, 1000), "PNG"), (0, 0, 0), (255, 255, 255)
+        _encoded(_halves("I;16", 0, 1000), "PNG"),
+        (0, 0, 0),
+        (255, 255, 255),
     ),
     "palette with a transparent index": (
-        _encoded(_palette_with_transparency(), "PNG"), (255, 255, 255), (255, 0, 0)
+        _encoded(_palette_with_transparency(), "PNG"),
+        (255, 255, 255),
+        (255, 0, 0),
     ),
     "CMYK TIFF": (
         _encoded(_halves("CMYK", (0, 0, 0, 0), (0, 255, 255, 0)), "TIFF"),
@@ -162,7 +164,9 @@ CASES = {
         (0, 0, 255),
     ),
     "grey and alpha": (
-        _encoded(_halves("LA", (0, 0), (0, 255)), "PNG"), (255, 255, 255), (0, 0, 0)
+        _encoded(_halves("LA", (0, 0), (0, 255)), "PNG"),
+        (255, 255, 255),
+        (0, 0, 0),
     ),
     "RGB JPEG": (
         _encoded(_halves("RGB", (255, 0, 0), (0, 0, 255)), "JPEG", quality=95),

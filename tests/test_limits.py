@@ -128,11 +128,12 @@ def test_the_settings_are_read_from_the_environment_and_bad_values_named() -> No
     plain = Settings.from_env({})
     assert (plain.detect_max_tokens, plain.reason_max_tokens) == (256, 256)
     for key in ("AIP_DETECT_MAX_TOKENS", "AIP_REASON_MAX_TOKENS"):
-        for bad in ("0", "-1", "many", "2.5"):
+        for bad in ("0", "-1", "many", "2.5", "32769", "99999999999999999999999"):
             with pytest.raises(ValueError) as refused:
                 Settings.from_env({key: bad})
-            assert str(refused.value) == f"{key}={bad!r}: use a whole number of 1 or more"
-    with pytest.raises(ValueError, match="detect_max_tokens must be 1 or more"):
+            assert str(refused.value) == f"{key}={bad!r}: use a whole number from 1 to 32768"
+        assert Settings.from_env({key: "32768"}) is not None
+    with pytest.raises(ValueError, match="detect_max_tokens must be from 1 to 32768"):
         Settings(detect_max_tokens=0)
 
 
@@ -142,7 +143,7 @@ def test_a_bad_limit_setting_stops_the_command_with_one_sentence(
     monkeypatch.setenv("AIP_REASON_MAX_TOKENS", "lots")
     code, out, err = run(capsys, "jobs")
     assert code == 2 and out == ""
-    assert err.strip() == "aip: AIP_REASON_MAX_TOKENS='lots': use a whole number of 1 or more"
+    assert err.strip() == "aip: AIP_REASON_MAX_TOKENS='lots': use a whole number from 1 to 32768"
 
 
 def test_aip_submit_sends_the_limits(

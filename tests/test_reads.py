@@ -1,5 +1,6 @@
 """Read models on a real SQLite file: pages of views read in one hop each, and exports that
-stream them page by page (several pages here) with the same content as one page holds."""
+stream them page by page (several pages here) with the same content as one page holds, and
+the same bytes from the projections they read as from full views."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from service.detection import Detection, encode_mask
-from service.exports import WRITERS
+from service.errors import JobFailure
+from service.exports import PROJECTIONS, WRITERS
 from service.store.history import JobFilter
 from service.store.migrate import migrate
 from service.store.queue import ImageRecord, Outcome, Queue
@@ -93,3 +95,99 @@ def test_exports_over_several_pages_match_one_page_of_views(tmp_path: Path) -> N
         attempts = single.pop("attempt_history")
         assert single == job
         assert len(attempts) == job["attempts"]
+
+
+VARIED = 12
+
+
+async def _varied_history(db: Path) -> None:
+    """Every kind of job an export meets: succeeded with 0-3 detections at odd coordinates
+    (masks on some), failed with a reason, queued; EXIF with GPS (with and without altitude),
+    with no GPS, none at all, and one as an older version stored it (NaN in it); a capture
+    time, a source path, and an image retention removed."""
+    import sqlite3
+
+    import numpy as np
+
+    queue = await Queue.open(db)
+    try:
+        for i in range(VARIED):
+            exif: dict[str, Any] | None = [
+                {"gps": {"latitude": 47.123456 + i, "longitude": -8.5, "altitude": 410.5}},
+                {"gps": {"latitude": -33.9, "longitude": 151.2}, "make": "Ünïcode"},
+                {"captured_at": "2026:05:04 03:02:01", "model": "X"},
+                None,
+            ][i % 4]
+            image = ImageRecord(f"{i:064x}", 10 + i, 640 + i, 480 - i, "JPEG", f"i/{i}.jpg", exif)
+            await queue.enqueue(
+                image,
+                {"queries": ["car", "roof"], "options": {}},
+                input_name=f'ñ {i}, "x".jpg',
+                source="path" if i % 2 else "api",
+                source_path=f"flights/a,b/{i}.jpg" if i % 2 else None,
+            )
+        for n in range(VARIED - 2):
+            claim = await queue.claim("w", 60)
+            assert claim is not None
+            if n % 5 == 4:
+                failure = JobFailure("model_error", 'it broke, "badly"', transient=False)
+                assert await queue.fail(claim, failure, retry_in=None) == "failed"
+                continue
+            mask = encode_mask(np.eye(6, dtype=bool)[:, ::-1])
+            found = [
+                Detection(
+                    ["car", "roof", "car"][k],
+                    (1.23456 + k, 2.005 * k, 30.555 + k / 3, 40.0049),
+                    (640, 480),
+                    mask if k == 1 else None,
+                )
+                for k in range(n % 4)
+            ]
+            timings = {"detect": 12.345, "total": 99.99}
+            outcome = Outcome(found, 'wet roofs, "a"\n', timings, {"detector": {"name": "m"}})
+            assert await queue.complete(claim, outcome)
+    finally:
+        await queue.close()
+    with sqlite3.connect(db) as raw:
+        raw.execute("UPDATE images SET pruned_at = 1.0 WHERE sha256 = ?", (f"{1:064x}",))
+        raw.execute(
+            "UPDATE images SET exif = ? WHERE sha256 = ?",
+            ('{"gps": {"latitude": 1.5, "longitude": 2.5, "altitude": NaN}}', f"{5:064x}"),
+        )
+
+
+def test_each_export_from_its_projection_is_the_export_from_full_views(tmp_path: Path) -> None:
+    db = tmp_path / "aip.db"
+    migrate(db)
+    asyncio.run(_varied_history(db))
+
+    async def both() -> dict[str, tuple[str, str]]:
+        reads = Reads(read_engine(db))
+        try:
+            outputs = {}
+            for fmt, write in WRITERS.items():
+                full = await reads.stream(JobFilter(), batch=5)
+                projected = await reads.stream(JobFilter(), batch=5, project=PROJECTIONS[fmt])
+                outputs[fmt] = (
+                    "".join([chunk async for chunk in write(projected)]),
+                    "".join([chunk async for chunk in write(full)]),
+                )
+        finally:
+            await reads.close()
+        return outputs
+
+    outputs = asyncio.run(both())
+    for fmt, (projected, full) in outputs.items():
+        assert projected == full, fmt
+    # The history holds what the comparison is about.
+    jobs = [json.loads(line) for line in outputs["jsonl"][1].splitlines()]
+    assert {job["status"] for job in jobs} == {"succeeded", "failed", "queued"}
+    assert any(not job["input"]["stored"] for job in jobs)
+    detections = [d for job in jobs for d in (job["result"] or {}).get("detections", [])]
+    assert any("mask" in d for d in detections)
+    features = json.loads(outputs["geojson"][1])["features"]
+    assert [f["properties"]["job_id"] for f in features] == [
+        job["id"] for job in jobs if (job["input"]["exif"] or {}).get("gps")
+    ]
+    assert any(len(f["geometry"]["coordinates"]) == 2 for f in features)
+    assert len(json.loads(outputs["coco"][1])["annotations"]) == len(detections)

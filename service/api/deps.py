@@ -51,8 +51,7 @@ def has_token(request: Request) -> bool:
 
 def unauthorized() -> Unauthorized:
     return Unauthorized(
-        "this service requires `Authorization: Bearer <token>` (the AIP_TOKEN it was "
-        "started with)",
+        "this service requires `Authorization: Bearer <token>` (the AIP_TOKEN it was started with)",
         code="unauthorized",
     )
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import re
-import sqlite3
+import math
 import time
+import unicodedata
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -14,7 +16,7 @@ from fastapi.responses import Response
 
 from service.api.deps import require_token, services
 from service.api.schemas import MAX_ID, FollowUp, JobId, errors, refuse_unencodable, typed
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, PayloadTooLarge
 from service.pipeline import token_limit
 from service.store import followups as store
 
@@ -22,9 +24,17 @@ router = APIRouter(
     tags=["follow-ups"], dependencies=[Depends(require_token)], responses=errors(401, 422)
 )
 
-# Control characters other than tab and newline: never meaningful in a question.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 MAX_WAIT = 300.0
+# A question is at most a few thousand characters: a body far over that is refused unread.
+MAX_BODY = 64 * 1024
+_WAIT_DOC = f"seconds to wait for the answer, 0 to {MAX_WAIT:g} (0: none)"
+
+
+def _clean(text: str) -> str:
+    """Without control characters other than tab and newline, nor format characters (bidi
+    overrides, zero-width ones): never meaningful in a question."""
+    return "".join(c for c in text if c in "\t\n" or unicodedata.category(c) not in ("Cc", "Cf"))
+
 
 _ASK_DOC: dict[str, Any] = {
     "requestBody": {
@@ -60,7 +70,7 @@ def _question(body: Any, max_chars: int) -> str:
     if not isinstance(raw, str):
         raise InvalidInput("`question` (a string) is required", code="invalid_question")
     refuse_unencodable(raw, "`question`")
-    question = _CONTROL.sub("", raw).strip()
+    question = _clean(raw).strip()
     if not question:
         raise InvalidInput("`question` is empty", code="invalid_question")
     if len(question) > max_chars:
@@ -82,27 +92,46 @@ def _max_tokens(raw: Any, cap: int) -> int:
         ) from None
 
 
-async def _read(request: Request, job_id: int, n: int) -> dict[str, Any]:
-    def read(db: sqlite3.Connection) -> Any:
-        return db.execute(
-            f"SELECT {store.FOLLOWUP_COLUMNS} FROM followups WHERE job_id = ? AND n = ?",
-            (job_id, n),
-        ).fetchone()
+def _seconds(wait: float) -> float:
+    if not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT):
+        raise InvalidInput(
+            f"wait must be a finite number of seconds from 0 to {MAX_WAIT:g}", code="invalid_wait"
+        )
+    return wait
 
-    row = await services(request).queue.read(read)
-    if row is None:
-        raise NotFound(f"job {job_id} has no follow-up {n}", code="followup_not_found")
-    return store.view(job_id, tuple(row))
+
+async def _body(request: Request) -> Any:
+    """The JSON body, read up to MAX_BODY bytes and refused past it."""
+    too_large = PayloadTooLarge(
+        f"the body is over {MAX_BODY // 1024} KiB: send a JSON object with a short `question`",
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise too_large
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidInput("the body is not valid JSON", code="invalid_json") from None
 
 
 async def _waited(request: Request, job_id: int, n: int, wait: float) -> dict[str, Any]:
-    """The follow-up once answered or failed, or as it is after `wait` seconds."""
-    deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
+    """The follow-up once answered or failed, or as it is after `wait` seconds: read on the
+    read pool, again each time the follow-up loop ends one."""
+    reads, loop = services(request).reads, request.app.state.followups
+    deadline = time.monotonic() + wait
     while True:
-        view = await _read(request, job_id, n)
-        if view["status"] in ("succeeded", "failed") or time.monotonic() >= deadline:
+        ended = loop.ended()  # taken before the read: an end after it still wakes us
+        view = await reads.run(partial(store.read_one, job_id=job_id, n=n))
+        left = deadline - time.monotonic()
+        if view["status"] in ("succeeded", "failed") or left <= 0:
             return view
-        await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), timeout=left)
 
 
 @router.post(
@@ -113,26 +142,22 @@ async def _waited(request: Request, job_id: int, n: int, wait: float) -> dict[st
     responses={
         200: {"model": FollowUp, "description": "answered (or failed) within `wait`"},
         202: {"model": FollowUp, "description": "queued; GET its link for the answer"},
-        **errors(404, 409, 413),
+        **errors(404, 409, 413, 429),
     },
 )
 async def ask(
     request: Request,
     job_id: JobId,
-    wait: float = Query(
-        default=0, ge=0, le=MAX_WAIT, description="seconds to wait for the answer (0: none)"
-    ),
+    wait: float = Query(default=0, description=_WAIT_DOC),
 ) -> Response:
     svc = services(request)
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, RecursionError):
-        raise InvalidInput("the body is not valid JSON", code="invalid_json") from None
+    seconds = _seconds(wait)
+    body = await _body(request)
     question = _question(body, svc.settings.max_prompt_chars)
     tokens = _max_tokens(body.get("max_tokens"), svc.settings.reason_max_tokens)
     n = await store.ask(svc.queue, job_id, question, tokens)
     request.app.state.followups.notify()
-    view = await _waited(request, job_id, n, wait)
+    view = await _waited(request, job_id, n, seconds)
     done = view["status"] in ("succeeded", "failed")
     headers = {"Location": view["links"]["self"]}
     return typed(FollowUp, view, 200 if done else 202, headers)
@@ -148,8 +173,6 @@ async def show(
     request: Request,
     job_id: JobId,
     n: Annotated[int, Path(ge=1, le=MAX_ID, description="the follow-up's `n`")],
-    wait: float = Query(
-        default=0, ge=0, le=MAX_WAIT, description="seconds to wait for the answer (0: none)"
-    ),
+    wait: float = Query(default=0, description=_WAIT_DOC),
 ) -> Response:
-    return typed(FollowUp, await _waited(request, job_id, n, wait))
+    return typed(FollowUp, await _waited(request, job_id, n, _seconds(wait)))

@@ -144,8 +144,7 @@ class OriginRule:
             key = origin_key(entry)
             if key is None:
                 log.warning(
-                    "AIP_ALLOWED_ORIGINS: %r is not an origin like http://localhost:3000; "
-                    "ignored",
+                    "AIP_ALLOWED_ORIGINS: %r is not an origin like http://localhost:3000; ignored",
                     entry,
                 )
             else:

@@ -15,7 +15,7 @@ from service.api.filters import Sort, job_filter, takes_only
 from service.api.schemas import JobId, PruneReport, Stats, errors, typed
 from service.config import parse_age
 from service.errors import Gone, InvalidInput, NotFound
-from service.exports import FORMATS, WRITERS
+from service.exports import FORMATS, PROJECTIONS, WRITERS
 from service.intake import open_stored
 from service.store.history import JobFilter
 from service.store.retention import prune
@@ -54,7 +54,7 @@ async def export(
         )
     # The filters are checked and the first page read before the 200 goes out, so a query
     # that fails does so as a proper error response, not as a body cut short.
-    jobs = await services(request).reads.stream(where, sort=sort)
+    jobs = await services(request).reads.stream(where, sort=sort, project=PROJECTIONS[fmt])
     return StreamingResponse(
         WRITERS[fmt](jobs),
         media_type=FORMATS[fmt],

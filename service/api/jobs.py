@@ -25,9 +25,7 @@ from service.store.history import JobFilter
 from service.store.reads import MAX_PAGE
 
 log = logging.getLogger("aip")
-router = APIRouter(
-    tags=["jobs"], dependencies=[Depends(require_token)], responses=errors(401, 422)
-)
+router = APIRouter(tags=["jobs"], dependencies=[Depends(require_token)], responses=errors(401, 422))
 
 _OPTIONS = ("max_attempts", "detect_max_tokens", "reason_max_tokens")
 _FORM_FIELDS = {"image", "queries", "query", "prompt", *_OPTIONS}

@@ -124,6 +124,9 @@ class FollowUp(Body):
     finished_at: str | None
     timings_ms: dict[str, float] = Field(description="decode, reason, total")
     error: ErrorBody | None = Field(description="why it failed; the job is unchanged")
+    reasoner: ModelIdentity | None = Field(
+        None, description="the model that answered, as a job's `models.reasoner`"
+    )
     links: FollowUpLinks
 
 

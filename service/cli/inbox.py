@@ -16,9 +16,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     if args.json:
         print_json(job)
     else:
-        print(
-            f"{args.path}: job {job['id']} {job['status']}; `aip wait {job['id']}` waits for it"
-        )
+        print(f"{args.path}: job {job['id']} {job['status']}; `aip wait {job['id']}` waits for it")
     return 0
 
 

@@ -213,8 +213,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print_json(job)
     elif status == 202 and job["status"] not in TERMINAL:
         print(
-            f"job {job['id']}: cancel requested; it stops at its next stage "
-            f"(`aip wait {job['id']}` shows when)"
+            f"job {job['id']}: cancel requested; it stops at its next stage, or finishes if "
+            f"it is in its last (`aip wait {job['id']}` shows which)"
         )
     else:
         print(f"job {job['id']}: {job['status']}")

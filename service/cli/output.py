@@ -152,6 +152,24 @@ def _write_job(job: dict[str, Any], out: TextIO) -> None:
     for paragraph in (result["reasoning"] or "(none)").splitlines() or [""]:
         for line in textwrap.wrap(paragraph, width - 4) or [""]:
             print(f"    {line}", file=out)
+    _write_followups(job.get("followups") or [], width, out)
+
+
+def _write_followups(followups: list[dict[str, Any]], width: int, out: TextIO) -> None:
+    """Each question asked since, its state, and its answer or why it failed."""
+    if not followups:
+        return
+    print(f"  follow-ups ({len(followups)})", file=out)
+    for f in followups:
+        model = _model(f.get("reasoner"))
+        state = f"{f['status']}, {model}" if model else f["status"]
+        for i, line in enumerate(textwrap.wrap(f"{f['question']} ({state})", width - 9)):
+            print(f"    {str(f['n']) + '.' if i == 0 else '':>4} {line}", file=out)
+        error = f.get("error")
+        said = f"{error['code']}: {error['message']}" if error else f.get("answer")
+        for paragraph in (said or "").splitlines():
+            for line in textwrap.wrap(paragraph, width - 9) or [""]:
+                print(f"         {line}", file=out)
 
 
 class Progress:

@@ -1,6 +1,7 @@
 """Reading and checking inbox images while they settle: the read, decode and hash that queueing
-a file needs, done during the settle wait and used only when the settled file still has the
-size and mtime it had before it was read. Knows no ledger, no queue and no filing."""
+a file needs, done during the settle wait and used only when the settled file is still the
+file that was read (same inode) with the size and mtime it had before it was read. Knows no
+ledger, no queue and no filing."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ Read = tuple[bytes, ImageRecord]
 
 @dataclass(frozen=True)
 class _Early:
+    path: Path
     size: int
     mtime_ns: int
-    task: asyncio.Task[Read | None]
+    task: asyncio.Task[tuple[Read, tuple[int, int]] | None]  # and the inode it read
 
 
 class EarlyReads:
@@ -42,19 +44,21 @@ class EarlyReads:
             return
         self._held += size
         task = asyncio.create_task(self._read(path, size, mtime_ns))
-        self._reads[relative] = _Early(size, mtime_ns, task)
+        self._reads[relative] = _Early(path, size, mtime_ns, task)
 
-    async def _read(self, path: Path, size: int, mtime_ns: int) -> Read | None:
+    async def _read(
+        self, path: Path, size: int, mtime_ns: int
+    ) -> tuple[Read, tuple[int, int]] | None:
         """None when the file changed or does not read: the usual path then decides."""
         async with self._limit:
             try:
-                data = await asyncio.to_thread(path.read_bytes)
-                if len(data) != size or _stat(path) != (size, mtime_ns):
+                data, stat = await asyncio.to_thread(_read_with_stat, path)
+                if len(data) != size or (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
                     return None
                 image = await asyncio.to_thread(inspect_image, data, max_pixels=self._max_pixels)
             except Exception:
                 return None
-        return data, image
+        return (data, image), (stat.st_dev, stat.st_ino)
 
     async def take(self, relative: str, size: int, mtime_ns: int) -> Read | None:
         """The early read of `relative` if it read these very bytes: the settled file has the
@@ -66,7 +70,15 @@ class EarlyReads:
         if (early.size, early.mtime_ns) != (size, mtime_ns):
             early.task.cancel()
             return None
-        return await early.task
+        done = await early.task
+        if done is None:
+            return None
+        read, inode = done
+        try:  # replaced by a rename since (`cp -p`, `rsync -t` keep size and mtime)
+            now = early.path.stat()
+        except OSError:
+            return None
+        return read if (now.st_dev, now.st_ino) == inode else None
 
     def keep_only(self, relative_paths: Collection[str]) -> None:
         """Drop the early reads of files no longer waiting (queued, refused, gone)."""
@@ -83,6 +95,7 @@ class EarlyReads:
                 await task
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+def _read_with_stat(path: Path) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and the stat of the very file they came from."""
+    with path.open("rb") as file:
+        return file.read(), os.fstat(file.fileno())

@@ -98,9 +98,7 @@ def _follow_up(root: Path, entry: Entry, relative: str, filed: str) -> None:
         if not (root / companion).exists():
             (root / sidecar).rename(root / companion)
     if entry.outcome == "rejected" and not (root / f"{filed}.error.json").exists():
-        write_error(
-            root, filed, entry.error_code or "rejected", entry.error_message or "rejected"
-        )
+        write_error(root, filed, entry.error_code or "rejected", entry.error_message or "rejected")
     if (
         entry.outcome == "duplicate"
         and entry.job_id is not None

@@ -3,6 +3,8 @@
     queued -> running -> succeeded | failed
     running -> queued            (the service stopped while it ran: answered at the next start)
 
+A job takes MAX_PER_JOB follow-ups in all, MAX_QUEUED of them waiting at once.
+
 A follow-up belongs to a succeeded job and never changes the job: its failure is its own.
 Every transition is one transaction on the queue's writer thread."""
 
@@ -14,10 +16,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import Conflict, NotFound
+from sqlalchemy import Connection, text
+
+from service.errors import AipError, Conflict, NotFound
 from service.store.queue import Queue
 
 STATES = ("queued", "running", "succeeded", "failed")
+# Per job: questions waiting at once, and in all. The cap in all also bounds the full-text
+# triggers, which concatenate a job's follow-ups again on each question and answer.
+MAX_QUEUED = 8
+MAX_PER_JOB = 100
+
+
+class TooManyWaiting(AipError):
+    status = 429
+    code = "too_many_followups"
 
 
 @dataclass(frozen=True)
@@ -49,9 +62,23 @@ async def ask(queue: Queue, job_id: int, question: str, max_tokens: int) -> int:
                 "(wait for it to finish, or retry it)",
                 code="job_not_succeeded",
             )
-        n = db.execute(
-            "SELECT coalesce(max(n), 0) + 1 AS n FROM followups WHERE job_id = ?", (job_id,)
-        ).fetchone()["n"]
+        counts = db.execute(
+            "SELECT coalesce(max(n), 0) AS asked, count(*) FILTER (WHERE status = 'queued')"
+            " AS waiting FROM followups WHERE job_id = ?",
+            (job_id,),
+        ).fetchone()
+        if counts["asked"] >= MAX_PER_JOB:
+            raise Conflict(
+                f"job {job_id} has its {MAX_PER_JOB} follow-up questions, the most a job takes:"
+                " submit the image again as a new job to ask more",
+                code="followup_limit",
+            )
+        if counts["waiting"] >= MAX_QUEUED:
+            raise TooManyWaiting(
+                f"job {job_id} has {counts['waiting']} follow-up questions waiting, the most "
+                "at once: ask again once some are answered"
+            )
+        n = counts["asked"] + 1
         db.execute(
             "INSERT INTO followups (job_id, n, question, max_tokens, created_at)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -60,6 +87,28 @@ async def ask(queue: Queue, job_id: int, question: str, max_tokens: int) -> int:
         return int(n)
 
     return await queue.write(insert, group=True)
+
+
+def pending(conn: Connection) -> bool:
+    """On a read connection: whether any follow-up is queued (cheaper than a claim)."""
+    return bool(
+        conn.execute(
+            text("SELECT EXISTS (SELECT 1 FROM followups WHERE status = 'queued')")
+        ).scalar_one()
+    )
+
+
+def read_one(conn: Connection, job_id: int, n: int) -> dict[str, Any]:
+    """On a read connection: follow-up `n` of the job as the API shows it."""
+    if conn.execute(text("SELECT 1 FROM jobs WHERE id = :id"), {"id": job_id}).first() is None:
+        raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+    row = conn.execute(
+        text(f"SELECT {FOLLOWUP_COLUMNS} FROM followups WHERE job_id = :id AND n = :n"),
+        {"id": job_id, "n": n},
+    ).first()
+    if row is None:
+        raise NotFound(f"job {job_id} has no follow-up {n}", code="followup_not_found")
+    return view(job_id, tuple(row))
 
 
 async def claim(queue: Queue) -> Ask | None:
@@ -101,24 +150,54 @@ async def claim(queue: Queue) -> Ask | None:
     return await queue.write(take)
 
 
-async def finish(queue: Queue, job_id: int, n: int, answer: str, timings: dict[str, float]) -> None:
+def _identity(reasoner: dict[str, Any] | None) -> str | None:
+    return json.dumps(reasoner) if reasoner else None
+
+
+async def finish(
+    queue: Queue,
+    job_id: int,
+    n: int,
+    answer: str,
+    timings: dict[str, float],
+    reasoner: dict[str, Any] | None = None,
+) -> None:
+    """`reasoner`: the identity of the model that answered (a job's `models.reasoner`)."""
     await queue.write(
         lambda db: db.execute(
-            "UPDATE followups SET status = 'succeeded', answer = ?, timings = ?,"
+            "UPDATE followups SET status = 'succeeded', answer = ?, timings = ?, reasoner = ?,"
             " finished_at = ? WHERE job_id = ? AND n = ? AND status = 'running'",
-            (answer, json.dumps(timings), time.time(), job_id, n),
+            (answer, json.dumps(timings), _identity(reasoner), time.time(), job_id, n),
         )
     )
 
 
 async def fail(
-    queue: Queue, job_id: int, n: int, code: str, message: str, timings: dict[str, float]
+    queue: Queue,
+    job_id: int,
+    n: int,
+    code: str,
+    message: str,
+    timings: dict[str, float],
+    reasoner: dict[str, Any] | None = None,
 ) -> None:
     await queue.write(
         lambda db: db.execute(
             "UPDATE followups SET status = 'failed', error_code = ?, error_message = ?,"
-            " timings = ?, finished_at = ? WHERE job_id = ? AND n = ? AND status = 'running'",
-            (code, message, json.dumps(timings), time.time(), job_id, n),
+            " timings = ?, reasoner = ?, finished_at = ? WHERE job_id = ? AND n = ?"
+            " AND status = 'running'",
+            (code, message, json.dumps(timings), _identity(reasoner), time.time(), job_id, n),
+        )
+    )
+
+
+async def release(queue: Queue, job_id: int, n: int) -> None:
+    """At a stop: a follow-up still being answered is queued again, answered at the next start."""
+    await queue.write(
+        lambda db: db.execute(
+            "UPDATE followups SET status = 'queued', started_at = NULL"
+            " WHERE job_id = ? AND n = ? AND status = 'running'",
+            (job_id, n),
         )
     )
 
@@ -137,7 +216,8 @@ async def recover(queue: Queue) -> int:
 
 # What `view` reads, in its order.
 FOLLOWUP_COLUMNS = (
-    "n, question, answer, status, error_code, error_message, timings, created_at, finished_at"
+    "n, question, answer, status, error_code, error_message, timings, created_at, finished_at,"
+    " reasoner"
 )
 
 
@@ -145,7 +225,7 @@ def view(job_id: int, row: Any) -> dict[str, Any]:
     """One follow-up as the API shows it, from a row of FOLLOWUP_COLUMNS."""
     from service.store.reads import iso  # reads imports this module
 
-    n, question, answer, status, code, message, timings, created_at, finished_at = row
+    n, question, answer, status, code, message, timings, created_at, finished_at, model = row
     return {
         "n": n,
         "question": question,
@@ -155,5 +235,6 @@ def view(job_id: int, row: Any) -> dict[str, Any]:
         "finished_at": iso(finished_at),
         "timings_ms": {k: round(v, 1) for k, v in json.loads(timings).items()} if timings else {},
         "error": {"code": code, "message": message} if code else None,
+        "reasoner": json.loads(model) if model else None,
         "links": {"self": f"/v1/jobs/{job_id}/followups/{n}"},
     }

@@ -39,6 +39,9 @@ from service.store.sqlite import BUSY_TIMEOUT_MS
 from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
 
 MAX_PAGE = 200
+# Exports read larger pages than a client may ask for: each page costs a hop, a statement's
+# construction and its result set-up, whatever its size; at this size that is a few percent.
+EXPORT_PAGE = 1000
 
 # What a job's view shows, in one row: the job, its image and (when there is one) its result.
 _VIEW_COLUMNS: tuple[Any, ...] = (
@@ -91,6 +94,7 @@ def _views() -> Select[Any]:
 
 
 _ONE_JOB = _views().where(col(JobRow.id) == bindparam("id"))
+_ALL_VIEWS = _views()  # statements are immutable: a page adds its conditions to a copy
 
 
 def iso(ts: float | None) -> str | None:
@@ -99,12 +103,24 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _box(x1: float, y1: float, x2: float, y2: float) -> list[float]:
+    return [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]
+
+
+def _mask(mask: str | None) -> Any:
+    return json.loads(mask) if mask is not None else None
+
+
+def _exif(exif: str | None) -> dict[str, Any] | None:
+    return finite(json.loads(exif)) if exif else None
+
+
 def _detection_view(row: Sequence[Any], width: int, height: int) -> dict[str, Any]:
     _job_id, number, label, x1, y1, x2, y2, mask = row  # _DETECTION_COLUMNS
     out: dict[str, Any] = {
         "number": number,
         "label": label,
-        "box": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)],
+        "box": _box(x1, y1, x2, y2),
         "box_normalized": [
             round(x1 / width, 6),
             round(y1 / height, 6),
@@ -113,7 +129,7 @@ def _detection_view(row: Sequence[Any], width: int, height: int) -> dict[str, An
         ],
     }
     if mask is not None:
-        out["mask"] = json.loads(mask)
+        out["mask"] = _mask(mask)
     return out
 
 
@@ -167,7 +183,7 @@ def job_view(
             "height": height,
             "format": image_format,
             "captured_at": captured_at,
-            "exif": finite(json.loads(exif)) if exif else None,
+            "exif": _exif(exif),
             "stored": pruned_at is None,
         },
         "params": json.loads(params),
@@ -201,11 +217,110 @@ def job_view(
     return view
 
 
+# Projections: the parts of a job's view one reader writes, every value built by the same
+# helpers as in `job_view`, so it is the view's own. An export builds only what it writes:
+# the full view is most of an export's time (timestamps, JSON columns, normalised boxes).
+Projection = Callable[[Sequence[Any], Sequence[Sequence[Any]]], dict[str, Any] | None]
+
+
+def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """The job, its input with EXIF, and its result's numbered, labelled boxes and reasoning:
+    no parameters, timings, models, normalised boxes, masks, attempts or follow-ups."""
+    (
+        job_id, status, source, source_path, _attempts, _max_attempts, _cancel, created_at,
+        _started_at, finished_at, input_name, _params, _timings, _models, _error_code,
+        _error_message, _sha256, _size, width, height, _format, captured_at, exif, _pruned_at,
+        result_of, reasoning,
+    ) = row  # fmt: skip
+    view: dict[str, Any] = {
+        "id": job_id,
+        "status": status,
+        "source": source,
+        "source_path": source_path,
+        "created_at": iso(created_at),
+        "finished_at": iso(finished_at),
+        "input": {
+            "name": input_name,
+            "width": width,
+            "height": height,
+            "captured_at": captured_at,
+            "exif": _exif(exif),
+        },
+        "result": None,
+    }
+    if result_of is not None:
+        view["result"] = {
+            "detections": [
+                {"number": d[1], "label": d[2], "box": _box(d[3], d[4], d[5], d[6])}
+                for d in detections
+            ],
+            "reasoning": reasoning,
+        }
+    return view
+
+
+def located_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any] | None:
+    """A job whose EXIF holds a GPS position: its name, status, capture time, EXIF, and its
+    result's labels and reasoning; None for any other job."""
+    (
+        job_id, status, *_, input_name, _params, _timings, _models, _error_code, _error_message,
+        _sha256, _size, _width, _height, _format, captured_at, exif, _pruned_at, result_of,
+        reasoning,
+    ) = row  # fmt: skip
+    input_exif = _exif(exif)
+    if not (input_exif and input_exif.get("gps")):
+        return None
+    view: dict[str, Any] = {
+        "id": job_id,
+        "status": status,
+        "input": {"name": input_name, "captured_at": captured_at, "exif": input_exif},
+        "result": None,
+    }
+    if result_of is not None:
+        view["result"] = {
+            "detections": [{"label": d[2]} for d in detections],
+            "reasoning": reasoning,
+        }
+    return view
+
+
+def annotated_view(
+    row: Sequence[Any], detections: Sequence[Sequence[Any]]
+) -> dict[str, Any] | None:
+    """A job with a result: its source path, input name and size, and its result's labelled
+    boxes with their masks; None for a job without one."""
+    (
+        job_id, *_, source_path, _attempts, _max_attempts, _cancel, _created_at, _started_at,
+        _finished_at, input_name, _params, _timings, _models, _error_code, _error_message,
+        _sha256, _size, width, height, _format, _captured_at, _exif_text, _pruned_at, result_of,
+        _reasoning,
+    ) = row  # fmt: skip
+    if result_of is None:
+        return None
+    found = []
+    for d in detections:
+        detection = {"label": d[2], "box": _box(d[3], d[4], d[5], d[6])}
+        if d[7] is not None:
+            detection["mask"] = _mask(d[7])
+        found.append(detection)
+    return {
+        "id": job_id,
+        "source_path": source_path,
+        "input": {"name": input_name, "width": width, "height": height},
+        "result": {"detections": found},
+    }
+
+
 # One job's rows; the view row itself is _ONE_JOB.
 _ITS_DETECTIONS = (
     select(*_DETECTION_COLUMNS)
     .where(col(DetectionRow.job_id) == bindparam("id"))
     .order_by(col(DetectionRow.idx))
+)
+_THEIR_DETECTIONS = (
+    select(*_DETECTION_COLUMNS)
+    .where(col(DetectionRow.job_id).in_(bindparam("ids", expanding=True)))
+    .order_by(col(DetectionRow.job_id), col(DetectionRow.idx))
 )
 _ITS_ATTEMPTS = (
     select(
@@ -321,13 +436,19 @@ class Reads:
         return ImageRow.model_validate(row._mapping)
 
     async def stream(
-        self, where: JobFilter, *, sort: str = "created", batch: int = MAX_PAGE
+        self,
+        where: JobFilter,
+        *,
+        sort: str = "created",
+        batch: int = EXPORT_PAGE,
+        project: Projection | None = None,
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """Every matching job, newest first, as pages of views (one query for the jobs and one
-        for their detections per page). The first page is read before this returns, so a
-        query the database refuses fails here, while an export can still answer with an
-        error status rather than a body cut short."""
-        first = await self.page(where, sort=sort, limit=batch)
+        for their detections per page), or of what `project` builds of each job, leaving out
+        jobs it gives None for. The first page is read before this returns, so a query the
+        database refuses fails here, while an export can still answer with an error status
+        rather than a body cut short."""
+        first = await self.page(where, sort=sort, limit=batch, project=project, largest=batch)
 
         async def pages() -> AsyncIterator[list[dict[str, Any]]]:
             page = first
@@ -336,7 +457,10 @@ class Reads:
                     yield page["jobs"]
                 if page["next_cursor"] is None:
                     return
-                page = await self.page(where, sort=sort, cursor=page["next_cursor"], limit=batch)
+                page = await self.page(
+                    where, sort=sort, cursor=page["next_cursor"], limit=batch, project=project,
+                    largest=batch,
+                )  # fmt: skip
 
         return pages()
 
@@ -347,14 +471,18 @@ class Reads:
         sort: str = "created",
         cursor: str | None = None,
         limit: int = 50,
+        project: Projection | None = None,
+        largest: int = MAX_PAGE,
     ) -> dict[str, Any]:
         """Newest first by created or finished time. Keyset pagination on (time, id): jobs
         arriving or finishing while a client pages land before its first page, so pages
-        never skip or repeat a job."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise InvalidInput(f"limit must be 1..{MAX_PAGE}", code="invalid_filter")
+        never skip or repeat a job. With `project`, the page holds what it builds of each
+        job instead of its full view (see `Projection`). A client's `limit` is at most
+        MAX_PAGE; `largest` lets an export read larger pages."""
+        if not 1 <= limit <= largest:
+            raise InvalidInput(f"limit must be 1..{largest}", code="invalid_filter")
         key = sort_column(sort)
-        query = _views()
+        query = _ALL_VIEWS
         for condition in (where or JobFilter()).conditions():
             query = query.where(condition)
         if sort == "finished":
@@ -370,12 +498,9 @@ class Reads:
             detections: dict[int, list[Any]] = {}
             with_result = [row.id for row in rows if row.result_of is not None]
             if with_result:
-                found = conn.execute(
-                    select(*_DETECTION_COLUMNS)
-                    .where(col(DetectionRow.job_id).in_(with_result))
-                    .order_by(col(DetectionRow.job_id), col(DetectionRow.idx))
-                )
-                for d in found:
+                # One prepared statement, fetched whole: building an IN of a page of ids
+                # and fetching row by row cost more than the rows themselves.
+                for d in conn.execute(_THEIR_DETECTIONS, {"ids": with_result}).all():
                     detections.setdefault(d[0], []).append(d)
             next_cursor = None
             if more and rows:
@@ -384,6 +509,9 @@ class Reads:
                 next_cursor = Cursor(sort, float(last_key or 0), int(last.id)).encode()
             # Built on the read thread too: a page of 200 views is milliseconds of Python
             # the event loop need not spend.
+            if project is not None:
+                built = [project(row, detections.get(row.id, ())) for row in rows]
+                return {"jobs": [b for b in built if b is not None], "next_cursor": next_cursor}
             asked: dict[int, list[Any]] = {row.id: [] for row in rows}
             if asked:
                 for f in conn.execute(_THEIR_FOLLOWUPS, {"ids": list(asked)}):
@@ -392,6 +520,10 @@ class Reads:
             return {"jobs": jobs, "next_cursor": next_cursor}
 
         return await self._reader.run(read)
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        """`fn` on a read thread, in one snapshot: reads other store modules define."""
+        return await self._reader.run(fn)
 
     async def queue_position(self, job_id: int) -> int | None:
         """1 for the job the worker claims next; None unless the job is queued."""
