@@ -373,7 +373,7 @@ class Worker:
                 if failure.transient
                 else None
             )
-            status, following = await self.queue.fail(
+            status, following = await self.queue.fail_and_claim(
                 claim,
                 failure,
                 retry_in=retry_in,
@@ -394,7 +394,9 @@ class Worker:
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
         outcome = Outcome(result.detections, result.reasoning, timings, models)
         self._set_stage(claim, "persist")
-        done, following = await self.queue.complete(claim, outcome, claim_next=self._claim_next())
+        done, following = await self.queue.complete_and_claim(
+            claim, outcome, claim_next=self._claim_next()
+        )
         if done:
             self._disk_strikes = 0
             log.info(
@@ -440,12 +442,12 @@ class Worker:
     ) -> Claim | None:
         following = None
         if stop.why == "cancelled":
-            _, following = await self.queue.finish_cancelled(
+            _, following = await self.queue.cancelled_and_claim(
                 claim, stop.message, claim_next=self._claim_next()
             )
         elif stop.why == "timeout":
             failure = JobFailure("timeout", stop.message, transient=False)
-            _, following = await self.queue.fail(
+            _, following = await self.queue.fail_and_claim(
                 claim,
                 failure,
                 retry_in=None,

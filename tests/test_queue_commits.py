@@ -78,11 +78,11 @@ def test_completion_claims_the_next_job_in_the_same_commit(tmp_path: Path) -> No
         first = await queue.claim("w", 30)
         assert first is not None and first.job_id == 1
         transactions = await _commits(queue)
-        done, following = await queue.complete(first, Outcome([], "one"), claim_next=NEXT)
+        done, following = await queue.complete_and_claim(first, Outcome([], "one"), claim_next=NEXT)
         assert done and following is not None
         assert (following.job_id, following.attempt, following.owner) == (2, 1, "w")
         commits = len(transactions) - 1
-        done, last = await queue.complete(following, Outcome([], "two"), claim_next=NEXT)
+        done, last = await queue.complete_and_claim(following, Outcome([], "two"), claim_next=NEXT)
         assert done and last is None  # nothing left to claim
         await queue.close()
         return commits
@@ -111,7 +111,7 @@ def test_a_fenced_off_completion_still_claims_the_next_job(tmp_path: Path) -> No
         assert await queue.recover(expired_only=True) == (1, 0)
         fresh = await queue.claim("new", lease_seconds=10)
         assert fresh is not None and fresh.job_id == stale.job_id
-        done, following = await queue.complete(
+        done, following = await queue.complete_and_claim(
             stale, Outcome([], "stale"), claim_next=ClaimNext("old", 10)
         )
         assert not done and following is not None and following.job_id == 2
@@ -132,13 +132,13 @@ def test_failure_and_cancellation_claim_the_next_job_too(tmp_path: Path) -> None
         first = await queue.claim("w", 30)
         assert first is not None
         bad = JobFailure("corrupt_image", "bad bytes", transient=False)
-        status, second = await queue.fail(first, bad, retry_in=None, claim_next=NEXT)
+        status, second = await queue.fail_and_claim(first, bad, retry_in=None, claim_next=NEXT)
         assert status == "failed" and second is not None and second.job_id == 2
         assert await queue.request_cancel(2) == "running"
-        done, third = await queue.finish_cancelled(second, "stopped", claim_next=NEXT)
+        done, third = await queue.cancelled_and_claim(second, "stopped", claim_next=NEXT)
         assert done and third is not None and third.job_id == 3
         # None: end the attempt, claim nothing (a stopping worker).
-        status, nothing = await queue.fail(third, bad, retry_in=None, claim_next=None)
+        status, nothing = await queue.fail_and_claim(third, bad, retry_in=None, claim_next=None)
         assert status == "failed" and nothing is None
         await queue.close()
 
@@ -158,7 +158,7 @@ def test_a_transient_failure_with_attempts_left_is_not_reclaimed_before_its_back
         claim = await queue.claim("w", 30)
         assert claim is not None
         boom = JobFailure("model_error", "boom", transient=True)
-        status, following = await queue.fail(claim, boom, retry_in=5, claim_next=NEXT)
+        status, following = await queue.fail_and_claim(claim, boom, retry_in=5, claim_next=NEXT)
         await queue.close()
         return status, None if following is None else following.job_id
 
@@ -177,7 +177,9 @@ def test_the_worker_commit_shares_a_group_with_waiting_enqueues(tmp_path: Path) 
         # The writer is busy: what follows waits together (as during another commit's fsync).
         blocker = asyncio.create_task(queue.read(lambda _conn: gate.wait(10)))
         before = asyncio.create_task(queue.enqueue(_image(9), PARAMS, input_name="9.png"))
-        ending = asyncio.create_task(queue.complete(claim, Outcome([], "one"), claim_next=NEXT))
+        ending = asyncio.create_task(
+            queue.complete_and_claim(claim, Outcome([], "one"), claim_next=NEXT)
+        )
         after = asyncio.create_task(queue.enqueue(_image(8), PARAMS, input_name="8.png"))
         for _ in range(3):
             await asyncio.sleep(0)
@@ -223,7 +225,7 @@ _CHILD = textwrap.dedent(
             await queue.enqueue(image, {}, input_name=f"{i}.png")
         claim = await queue.claim("w", 30)
         await queue.read(lambda conn: conn.set_trace_callback(die_at))
-        await queue.complete(claim, Outcome([], "done"), claim_next=ClaimNext("w", 30))
+        await queue.complete_and_claim(claim, Outcome([], "done"), claim_next=ClaimNext("w", 30))
         os.kill(os.getpid(), signal.SIGKILL)
 
     asyncio.run(main())
@@ -303,7 +305,7 @@ def test_a_job_claimed_as_the_worker_stops_goes_back_unrun(
     assert gate.inside.wait(timeout=60)
     second = service.submit(queries="car").json()["id"]
     queue, worker = service.services.queue, service.services.worker
-    real_complete = queue.complete
+    real_complete = queue.complete_and_claim
 
     async def complete_then_stop(*args: Any, **kwargs: Any) -> Any:
         ended = await real_complete(*args, **kwargs)  # claims `second` in the same commit
@@ -312,7 +314,7 @@ def test_a_job_claimed_as_the_worker_stops_goes_back_unrun(
         assert not stopping.done()
         return ended
 
-    monkeypatch.setattr(queue, "complete", complete_then_stop)
+    monkeypatch.setattr(queue, "complete_and_claim", complete_then_stop)
     gate.release.set()
     assert service.wait(first)["status"] == "succeeded"
     job = service.wait(second, statuses=("queued",))

@@ -19,9 +19,8 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar, overload
+from typing import Any, NamedTuple, TypeVar
 
 from service.detection import Detection
 from service.diskspace import DiskState, is_disk_full, watch
@@ -90,13 +89,6 @@ class ClaimNext(NamedTuple):
 
     owner: str
     lease_seconds: float
-
-
-class _Unset(Enum):
-    UNSET = 0
-
-
-_UNSET: Literal[_Unset.UNSET] = _Unset.UNSET
 
 
 class Queue:
@@ -370,12 +362,12 @@ class Queue:
         return cursor.rowcount > 0
 
     async def _end(
-        self, end: Callable[[sqlite3.Connection], T], claim_next: ClaimNext | _Unset | None
+        self, end: Callable[[sqlite3.Connection], T], claim_next: ClaimNext | None
     ) -> tuple[T, Claim | None]:
         """`end(db)` (an attempt's last write) and, when asked, the claim of the next job, in
         one transaction: both land or neither. The claim is made even when `end` finds the
         attempt fenced off: the worker is free either way, and would claim next anyway."""
-        wanted = None if claim_next is _UNSET else claim_next
+        wanted = claim_next
         if self._unreleased:  # a held-up hand-back is written before any claim: `claim` does it
             wanted = None
 
@@ -388,20 +380,15 @@ class Queue:
         # Grouped: a worker's commit may carry intake writes waiting at the same time.
         return await self.write(end_and_claim, group=True)
 
-    @overload
-    async def complete(self, claim: Claim, outcome: Outcome) -> bool: ...
+    async def complete(self, claim: Claim, outcome: Outcome) -> bool:
+        """Write result, detections, timings and status in one transaction; False if fenced off."""
+        return (await self.complete_and_claim(claim, outcome, None))[0]
 
-    @overload
-    async def complete(
-        self, claim: Claim, outcome: Outcome, *, claim_next: ClaimNext | None
-    ) -> tuple[bool, Claim | None]: ...
-
-    async def complete(
-        self, claim: Claim, outcome: Outcome, *, claim_next: ClaimNext | _Unset | None = _UNSET
-    ) -> bool | tuple[bool, Claim | None]:
-        """Write result, detections, timings and status in one transaction; False if fenced off.
-        With `claim_next` (None: claim nothing), returns (done, the next job claimed in the
-        same transaction or None)."""
+    async def complete_and_claim(
+        self, claim: Claim, outcome: Outcome, claim_next: ClaimNext | None
+    ) -> tuple[bool, Claim | None]:
+        """`complete`, and in the same transaction the claim of the next job (`claim_next`;
+        None claims nothing): (done, the job claimed or None)."""
 
         def complete(db: sqlite3.Connection) -> bool:
             began = time.perf_counter()
@@ -439,30 +426,7 @@ class Queue:
         done, following = await self._end(complete, claim_next)
         if done:
             self._offline.pop(claim.job_id, None)
-        return done if claim_next is _UNSET else (done, following)
-
-    @overload
-    async def fail(
-        self,
-        claim: Claim,
-        failure: JobFailure,
-        *,
-        retry_in: float | None,
-        timings: dict[str, float] | None = None,
-        models: dict[str, Any] | None = None,
-    ) -> str | None: ...
-
-    @overload
-    async def fail(
-        self,
-        claim: Claim,
-        failure: JobFailure,
-        *,
-        retry_in: float | None,
-        timings: dict[str, float] | None = None,
-        models: dict[str, Any] | None = None,
-        claim_next: ClaimNext | None,
-    ) -> tuple[str | None, Claim | None]: ...
+        return done, following
 
     async def fail(
         self,
@@ -472,11 +436,26 @@ class Queue:
         retry_in: float | None,
         timings: dict[str, float] | None = None,
         models: dict[str, Any] | None = None,
-        claim_next: ClaimNext | _Unset | None = _UNSET,
-    ) -> str | tuple[str | None, Claim | None] | None:
+    ) -> str | None:
         """Record a failed attempt. With `retry_in` and attempts left the job is queued again
-        after that delay; otherwise it ends `failed`. Returns the new status, None if fenced;
-        with `claim_next`, (that, the next job claimed in the same transaction or None)."""
+        after that delay; otherwise it ends `failed`. Returns the new status, None if fenced."""
+        ended = await self.fail_and_claim(
+            claim, failure, None, retry_in=retry_in, timings=timings, models=models
+        )
+        return ended[0]
+
+    async def fail_and_claim(
+        self,
+        claim: Claim,
+        failure: JobFailure,
+        claim_next: ClaimNext | None,
+        *,
+        retry_in: float | None,
+        timings: dict[str, float] | None = None,
+        models: dict[str, Any] | None = None,
+    ) -> tuple[str | None, Claim | None]:
+        """`fail`, and in the same transaction the claim of the next job (`claim_next`; None
+        claims nothing): (the new status, the job claimed or None)."""
 
         def fail(db: sqlite3.Connection) -> str | None:
             if not self._owns(db, claim):
@@ -510,21 +489,17 @@ class Queue:
         status, following = await self._end(fail, claim_next)
         if status is not None:
             self._offline.pop(claim.job_id, None)
-        return status if claim_next is _UNSET else (status, following)
+        return status, following
 
-    @overload
-    async def finish_cancelled(self, claim: Claim, reason: str) -> bool: ...
+    async def finish_cancelled(self, claim: Claim, reason: str) -> bool:
+        """End a running attempt `cancelled`; False if fenced off."""
+        return (await self.cancelled_and_claim(claim, reason, None))[0]
 
-    @overload
-    async def finish_cancelled(
-        self, claim: Claim, reason: str, *, claim_next: ClaimNext | None
-    ) -> tuple[bool, Claim | None]: ...
-
-    async def finish_cancelled(
-        self, claim: Claim, reason: str, *, claim_next: ClaimNext | _Unset | None = _UNSET
-    ) -> bool | tuple[bool, Claim | None]:
-        """End a running attempt `cancelled`; False if fenced off. With `claim_next`, returns
-        (that, the next job claimed in the same transaction or None)."""
+    async def cancelled_and_claim(
+        self, claim: Claim, reason: str, claim_next: ClaimNext | None
+    ) -> tuple[bool, Claim | None]:
+        """`finish_cancelled`, and in the same transaction the claim of the next job
+        (`claim_next`; None claims nothing): (done, the job claimed or None)."""
 
         def finish(db: sqlite3.Connection) -> bool:
             if not self._owns(db, claim):
@@ -541,7 +516,7 @@ class Queue:
         done, following = await self._end(finish, claim_next)
         if done:
             self._offline.pop(claim.job_id, None)
-        return done if claim_next is _UNSET else (done, following)
+        return done, following
 
     async def release(self, claim: Claim, why: JobFailure | None = None) -> bool:
         """Give a running job back (shutdown, a full disk): queued again in its old place, the
