@@ -373,14 +373,7 @@ class Worker:
                 if failure.transient
                 else None
             )
-            status, following = await self.queue.fail_and_claim(
-                claim,
-                failure,
-                retry_in=retry_in,
-                timings=timings,
-                models=models,
-                claim_next=self._claim_next(),
-            )
+            status, following = await self._fail(claim, failure, retry_in, timings, models)
             log.warning(
                 "job %s attempt %s failed (%s: %s) -> %s",
                 claim.job_id,
@@ -437,6 +430,23 @@ class Worker:
             if beat.cancel_requested:
                 run.request_stop("cancelled", "cancelled while running")
 
+    async def _fail(
+        self,
+        claim: Claim,
+        failure: JobFailure,
+        retry_in: float | None,
+        timings: dict[str, float],
+        models: dict[str, Any],
+    ) -> tuple[str | None, Claim | None]:
+        return await self.queue.fail_and_claim(
+            claim,
+            failure,
+            self._claim_next(),
+            retry_in=retry_in,
+            timings=timings,
+            models=models,
+        )
+
     async def _stopped(
         self, claim: Claim, stop: StopJob, timings: dict[str, float], models: dict[str, Any]
     ) -> Claim | None:
@@ -447,14 +457,7 @@ class Worker:
             )
         elif stop.why == "timeout":
             failure = JobFailure("timeout", stop.message, transient=False)
-            _, following = await self.queue.fail_and_claim(
-                claim,
-                failure,
-                retry_in=None,
-                timings=timings,
-                models=models,
-                claim_next=self._claim_next(),
-            )
+            _, following = await self._fail(claim, failure, None, timings, models)
         elif stop.why == "shutdown":
             await self.queue.release(claim)
         log.info("job %s stopped: %s", claim.job_id, stop.message)

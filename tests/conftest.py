@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +77,15 @@ class Gate:
         self.inside.set()
         self.hold()
         return list(self.real.detect(image, query, **kw))
+
+
+def db_rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    """Rows read straight from a database file, outside the service."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
 
 
 def gate_detector(service: RunningService, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> Gate:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from service.config import Settings
 from service.errors import JobFailure
 from service.store.migrate import migrate
 from service.store.queue import ClaimNext, ImageRecord, Outcome, Queue
-from tests.conftest import RunningService, gate_detector
+from tests.conftest import RunningService, db_rows, gate_detector
 
 PARAMS = {"queries": ["car"], "prompt": "what?", "options": {}}
 NEXT = ClaimNext("w", 30.0)
@@ -62,14 +61,6 @@ async def _commits(queue: Queue) -> list[list[str]]:
     return transactions
 
 
-def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 def test_completion_claims_the_next_job_in_the_same_commit(tmp_path: Path) -> None:
     db = tmp_path / "aip.db"
 
@@ -88,11 +79,11 @@ def test_completion_claims_the_next_job_in_the_same_commit(tmp_path: Path) -> No
         return commits
 
     assert asyncio.run(scenario()) == 1
-    assert _rows(db, "SELECT id, status FROM jobs ORDER BY id") == [
+    assert db_rows(db, "SELECT id, status FROM jobs ORDER BY id") == [
         (1, "succeeded"),
         (2, "succeeded"),
     ]
-    assert _rows(db, "SELECT job_id, attempt, worker, outcome FROM job_attempts ORDER BY id") == [
+    assert db_rows(db, "SELECT job_id, attempt, worker, outcome FROM job_attempts ORDER BY id") == [
         (1, 1, "w", "succeeded"),
         (2, 1, "w", "succeeded"),
     ]
@@ -120,8 +111,8 @@ def test_a_fenced_off_completion_still_claims_the_next_job(tmp_path: Path) -> No
         await queue.close()
 
     asyncio.run(scenario())
-    assert _rows(db, "SELECT job_id, reasoning FROM results") == [(1, "fresh")]
-    assert _rows(db, "SELECT status, lease_owner FROM jobs WHERE id = 2") == [("running", "old")]
+    assert db_rows(db, "SELECT job_id, reasoning FROM results") == [(1, "fresh")]
+    assert db_rows(db, "SELECT status, lease_owner FROM jobs WHERE id = 2") == [("running", "old")]
 
 
 def test_failure_and_cancellation_claim_the_next_job_too(tmp_path: Path) -> None:
@@ -143,7 +134,7 @@ def test_failure_and_cancellation_claim_the_next_job_too(tmp_path: Path) -> None
         await queue.close()
 
     asyncio.run(scenario())
-    assert _rows(db, "SELECT id, status FROM jobs ORDER BY id") == [
+    assert db_rows(db, "SELECT id, status FROM jobs ORDER BY id") == [
         (1, "failed"),
         (2, "cancelled"),
         (3, "failed"),
@@ -193,7 +184,7 @@ def test_the_worker_commit_shares_a_group_with_waiting_enqueues(tmp_path: Path) 
 
     transactions = asyncio.run(scenario())
     assert len(transactions) == 1  # three callers, one COMMIT
-    assert _rows(db, "SELECT id, status FROM jobs ORDER BY id") == [
+    assert db_rows(db, "SELECT id, status FROM jobs ORDER BY id") == [
         (1, "succeeded"),
         (2, "running"),
         (3, "queued"),
@@ -263,9 +254,9 @@ def test_a_kill_inside_complete_and_claim_leaves_both_or_neither(
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
     found = {
-        "jobs": _rows(db, "SELECT id, status, attempts FROM jobs ORDER BY id"),
-        "attempts": _rows(db, "SELECT job_id, attempt, outcome FROM job_attempts ORDER BY id"),
-        "results": _rows(db, "SELECT job_id FROM results"),
+        "jobs": db_rows(db, "SELECT id, status, attempts FROM jobs ORDER BY id"),
+        "attempts": db_rows(db, "SELECT job_id, attempt, outcome FROM job_attempts ORDER BY id"),
+        "results": db_rows(db, "SELECT job_id FROM results"),
     }
     assert found == expected
 

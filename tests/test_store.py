@@ -23,6 +23,7 @@ from service.store.tables import (
     JobRow,
     ResultRow,
 )
+from tests.conftest import db_rows
 
 IMAGE = ImageRecord(
     sha256="ab" * 32, bytes=10, width=100, height=50, format="JPEG", path="images/ab/x.jpg"
@@ -375,14 +376,6 @@ async def _writer_busy(queue: Queue) -> AsyncIterator[None]:
         await blocker
 
 
-def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 def test_concurrent_enqueues_share_commits_and_all_survive_a_reopen(tmp_path: Path) -> None:
     db, n = tmp_path / "aip.db", 50
 
@@ -408,8 +401,8 @@ def test_concurrent_enqueues_share_commits_and_all_survive_a_reopen(tmp_path: Pa
     ids = [job_id for job_id, _ in results]
     assert len(set(ids)) == n
     assert 1 <= commits < n  # behaviour, not timing: they shared commits
-    assert sorted(row[0] for row in _rows(db, "SELECT id FROM jobs")) == sorted(ids)
-    assert _rows(db, "SELECT count(*) FROM images") == [(n,)]
+    assert sorted(row[0] for row in db_rows(db, "SELECT id FROM jobs")) == sorted(ids)
+    assert db_rows(db, "SELECT count(*) FROM images") == [(n,)]
 
 
 def test_in_a_group_a_conflict_or_an_error_fails_only_its_own_caller(tmp_path: Path) -> None:
@@ -444,8 +437,8 @@ def test_in_a_group_a_conflict_or_an_error_fails_only_its_own_caller(tmp_path: P
     assert results[0] == (2, True) and results[1] == (3, True) and results[5] == (1, False)
     assert isinstance(results[2], Conflict) and isinstance(results[3], Conflict)
     assert isinstance(results[4], TypeError)
-    assert _rows(db, "SELECT input_name FROM jobs ORDER BY id") == [("0",), ("1",), ("2",)]
-    assert _rows(db, "SELECT count(*) FROM images") == [(3,)]
+    assert db_rows(db, "SELECT input_name FROM jobs ORDER BY id") == [("0",), ("1",), ("2",)]
+    assert db_rows(db, "SELECT count(*) FROM images") == [(3,)]
 
 
 def test_a_cancelled_enqueue_leaves_its_whole_job_or_nothing(tmp_path: Path) -> None:
@@ -484,8 +477,8 @@ def test_a_cancelled_enqueue_leaves_its_whole_job_or_nothing(tmp_path: Path) -> 
         await queue.close()
 
     run(scenario())
-    jobs = {row[0] for row in _rows(db, "SELECT image_sha256 FROM jobs")}
-    images = {row[0] for row in _rows(db, "SELECT sha256 FROM images")}
+    jobs = {row[0] for row in db_rows(db, "SELECT image_sha256 FROM jobs")}
+    images = {row[0] for row in db_rows(db, "SELECT sha256 FROM images")}
     assert jobs == images  # no image row without its job, no job without its image
     assert {_image(i).sha256 for i in (1, 3, 5)} <= jobs  # those not cancelled are all there
 
@@ -515,8 +508,8 @@ def test_a_failed_group_commit_fails_every_caller_and_keeps_nothing(tmp_path: Pa
 
     results = run(scenario())
     assert all(isinstance(r, sqlite3.DatabaseError) for r in results), results
-    assert _rows(db, "SELECT input_name FROM jobs ORDER BY id") == [("before",), ("after",)]
-    assert _rows(db, "SELECT count(*) FROM images") == [(2,)]
+    assert db_rows(db, "SELECT input_name FROM jobs ORDER BY id") == [("before",), ("after",)]
+    assert db_rows(db, "SELECT count(*) FROM images") == [(2,)]
 
 
 def test_in_a_group_a_write_refused_for_space_is_disk_full_and_lands_nothing(
@@ -555,5 +548,5 @@ def test_in_a_group_a_write_refused_for_space_is_disk_full_and_lands_nothing(
     assert all(isinstance(r, DiskFull) for r in results[2::3])  # the large ones
     landed = {str(i) for i, r in enumerate(results, start=1) if isinstance(r, tuple)}
     assert landed and all(isinstance(r, (tuple, DiskFull)) for r in results)
-    assert {row[0] for row in _rows(db, "SELECT input_name FROM jobs")} == {"0"} | landed
-    assert _rows(db, "SELECT count(*) FROM images") == [(1 + len(landed),)]
+    assert {row[0] for row in db_rows(db, "SELECT input_name FROM jobs")} == {"0"} | landed
+    assert db_rows(db, "SELECT count(*) FROM images") == [(1 + len(landed),)]

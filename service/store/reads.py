@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -72,6 +73,8 @@ _VIEW_COLUMNS: tuple[Any, ...] = (
     col(ResultRow.job_id).label("result_of"),
     col(ResultRow.reasoning),
 )
+# A view row's positions by column name, for readers that take a few columns of it.
+_AT = SimpleNamespace(**{column.key: i for i, column in enumerate(_VIEW_COLUMNS)})
 _DETECTION_COLUMNS: tuple[Any, ...] = (
     col(DetectionRow.job_id),
     col(DetectionRow.idx),
@@ -226,35 +229,30 @@ Projection = Callable[[Sequence[Any], Sequence[Sequence[Any]]], dict[str, Any] |
 def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any]:
     """The job, its input with EXIF, and its result's numbered, labelled boxes and reasoning:
     no parameters, timings, models, normalised boxes, masks, attempts or follow-ups."""
-    (
-        job_id, status, source, source_path, _attempts, _max_attempts, _cancel, created_at,
-        _started_at, finished_at, input_name, _params, _timings, _models, _error_code,
-        _error_message, _sha256, _size, width, height, _format, captured_at, exif, _pruned_at,
-        result_of, reasoning,
-    ) = row  # fmt: skip
+    width, height = row[_AT.width], row[_AT.height]
     view: dict[str, Any] = {
-        "id": job_id,
-        "status": status,
-        "source": source,
-        "source_path": source_path,
-        "created_at": iso(created_at),
-        "finished_at": iso(finished_at),
+        "id": row[_AT.id],
+        "status": row[_AT.status],
+        "source": row[_AT.source],
+        "source_path": row[_AT.source_path],
+        "created_at": iso(row[_AT.created_at]),
+        "finished_at": iso(row[_AT.finished_at]),
         "input": {
-            "name": input_name,
+            "name": row[_AT.input_name],
             "width": width,
             "height": height,
-            "captured_at": captured_at,
-            "exif": _exif(exif),
+            "captured_at": row[_AT.captured_at],
+            "exif": _exif(row[_AT.exif]),
         },
         "result": None,
     }
-    if result_of is not None:
+    if row[_AT.result_of] is not None:
         view["result"] = {
             "detections": [
                 {"number": d[1], "label": d[2], "box": _box(d[3], d[4], d[5], d[6])}
                 for d in detections
             ],
-            "reasoning": reasoning,
+            "reasoning": row[_AT.reasoning],
         }
     return view
 
@@ -262,24 +260,23 @@ def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict
 def located_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any] | None:
     """A job whose EXIF holds a GPS position: its name, status, capture time, EXIF, and its
     result's labels and reasoning; None for any other job."""
-    (
-        job_id, status, *_, input_name, _params, _timings, _models, _error_code, _error_message,
-        _sha256, _size, _width, _height, _format, captured_at, exif, _pruned_at, result_of,
-        reasoning,
-    ) = row  # fmt: skip
-    input_exif = _exif(exif)
+    input_exif = _exif(row[_AT.exif])
     if not (input_exif and input_exif.get("gps")):
         return None
     view: dict[str, Any] = {
-        "id": job_id,
-        "status": status,
-        "input": {"name": input_name, "captured_at": captured_at, "exif": input_exif},
+        "id": row[_AT.id],
+        "status": row[_AT.status],
+        "input": {
+            "name": row[_AT.input_name],
+            "captured_at": row[_AT.captured_at],
+            "exif": input_exif,
+        },
         "result": None,
     }
-    if result_of is not None:
+    if row[_AT.result_of] is not None:
         view["result"] = {
             "detections": [{"label": d[2]} for d in detections],
-            "reasoning": reasoning,
+            "reasoning": row[_AT.reasoning],
         }
     return view
 
@@ -289,13 +286,7 @@ def annotated_view(
 ) -> dict[str, Any] | None:
     """A job with a result: its source path, input name and size, and its result's labelled
     boxes with their masks; None for a job without one."""
-    (
-        job_id, *_, source_path, _attempts, _max_attempts, _cancel, _created_at, _started_at,
-        _finished_at, input_name, _params, _timings, _models, _error_code, _error_message,
-        _sha256, _size, width, height, _format, _captured_at, _exif_text, _pruned_at, result_of,
-        _reasoning,
-    ) = row  # fmt: skip
-    if result_of is None:
+    if row[_AT.result_of] is None:
         return None
     found = []
     for d in detections:
@@ -304,9 +295,9 @@ def annotated_view(
             detection["mask"] = _mask(d[7])
         found.append(detection)
     return {
-        "id": job_id,
-        "source_path": source_path,
-        "input": {"name": input_name, "width": width, "height": height},
+        "id": row[_AT.id],
+        "source_path": row[_AT.source_path],
+        "input": {"name": row[_AT.input_name], "width": row[_AT.width], "height": row[_AT.height]},
         "result": {"detections": found},
     }
 
