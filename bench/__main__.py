@@ -26,6 +26,7 @@ REGISTRY = {
     "overhead": "bench.overhead_bench",
     "two_server": "bench.two_server_bench",
     "multiquery": "bench.multiquery_bench",
+    "tiles": "bench.tiles_bench",
     "followup": "bench.followup_bench",
     "batch": "bench.batch_bench",
     "demo": "bench.demo_bench",

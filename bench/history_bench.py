@@ -84,7 +84,10 @@ def seed(db_path: Path, jobs: int) -> None:
             )
             if status == "succeeded":
                 reasoning = " ".join(rand.sample(WORDS, 3))
-                db.execute("INSERT INTO results VALUES (?, ?, ?)", (job_id, reasoning, created))
+                db.execute(
+                    "INSERT INTO results (job_id, reasoning, created_at) VALUES (?, ?, ?)",
+                    (job_id, reasoning, created),
+                )
                 db.executemany(
                     "INSERT INTO detections (job_id, idx, label, x1, y1, x2, y2)"
                     " VALUES (?, ?, ?, 100, 100, 300, 250)",

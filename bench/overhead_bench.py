@@ -58,8 +58,8 @@ class BareLoop:
         from mlx_vlm import generate
         from mlx_vlm.prompt_utils import apply_chat_template
 
+        from service.grounding import grounded_prompt
         from service.models.falcon import to_detections
-        from service.pipeline import reasoning_prompt
 
         image = Image.open(io.BytesIO(data)).convert("RGB")
         found = []
@@ -68,7 +68,7 @@ class BareLoop:
                 self.det_proc, image=image, query=query, max_new_tokens=256
             )
             found += to_detections(raw, query, image.size)
-        text = reasoning_prompt(PROMPT, found)
+        text = grounded_prompt(PROMPT, found, image.size)
         prompt = apply_chat_template(self.rsn_proc, self.rsn.config, text, num_images=1)
         generate(
             self.rsn,

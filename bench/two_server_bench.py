@@ -333,14 +333,14 @@ def same_reasoning(job: dict[str, Any], data: bytes, theirs: TwoServers) -> tupl
     the same question): whether it answers with our text, and how many tokens it generated.
     Equal text under greedy decoding means both generated the same tokens."""
     from service.detection import Detection
-    from service.pipeline import reasoning_prompt
+    from service.grounding import grounded_prompt
 
     size = (int(job["input"]["width"]), int(job["input"]["height"]))
     found = [
         Detection(d["label"], tuple(d["box"]), size, None) for d in job["result"]["detections"]
     ]
     image_url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
-    reply = theirs.reason(image_url, reasoning_prompt(PROMPT, found))
+    reply = theirs.reason(image_url, grounded_prompt(PROMPT, found, size))
     text = str(reply["choices"][0]["message"]["content"])
     return text.strip() == str(job["result"]["reasoning"]).strip(), theirs.usage.pop()[0]
 
@@ -480,8 +480,8 @@ def profile(detector: Path, reasoner: Path, tokens: int) -> tuple[str, str]:
     from PIL import Image
 
     from bench.profiling import hotspots
+    from service.grounding import grounded_prompt
     from service.models import falcon, gemma, mlx_runtime
-    from service.pipeline import reasoning_prompt
 
     det, rsn = falcon.load(detector), gemma.load(reasoner)
     image = Image.open(io.BytesIO(_frame(10**5 + 1))).convert("RGB")
@@ -491,7 +491,7 @@ def profile(detector: Path, reasoner: Path, tokens: int) -> tuple[str, str]:
         found[:] = [d for q in QUERIES for d in det.detect(image, q, max_new_tokens=DETECT_TOKENS)]
 
     def reason() -> None:
-        rsn.reason(image, reasoning_prompt(PROMPT, found), max_tokens=tokens)
+        rsn.reason(image, grounded_prompt(PROMPT, found, image.size), max_tokens=tokens)
 
     parts = []
     for name, stage in (("detect", detect), ("reason", reason)):

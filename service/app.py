@@ -25,6 +25,7 @@ from service.api import docs as docs_api
 from service.api import followups as followups_api
 from service.api import health, history, inbox, jobs
 from service.api import models as models_api
+from service.api import profiles as profiles_api
 from service.api.guard import BrowserGuard
 from service.config import Settings, parse_age
 from service.diskspace import is_disk_full, watch
@@ -36,10 +37,12 @@ from service.leftovers import remove_unfinished_images
 from service.models.host import ModelHost
 from service.periodic import every
 from service.private import enter_private_umask, leave_private_umask, tighten
+from service.profiles import BUILTINS
 from service.services import Services
 from service.store import followups as followup_store
 from service.store.ledger import Ledger
 from service.store.migrate import migrate
+from service.store.profiles import Profiles
 from service.store.queue import Queue
 from service.store.reads import Reads
 from service.store.retention import prune
@@ -266,6 +269,9 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                     failed,
                 )
             reads = Reads(read_engine(settings.database))
+            profiles = Profiles(queue, reads)
+            for name in await profiles.seed(BUILTINS):
+                log.warning("profile %r is yours: the shipped one is not installed", name)
             if await followup_store.recover(queue):
                 log.warning("follow-up questions interrupted by the last stop are queued again")
             asked = app.state.followups = FollowUps(settings, queue, models, reads)
@@ -273,8 +279,10 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             worker = Worker(settings, queue, models)
             watcher = None
             if settings.inbox_enabled:
-                watcher = InboxWatcher(settings, Ledger(queue), worker.notify)
-            app.state.services = Services(settings, queue, reads, models, worker, started, watcher)
+                watcher = InboxWatcher(settings, Ledger(queue), worker.notify, profiles)
+            app.state.services = Services(
+                settings, queue, reads, models, worker, started, profiles, watcher
+            )
             log.info(
                 "aip %s started on %s; queue %s",
                 __version__,
@@ -358,5 +366,6 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     app.include_router(models_api.router, prefix="/v1")
     app.include_router(history.router, prefix="/v1")
     app.include_router(followups_api.router, prefix="/v1")
+    app.include_router(profiles_api.router, prefix="/v1")
     docs_api.install(app)
     return app

@@ -14,7 +14,9 @@ from typing import Any
 
 DEFAULT_DETECTOR = "tiiuae/Falcon-Perception"
 DEFAULT_REASONER = "mlx-community/gemma-4-e2b-it-4bit"
-DEFAULT_QUERIES = ("person", "vehicle", "building")
+# None by default: a job with no queries from itself, its folder or a profile is planned
+# (the reasoner proposes what to look for).
+DEFAULT_QUERIES: tuple[str, ...] = ()
 DEFAULT_PROMPT = "Describe what this image shows and anything notable about the detected objects."
 
 

@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from service import __version__
@@ -36,6 +36,7 @@ CSV_COLUMNS = [
 # Encoders made once: json.dumps with any option builds a new encoder on every call.
 _dumps = json.JSONEncoder(allow_nan=False).encode
 _dumps_text = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode  # UTF-8 as is
+_compact = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _gps(job: dict[str, Any]) -> dict[str, Any]:
@@ -49,9 +50,32 @@ def _line(values: list[Any]) -> str:
     return buffer.getvalue()
 
 
-async def to_csv(pages: Pages) -> AsyncIterator[str]:
-    """One row per detection, and one row for each job without detections."""
-    yield _line(CSV_COLUMNS)
+def _cell(value: Any) -> Any:
+    """A structured answer's field as a CSV cell: text and numbers as they are, anything else
+    (true/false, null, lists, objects) as compact JSON."""
+    if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    return _compact(value)
+
+
+def _answer_cells(answer: Any, fields: Sequence[str]) -> list[Any]:
+    if not isinstance(answer, dict):
+        return [""] * len(fields)
+    return [_cell(answer[name]) if name in answer else "" for name in fields]
+
+
+async def to_csv(pages: Pages, answer_fields: Sequence[str] = ()) -> AsyncIterator[str]:
+    """One row per detection, and one row for each job without detections; after the fixed
+    columns, one `answer.<field>` column per top-level field of the structured answers.
+
+    The header comes first but the answers arrive page by page, so the fields are read
+    before the export starts (Reads.answer_fields: those of the answers stored, and those
+    the schemas of unfinished jobs name), not gathered while it streams; a two-pass export
+    through a spool would delay the first byte until the last page and write every row
+    twice. A field only a job finishing during the export brings, which its schema does not
+    name, has no column: the JSON Lines export carries whole answers."""
+    fields = list(answer_fields)
+    yield _line([*CSV_COLUMNS, *(f"answer.{name}" for name in fields)])
     async for page in pages:
         rows: list[list[Any]] = []
         for job in page:
@@ -65,10 +89,11 @@ async def to_csv(pages: Pages) -> AsyncIterator[str]:
             ]  # fmt: skip
             reasoning = result.get("reasoning", "")
             detections = result.get("detections") or []
+            answer = _answer_cells(result.get("answer"), fields) if fields else []
             if not detections:
-                rows.append([*base, "", "", "", "", "", "", reasoning])
+                rows.append([*base, "", "", "", "", "", "", reasoning, *answer])
             for d in detections:
-                rows.append([*base, d["number"], d["label"], *d["box"], reasoning])
+                rows.append([*base, d["number"], d["label"], *d["box"], reasoning, *answer])
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\r\n").writerows(rows)
         yield buffer.getvalue()

@@ -15,9 +15,10 @@ from PIL import Image
 from service.config import Settings
 from service.detection import Detection
 from service.errors import JobFailure
+from service.grounding import grounded_prompt
 from service.intake import open_for_models
 from service.models.host import ModelHost
-from service.pipeline import JobParams, reasoning_prompt
+from service.pipeline import JobParams
 from service.policy import classify
 from service.store import followups as store
 from service.store.queue import Queue
@@ -31,11 +32,13 @@ IDLE_POLL_SECONDS = 30.0
 
 
 def job_prompt(ask: store.Ask, size: tuple[int, int]) -> str:
-    """The prompt the job's reasoning was given, rebuilt from what the job stored."""
+    """The prompt the job's reasoning was given, rebuilt from what the job stored (a job that
+    was also shown a marks image or crops is asked about the image alone)."""
     detections = [
         Detection(label, (x1, y1, x2, y2), size) for label, x1, y1, x2, y2 in ask.detections
     ]
-    return reasoning_prompt(JobParams.from_dict(ask.params).prompt, detections)
+    params = JobParams.from_dict(ask.params)
+    return grounded_prompt(params.prompt, detections, size, schema=params.response_schema)
 
 
 def answer(

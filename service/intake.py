@@ -7,13 +7,13 @@ import io
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from service.atomic import write_atomically
 from service.decode import FORMATS, decode
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.store.queue import ImageRecord
@@ -172,17 +172,7 @@ def store_image(data: bytes, record: ImageRecord, data_dir: Path) -> Path:
     if target.exists() and target.stat().st_size == record.bytes:
         os.utime(target)  # fresh mtime: a retention run in progress will leave it alone
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(target, lambda out: out.write(data))
     return target
 
 

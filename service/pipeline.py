@@ -13,6 +13,10 @@ from PIL import Image
 from service.config import Settings
 from service.detection import Detection
 from service.errors import InvalidInput
+from service.grounding import crops_for, grounded_prompt, marks_image, parse_citations
+from service.structured import PLAN_PROMPT, PLAN_SCHEMA, parse_answer, parse_plan
+from service.tiled import detect_tiled
+from service.tiles import NATIVE_SIDE_FALLBACK, grid, spec_for
 
 
 class Detector(Protocol):
@@ -20,7 +24,14 @@ class Detector(Protocol):
 
 
 class Reasoner(Protocol):
-    def reason(self, image: Image.Image, prompt: str, *, max_tokens: int) -> str: ...
+    """`image` may be a list of images (the image, then a marks image and crops); a reasoner
+    that answers structured jobs and plans queries also takes `schema=` (a JSON Schema)."""
+
+    def reason(self, image: Any, prompt: str, *, max_tokens: int) -> str: ...
+
+
+# Tokens for the list of object names a planning call proposes.
+PLAN_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -32,12 +43,35 @@ class JobParams:
     # jobs stored before limits were (they run with the settings' values).
     detect_max_tokens: int | None = None
     reason_max_tokens: int | None = None
+    # The aerial options (service.jobspec checks them): "auto" | "off" | {size, overlap,
+    # full_frame}; numbered boxes drawn on a second image; a JSON Schema for the answer;
+    # classes blurred in every image handed out, and whether the original is kept.
+    tiling: str | dict[str, Any] = "auto"
+    set_of_marks: bool = False
+    response_schema: dict[str, Any] | None = None
+    redact: tuple[str, ...] = ()
+    keep_original: bool = True
+    profile: str | None = None  # the profile the job's parameters were resolved with
+    plan: bool = False  # no queries from anywhere: the reasoner proposes what to look for
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"queries": list(self.queries), "prompt": self.prompt, "options": self.options}
+        out: dict[str, Any] = {
+            "queries": list(self.queries),
+            "prompt": self.prompt,
+            "options": self.options,
+        }
         for name in TOKEN_LIMITS:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        out["tiling"] = self.tiling
+        out["set_of_marks"] = self.set_of_marks
+        if self.response_schema is not None:
+            out["response_schema"] = self.response_schema
+        out["redact"] = list(self.redact)
+        out["keep_original"] = self.keep_original
+        if self.profile is not None:
+            out["profile"] = self.profile
+        out["plan"] = self.plan
         return out
 
     @classmethod
@@ -48,7 +82,19 @@ class JobParams:
             dict(raw.get("options") or {}),
             raw.get("detect_max_tokens"),
             raw.get("reason_max_tokens"),
+            tiling=raw.get("tiling", "auto"),
+            set_of_marks=bool(raw.get("set_of_marks", False)),
+            response_schema=raw.get("response_schema"),
+            redact=tuple(raw.get("redact") or ()),
+            keep_original=bool(raw.get("keep_original", True)),
+            profile=raw.get("profile"),
+            plan=bool(raw.get("plan", False)),
         )
+
+    @property
+    def detection_queries(self) -> tuple[str, ...]:
+        """What the detector looks for: the queries, then classes to redact not among them."""
+        return tuple(dict.fromkeys([*self.queries, *self.redact]))
 
 
 # A job's generation limits: each defaults to, and may not exceed, its setting.
@@ -94,10 +140,13 @@ def build_params(
     max_query_chars: int = 200,
     detect_max_tokens: int | None = None,
     reason_max_tokens: int | None = None,
+    allow_plan: bool = False,
 ) -> JobParams:
+    """`allow_plan`: no queries (given or default) makes a planning job (the reasoner
+    proposes them) instead of a refusal."""
     chosen = parse_queries(queries) if queries else list(default_queries)
     unique = list(dict.fromkeys(chosen))
-    if not unique:
+    if not unique and not allow_plan:
         raise InvalidInput("at least one detection query is needed", code="invalid_queries")
     if len(unique) > max_queries:
         raise InvalidInput(
@@ -120,6 +169,7 @@ def build_params(
         text,
         detect_max_tokens=detect_max_tokens,
         reason_max_tokens=reason_max_tokens,
+        plan=not unique,
     )
 
 
@@ -149,24 +199,6 @@ def params_within(
     )
 
 
-def reasoning_prompt(question: str, detections: Sequence[Detection]) -> str:
-    """The reasoner sees the numbered detections (numbers match the stored ones) and the
-    user's question."""
-    if detections:
-        width, height = detections[0].image_size
-        lines = [
-            f"An object detector found {len(detections)} objects in this "
-            f"{width}x{height} image (boxes are [x1, y1, x2, y2] in pixels):"
-        ]
-        lines += [
-            f"{n}. {d.label} at [{', '.join(str(round(v)) for v in d.box)}]"
-            for n, d in enumerate(detections, start=1)
-        ]
-    else:
-        lines = ["An object detector found no objects for the requested queries."]
-    return "\n".join([*lines, "", question])
-
-
 def to_original(detections: Sequence[Detection], size: tuple[int, int]) -> list[Detection]:
     """Boxes found on a reduced image, in pixels of the original (masks keep their own size)."""
     out = []
@@ -186,6 +218,160 @@ class Analysis:
     detections: list[Detection]
     reasoning: str
     timings: dict[str, float]
+    answer: Any = None  # the structured answer, when the job gave a response_schema
+    citations: list[int] = field(default_factory=list)  # detection numbers the text cites
+    planned_queries: list[str] | None = None  # what the reasoner proposed to look for
+    tiling: dict[str, Any] | None = None  # the tile grid and its timings, when tiled
+
+
+@dataclass(frozen=True)
+class _Grounded:
+    """A job after detection: what the reasoner is to be given."""
+
+    detections: list[Detection]
+    images: list[Image.Image]  # the image, then the marks image and crops, when asked
+    prompt: str
+    timings: dict[str, float]
+    planned: list[str] | None
+    tiling: dict[str, Any] | None
+
+
+def _plan(image: Image.Image, reasoner: Reasoner, checkpoint: Callable[[str], None]) -> list[str]:
+    """Ask the reasoner what to look for: a short list of object names, constrained."""
+    checkpoint("plan")
+    text = _reason(reasoner, [image], PLAN_PROMPT, PLAN_TOKENS, PLAN_SCHEMA)
+    return parse_plan(text)
+
+
+def _detect(
+    image: Image.Image,
+    queries: Sequence[str],
+    detector: Detector,
+    tokens: int,
+    checkpoint: Callable[[str], None],
+) -> list[list[Detection]]:
+    detect_many = getattr(detector, "detect_many", None)  # one image encoding for all queries
+    if detect_many is not None:
+        return list(
+            detect_many(
+                image,
+                queries,
+                max_new_tokens=tokens,
+                on_group=lambda group: checkpoint("detect:" + ", ".join(group)),
+            )
+        )
+    groups = []
+    for query in queries:
+        checkpoint(f"detect:{query}")
+        groups.append(detector.detect(image, query, max_new_tokens=tokens))
+    return groups
+
+
+def _ground(
+    image: Image.Image,
+    params: JobParams,
+    detector: Detector,
+    reasoner: Reasoner,
+    *,
+    detect_tokens: int,
+    checkpoint: Callable[[str], None],
+    original_size: tuple[int, int] | None,
+    frame: Callable[[], Image.Image] | None,
+    scale_time: Callable[[int], None],
+) -> _Grounded:
+    """Plan (when no queries were given), detect (tiled when the frame is larger than the
+    detector's input), then put together what the reasoner sees."""
+    timings: dict[str, float] = {}
+    size = original_size or image.size
+    planned = None
+    queries = params.detection_queries
+    if params.plan:
+        began = time.perf_counter()
+        planned = _plan(image, reasoner, checkpoint)
+        queries = tuple(dict.fromkeys([*planned, *params.redact]))
+        timings["plan"] = (time.perf_counter() - began) * 1000
+    began = time.perf_counter()
+    native = int(getattr(detector, "native_side", NATIVE_SIDE_FALLBACK))
+    spec = spec_for(size, params.tiling, native) if queries else None
+    full: Image.Image | None = None
+    tiling = None
+    if spec is not None:
+        full = image if image.size == size or frame is None else frame()
+        cells = len(grid(full.size, spec.size, spec.overlap)) + int(spec.full_frame)
+        scale_time(cells)  # a tiled job does the detection work of `cells` images
+        tiled = detect_tiled(
+            full,
+            queries,
+            detector,
+            spec,
+            max_new_tokens=detect_tokens,
+            checkpoint=checkpoint,
+            working=image,
+        )
+        groups, tiling = tiled.groups, tiled.report
+    else:
+        found = _detect(image, queries, detector, detect_tokens, checkpoint) if queries else []
+        groups = [to_original(g, size) if original_size else g for g in found]
+    detections = [d for group in groups for d in group]
+    timings["detect"] = (time.perf_counter() - began) * 1000
+    images = [image]
+    marks = params.set_of_marks and bool(detections)  # no boxes: no second image to describe
+    if marks:
+        images.append(marks_image(image, detections))
+    crops = crops_for(full, detections) if full is not None and detections else []
+    images += [crop.image for crop in crops]
+    prompt = grounded_prompt(
+        params.prompt,
+        detections,
+        size,
+        marks=marks,
+        crops=crops,
+        schema=params.response_schema,
+    )
+    return _Grounded(detections, images, prompt, timings, planned, tiling)
+
+
+def _reason(
+    reasoner: Reasoner,
+    images: Sequence[Image.Image],
+    prompt: str,
+    tokens: int,
+    schema: dict[str, Any] | None,
+) -> str:
+    """One image goes as itself, several as a list; a schema only when there is one (so a
+    reasoner that takes neither still serves the plain case)."""
+    shown: Any = images[0] if len(images) == 1 else list(images)
+    if schema is None:
+        return reasoner.reason(shown, prompt, max_tokens=tokens)
+    return reasoner.reason(shown, prompt, max_tokens=tokens, schema=schema)  # type: ignore[call-arg]
+
+
+def _finish(grounded: _Grounded, text: str, params: JobParams, reason_ms: float) -> Analysis:
+    """The answer parsed (a structured job's text must be JSON valid against its schema, or
+    the job fails with why) and its citations read."""
+    answer = parse_answer(text, params.response_schema) if params.response_schema else None
+    # A structured answer cites in its text fields; its numbers elsewhere are counts.
+    cited = text if answer is None else " ".join(_strings(answer))
+    return Analysis(
+        detections=grounded.detections,
+        reasoning=text,
+        timings={**grounded.timings, "reason": reason_ms},
+        answer=answer,
+        citations=parse_citations(cited, len(grounded.detections)),
+        planned_queries=grounded.planned,
+        tiling=grounded.tiling,
+    )
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside a JSON value, keys excepted, in document order."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
 
 
 def analyse(
@@ -198,43 +384,38 @@ def analyse(
     reason_tokens: int = 256,
     checkpoint: Callable[[str], None] = lambda stage: None,
     original_size: tuple[int, int] | None = None,
+    frame: Callable[[], Image.Image] | None = None,
+    scale_time: Callable[[int], None] = lambda cells: None,
 ) -> Analysis:
-    """Run every query through the detector, then the reasoner once.
+    """Plan queries if none were given, run them through the detector, then the reasoner once.
 
     The job's own token limits are used; `detect_tokens` and `reason_tokens` only for a job
     stored without them. `checkpoint(stage)` is called at each stage boundary and may raise
     to stop the job there (cancellation, timeout, shutdown). `original_size`: the size of the
-    image `image` was reduced from; boxes are given in its pixels."""
-    detect_tokens = params.detect_max_tokens or detect_tokens
-    reason_tokens = params.reason_max_tokens or reason_tokens
-    detections: list[Detection] = []
-    began = time.perf_counter()
-    detect_many = getattr(detector, "detect_many", None)  # one image encoding for all queries
-    if detect_many is not None:
-        groups = detect_many(
-            image,
-            params.queries,
-            max_new_tokens=detect_tokens,
-            on_group=lambda group: checkpoint("detect:" + ", ".join(group)),
-        )
-    else:
-        groups = []
-        for query in params.queries:
-            checkpoint(f"detect:{query}")
-            groups.append(detector.detect(image, query, max_new_tokens=detect_tokens))
-    for found in groups:
-        detections.extend(to_original(found, original_size) if original_size else found)
-    detected = time.perf_counter()
+    image `image` was reduced from; boxes are given in its pixels. `frame()` gives the image
+    at that size, for tiled detection; `scale_time(n)` is told when detection will cost n
+    images' worth (a tiled frame)."""
+    grounded = _ground(
+        image,
+        params,
+        detector,
+        reasoner,
+        detect_tokens=params.detect_max_tokens or detect_tokens,
+        checkpoint=checkpoint,
+        original_size=original_size,
+        frame=frame,
+        scale_time=scale_time,
+    )
     checkpoint("reason")
-    reasoning = reasoner.reason(
-        image, reasoning_prompt(params.prompt, detections), max_tokens=reason_tokens
+    began = time.perf_counter()
+    text = _reason(
+        reasoner,
+        grounded.images,
+        grounded.prompt,
+        params.reason_max_tokens or reason_tokens,
+        params.response_schema,
     )
-    reasoned = time.perf_counter()
-    return Analysis(
-        detections=detections,
-        reasoning=reasoning,
-        timings={"detect": (detected - began) * 1000, "reason": (reasoned - detected) * 1000},
-    )
+    return _finish(grounded, text, params, (time.perf_counter() - began) * 1000)
 
 
 @dataclass(frozen=True)
@@ -245,6 +426,8 @@ class BatchItem:
     params: JobParams
     checkpoint: Callable[[str], None] = lambda stage: None
     original_size: tuple[int, int] | None = None
+    frame: Callable[[], Image.Image] | None = None
+    scale_time: Callable[[int], None] = lambda cells: None
 
 
 # Every job's reasoning in one call: (reasoner, images, prompts, token limits) -> texts.
@@ -270,67 +453,71 @@ def analyse_many(
 ) -> list[Analysis | BaseException]:
     """`analyse` for several jobs, each job's outcome (or what stopped it) in its place: the
     same detections and text each would get alone. Detection runs job by job; the reasoning
-    of the jobs still going runs as one `reason_many` call. A job that raises (its
-    checkpoint included) ends alone; if the batched reasoning raises, each job's reasoning
-    runs again alone, so only the job that causes it fails."""
-    results: list[Analysis | BaseException] = []
+    of the plain jobs still going (one image, no schema) runs as one `reason_many` call, the
+    others' alone. A job that raises (its checkpoint included) ends alone; if the batched
+    reasoning raises, each job's reasoning runs again alone, so only the job that causes it
+    fails."""
+    grounded: list[_Grounded | BaseException] = []
     for item in items:
         try:
-            results.append(
-                analyse(
-                    item.image,
-                    item.params,
-                    detector,
-                    _Deferred(),
-                    detect_tokens=detect_tokens,
-                    checkpoint=item.checkpoint,
-                    original_size=item.original_size,
-                )
+            ready = _ground(
+                item.image,
+                item.params,
+                detector,
+                reasoner,
+                detect_tokens=item.params.detect_max_tokens or detect_tokens,
+                checkpoint=item.checkpoint,
+                original_size=item.original_size,
+                frame=item.frame,
+                scale_time=item.scale_time,
             )
+            item.checkpoint("reason")
+        except Exception as exc:
+            grounded.append(exc)
+        else:
+            grounded.append(ready)
+    texts: dict[int, str | BaseException] = {}
+    limits = [item.params.reason_max_tokens or reason_tokens for item in items]
+    plain = [
+        i
+        for i, g in enumerate(grounded)
+        if isinstance(g, _Grounded) and len(g.images) == 1 and not items[i].params.response_schema
+    ]
+    began = time.perf_counter()
+    if plain:
+        try:
+            together = reason_many(
+                reasoner,
+                [_ready(grounded[i]).images[0] for i in plain],
+                [_ready(grounded[i]).prompt for i in plain],
+                [limits[i] for i in plain],
+            )
+            texts.update(zip(plain, together, strict=True))
+        except Exception:
+            pass  # each runs again alone below: only the job that causes it fails
+    batch_ms = (time.perf_counter() - began) * 1000
+    results: list[Analysis | BaseException] = []
+    for index, (item, g) in enumerate(zip(items, grounded, strict=True)):
+        if isinstance(g, BaseException):
+            results.append(g)
+            continue
+        began = time.perf_counter()
+        try:
+            text = texts.get(index)
+            if text is None:
+                text = _reason(
+                    reasoner, g.images, g.prompt, limits[index], item.params.response_schema
+                )
+                took = (time.perf_counter() - began) * 1000
+            else:
+                took = batch_ms
+            assert isinstance(text, str)
+            results.append(_finish(g, text, item.params, took))
         except Exception as exc:
             results.append(exc)
-    going: list[int] = []
-    for index, item in enumerate(items):
-        if isinstance(results[index], Analysis):
-            try:
-                item.checkpoint("reason")
-            except Exception as exc:
-                results[index] = exc
-            else:
-                going.append(index)
-    began = time.perf_counter()
-    prompts = [reasoning_prompt(items[i].params.prompt, _found(results[i])) for i in going]
-    images = [items[i].image for i in going]
-    limits = [items[i].params.reason_max_tokens or reason_tokens for i in going]
-    texts: list[str | BaseException]
-    try:
-        texts = list(reason_many(reasoner, images, prompts, limits)) if going else []
-    except Exception:
-        texts = []
-        for image, prompt, limit in zip(images, prompts, limits, strict=True):
-            try:
-                texts.append(reasoner.reason(image, prompt, max_tokens=limit))
-            except Exception as exc:
-                texts.append(exc)
-    reason_ms = (time.perf_counter() - began) * 1000
-    for index, text in zip(going, texts, strict=True):
-        done = results[index]
-        assert isinstance(done, Analysis)
-        results[index] = (
-            text
-            if isinstance(text, BaseException)
-            else Analysis(done.detections, text, {**done.timings, "reason": reason_ms})
-        )
     return results
 
 
-class _Deferred:
-    """The reasoner of a batch's detection pass: reasoning waits for the whole batch."""
-
-    def reason(self, image: Image.Image, prompt: str, *, max_tokens: int) -> str:
-        return ""
-
-
-def _found(result: Analysis | BaseException) -> list[Detection]:
-    assert isinstance(result, Analysis)
-    return result.detections
+def _ready(grounded: _Grounded | BaseException) -> _Grounded:
+    assert isinstance(grounded, _Grounded)
+    return grounded

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from service.config import Settings
 from service.inbox.watcher import InboxWatcher
 from service.models.host import ModelHost
+from service.store.profiles import Profiles
 from service.store.queue import Queue
 from service.store.reads import Reads
 from service.worker import Worker
@@ -21,6 +22,7 @@ class Services:
     host: ModelHost
     worker: Worker
     started: float
+    profiles: Profiles
     inbox: InboxWatcher | None = None
     # Uploads decoded at once: each holds its bytes and a decoded image in memory.
     intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))

@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from service import batching
+from PIL import Image
+
+from service import batching, redact
 from service.config import Settings
 from service.errors import DiskFull, JobFailure
+from service.intake import open_stored
 from service.models.host import ModelHost
 from service.pipeline import Analysis, BatchItem, JobParams, ReasonMany, analyse, analyse_many
 from service.policy import backoff_seconds, classify, pause_seconds
 from service.prefetch import Decoded, Prefetch
 from service.store.queue import Claim, ClaimNext, Outcome, Queue
+from service.store.retention import drop_original
 
 log = logging.getLogger("aip.worker")
 
@@ -41,10 +47,17 @@ class _Run:
     def __init__(self, worker: Worker, claim: Claim, timeout: float) -> None:
         self.worker = worker
         self.claim = claim
-        self.deadline = time.monotonic() + timeout
+        self.began = time.monotonic()
+        self.timeout = timeout
+        self.deadline = self.began + timeout
         self.reason: tuple[str, str] | None = None
         self.flag = threading.Event()
         self.stage: str | None = None  # its own (a batch's jobs move through stages apart)
+
+    def scale(self, cells: int) -> None:
+        """Its detection does `cells` images' worth of work (a tiled frame): its time grows
+        to match, as a batch's does."""
+        self.deadline = self.began + self.timeout * max(cells, 1)
 
     def request_stop(self, why: str, message: str) -> None:
         self.reason = (why, message)
@@ -254,6 +267,8 @@ class Worker:
                     reason_tokens=self.settings.reason_max_tokens,
                     checkpoint=run.checkpoint,
                     original_size=original_size,
+                    frame=self._frame(claim),
+                    scale_time=run.scale,
                 ),
                 served=models,  # the exact models that ran it, taken in the same step
             )
@@ -295,7 +310,14 @@ class Worker:
                 except Exception as exc:
                     outcomes[claim.job_id] = exc
                     continue
-                items.append((claim, BatchItem(image, params, run.checkpoint, size)))
+                items.append(
+                    (
+                        claim,
+                        BatchItem(
+                            image, params, run.checkpoint, size, self._frame(claim), run.scale
+                        ),
+                    )
+                )
             self.prefetch.ahead()
             if items:
                 self.batches = [*self.batches[-99:], len(items)]
@@ -333,6 +355,10 @@ class Worker:
         run = _Run(self, claim, self.settings.job_timeout_seconds * batch)
         self.running[claim.job_id] = run
         return run
+
+    def _frame(self, claim: Claim) -> Callable[[], Image.Image]:
+        """The job's image at full size, decoded when tiled detection asks for it."""
+        return lambda: open_stored(self.settings.data_dir, claim.image_path)
 
     async def _decode(self, claim: Claim, timings: dict[str, float]) -> Decoded:
         self._set_stage(claim, "decode")
@@ -383,13 +409,50 @@ class Worker:
                 status or "lease lost",
             )
             return following
+        params = JobParams.from_dict(claim.params)
+        redacted = None
+        if params.redact:
+            self._set_stage(claim, "redact")
+            try:
+                redacted = await asyncio.to_thread(
+                    redact.write_copy,
+                    self.settings.data_dir,
+                    claim.image_path,
+                    claim.job_id,
+                    redact.regions(result.detections, params.redact),
+                )
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFull(str(exc)) from exc
+                failure = JobFailure(
+                    "redaction_failed", f"writing the redacted copy failed: {exc}", transient=True
+                )
+                retry_in = backoff_seconds(
+                    claim.round_attempt, base=self.settings.retry_base_seconds
+                )
+                return (await self._fail(claim, failure, retry_in, timings, models))[1]
         timings.update(result.timings)
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
-        outcome = Outcome(result.detections, result.reasoning, timings, models)
+        outcome = Outcome(
+            result.detections,
+            result.reasoning,
+            timings,
+            models,
+            answer=result.answer,
+            citations=result.citations,
+            planned_queries=result.planned_queries,
+            tiling=result.tiling,
+            redacted_path=redacted,
+        )
         self._set_stage(claim, "persist")
         done, following = await self.queue.complete_and_claim(
             claim, outcome, claim_next=self._claim_next()
         )
+        if done and redacted is not None and not params.keep_original:
+            try:
+                await drop_original(self.queue, self.settings.data_dir, claim.job_id)
+            except Exception:  # kept a while longer: retention or the next job removes it
+                log.exception("job %s: removing the unredacted original failed", claim.job_id)
         if done:
             self._disk_strikes = 0
             log.info(

@@ -172,16 +172,23 @@ def subprocess_env(
     its own inbox, the tiny checkpoints when given, and `settings` as AIP_<NAME>."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIP_")}
     env["AIP_INBOX"] = str(inbox)
+    env["AIP_QUERIES"] = ",".join(QUERIES)
     if checkpoints:
         env["AIP_DETECTOR"], env["AIP_REASONER"] = map(str, checkpoints)
     env.update({f"AIP_{name.upper()}": str(value) for name, value in settings.items()})
     return env
 
 
+# Jobs under test detect these unless they say otherwise: with no queries from anywhere a
+# job is planned (the service's default), which only the tests about planning want.
+QUERIES = ("person", "vehicle", "building")
+
+
 def make_settings(tmp_path: Path, **changes: Any) -> Settings:
-    """Settings for a service under test: its own data dir, short generations."""
+    """Settings for a service under test: its own data dir, short generations, QUERIES."""
     defaults: dict[str, Any] = {
         "data_dir": tmp_path / "data",
+        "default_queries": QUERIES,
         "poll_interval_seconds": 0.2,
         "reason_max_tokens": 24,
     }

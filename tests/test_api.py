@@ -36,6 +36,12 @@ def test_submit_poll_succeeds_with_detections_reasoning_timings_and_models(
         "options": {},
         "detect_max_tokens": settings.detect_max_tokens,  # the settings: defaults and ceilings
         "reason_max_tokens": settings.reason_max_tokens,
+        # The aerial options' defaults: tiles when needed, nothing redacted, nothing planned.
+        "tiling": "auto",
+        "set_of_marks": False,
+        "redact": [],
+        "keep_original": True,
+        "plan": False,
     }
 
     done = service.wait(job["id"])
@@ -457,8 +463,15 @@ def test_attempt_numbers_keep_rising_across_retries_and_queue_wait_restarts(
 
 
 # The only response values left open on purpose: whatever the camera wrote, the model options,
-# and a mask's run lengths. Every other object in a response is closed and typed.
-OPEN_MAPS = {("JobInput", "exif"), ("JobParams", "options"), ("Detection", "mask")}
+# a mask's run lengths and a user's JSON Schema. Every other object in a response is closed
+# and typed.
+OPEN_MAPS = {
+    ("JobInput", "exif"),
+    ("JobParams", "options"),
+    ("JobParams", "response_schema"),
+    ("ProfileParams", "response_schema"),
+    ("Detection", "mask"),
+}
 
 
 def _refs(node: Any) -> set[str]:

@@ -93,7 +93,10 @@ def seed(db_path: Path, n: int, rand: random.Random, start_id: int = 10_000) -> 
             ),
         )
         if status == "succeeded":
-            db.execute("INSERT INTO results VALUES (?, ?, ?)", (job_id, s.reasoning, finished))
+            db.execute(
+                "INSERT INTO results (job_id, reasoning, created_at) VALUES (?, ?, ?)",
+                (job_id, s.reasoning, finished),
+            )
             db.executemany(
                 "INSERT INTO detections (job_id, idx, label, x1, y1, x2, y2) VALUES"
                 " (?, ?, ?, 10, 10, 50, 40)",

@@ -263,7 +263,7 @@ def test_boxes_found_on_the_reduced_image_are_in_original_pixels(
     exif = Image.Exif()
     exif[0x0112] = 6
     data = _encoded(_halves("RGB", (255, 0, 0), (0, 0, 255)), "JPEG", exif=exif)
-    response = service.submit(data, queries="roof")
+    response = service.submit(data, queries="roof", tiling="off")  # the reduced image alone
     assert response.status_code == 202, response.text
     job = service.wait(response.json()["id"])
     assert job["status"] == "succeeded", job["error"]

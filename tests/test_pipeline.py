@@ -10,7 +10,8 @@ from PIL import Image
 
 from service.detection import Detection
 from service.errors import InvalidInput, JobFailure
-from service.pipeline import analyse, build_params, parse_queries, reasoning_prompt
+from service.grounding import grounded_prompt
+from service.pipeline import analyse, build_params, parse_queries
 from service.policy import backoff_seconds, classify
 
 LIMITS = {
@@ -42,10 +43,10 @@ def test_reasoning_prompt_numbers_detections_as_stored() -> None:
         Detection("car", (1, 2, 30, 40), (100, 80)),
         Detection("roof", (0, 0, 5, 5), (100, 80)),
     ]
-    text = reasoning_prompt("How many cars?", boxes)
+    text = grounded_prompt("How many cars?", boxes, (100, 80))
     assert "1. car at [1, 2, 30, 40]" in text and "2. roof at [0, 0, 5, 5]" in text
     assert text.endswith("How many cars?") and "100x80" in text
-    assert "no objects" in reasoning_prompt("Q", [])
+    assert "no objects" in grounded_prompt("Q", [], (100, 80))
 
 
 class FakeDetector:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import time
 import unicodedata
@@ -14,9 +13,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
+from service.api.bodies import json_body
 from service.api.deps import require_token, services
 from service.api.schemas import MAX_ID, FollowUp, JobId, errors, refuse_unencodable, typed
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput
 from service.pipeline import token_limit
 from service.store import followups as store
 
@@ -100,25 +100,6 @@ def _seconds(wait: float) -> float:
     return wait
 
 
-async def _body(request: Request) -> Any:
-    """The JSON body, read up to MAX_BODY bytes and refused past it."""
-    too_large = PayloadTooLarge(
-        f"the body is over {MAX_BODY // 1024} KiB: send a JSON object with a short `question`",
-    )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY:
-        raise too_large
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise too_large
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise InvalidInput("the body is not valid JSON", code="invalid_json") from None
-
-
 async def _waited(request: Request, job_id: int, n: int, wait: float) -> dict[str, Any]:
     """The follow-up once answered or failed, or as it is after `wait` seconds: read on the
     read pool, again each time the follow-up loop ends one."""
@@ -152,7 +133,7 @@ async def ask(
 ) -> Response:
     svc = services(request)
     seconds = _seconds(wait)
-    body = await _body(request)
+    body = await json_body(request, MAX_BODY, "send a JSON object with a short `question`")
     question = _question(body, svc.settings.max_prompt_chars)
     tokens = _max_tokens(body.get("max_tokens"), svc.settings.reason_max_tokens)
     n = await store.ask(svc.queue, job_id, question, tokens)

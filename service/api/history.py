@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -15,8 +16,9 @@ from service.api.filters import Sort, job_filter, takes_only
 from service.api.schemas import JobId, PruneReport, Stats, errors, typed
 from service.config import parse_age
 from service.errors import Gone, InvalidInput, NotFound
-from service.exports import FORMATS, PROJECTIONS, WRITERS
+from service.exports import FORMATS, PROJECTIONS, WRITERS, to_csv
 from service.intake import open_stored
+from service.redact import redacted_copy
 from service.store.history import JobFilter
 from service.store.retention import prune
 from service.store.stats import job_stats
@@ -54,9 +56,13 @@ async def export(
         )
     # The filters are checked and the first page read before the 200 goes out, so a query
     # that fails does so as a proper error response, not as a body cut short.
-    jobs = await services(request).reads.stream(where, sort=sort, project=PROJECTIONS[fmt])
+    reads = services(request).reads
+    writer = WRITERS[fmt]
+    if fmt == "csv":  # its header names the answers' fields before the first row
+        writer = partial(to_csv, answer_fields=await reads.answer_fields(where))
+    jobs = await reads.stream(where, sort=sort, project=PROJECTIONS[fmt])
     return StreamingResponse(
-        WRITERS[fmt](jobs),
+        writer(jobs),
         media_type=FORMATS[fmt],
         headers={"Content-Disposition": f'attachment; filename="jobs.{fmt}"'},
     )
@@ -66,18 +72,21 @@ async def export(
     "/jobs/{job_id}/annotated",
     summary="The input with numbered boxes and masks",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, **errors(404, 410)},
+    responses={200: {"content": {"image/jpeg": {}}}, **errors(404, 409, 410)},
 )
 async def annotated(request: Request, job_id: JobId) -> Response:
     svc = services(request)
     job = await svc.reads.job(job_id)
     image_row = await svc.reads.image_of(job_id)
-    if image_row.pruned_at is not None:
+    # A job that redacts is drawn on its redacted copy, never on the original.
+    copy = redacted_copy(svc.settings.data_dir, job_id, image_row.redact, image_row.redacted_path)
+    if copy is None and image_row.pruned_at is not None:
         raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_gone")
+    source = image_row.path if copy is None else str(image_row.redacted_path)
     detections = (job.get("result") or {}).get("detections") or []
 
     def render() -> bytes:
-        return to_jpeg(annotate(open_stored(svc.settings.data_dir, image_row.path), detections))
+        return to_jpeg(annotate(open_stored(svc.settings.data_dir, source), detections))
 
     try:
         return Response(await asyncio.to_thread(render), media_type="image/jpeg")

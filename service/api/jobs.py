@@ -19,7 +19,9 @@ from service.api.schemas import Job, JobId, JobPage, errors, refuse_unencodable,
 from service.confine import read_confined
 from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.intake import inspect_image, store_image
-from service.pipeline import params_within
+from service.jobspec import parse_options, resolve
+from service.pipeline import TOKEN_LIMITS, token_limit
+from service.redact import redacted_copy
 from service.services import Services
 from service.store.history import JobFilter
 from service.store.reads import MAX_PAGE
@@ -27,13 +29,54 @@ from service.store.reads import MAX_PAGE
 log = logging.getLogger("aip")
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_token)], responses=errors(401, 422))
 
-_OPTIONS = ("max_attempts", "detect_max_tokens", "reason_max_tokens")
+# The job options service.jobspec checks and resolves (profile, folder and settings below).
+_SPEC = ("profile", "tiling", "set_of_marks", "response_schema", "redact", "keep_original")
+_OPTIONS = ("max_attempts", "detect_max_tokens", "reason_max_tokens", *_SPEC)
 _FORM_FIELDS = {"image", "queries", "query", "prompt", *_OPTIONS}
 _JSON_FIELDS = {"path", "queries", "prompt", *_OPTIONS}
 _TOKENS_DOC = {
     "detect_max_tokens": "tokens per detection query; default and ceiling: AIP_DETECT_MAX_TOKENS",
     "reason_max_tokens": "tokens of reasoning; default and ceiling: AIP_REASON_MAX_TOKENS",
 }
+_TILING_DOC = (
+    '"auto" (tiles when the frame is larger than the detector sees; the default), "off", '
+    'or {"size": 128..4096, "overlap": 0..size/2, "full_frame": true}'
+)
+_FLAG = {"type": "boolean"}
+
+
+def _spec_doc(form: bool) -> dict[str, Any]:
+    """The job options, as multipart fields (`form`: text) or JSON values."""
+    json_text = " (JSON text)" if form else ""
+    return {
+        "profile": {
+            "type": "string",
+            "description": "a named profile's parameters under this job's own "
+            "(default: the default profile, if any)",
+        },
+        "tiling": {"description": _TILING_DOC + json_text},
+        "set_of_marks": {
+            **_FLAG,
+            "description": "the reasoner also sees the image with numbered boxes drawn",
+        },
+        "response_schema": {
+            "type": "string" if form else "object",
+            "description": "a JSON Schema the answer must match" + json_text,
+        },
+        "redact": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 200},
+            "maxItems": 16,
+            "description": "classes blurred in every image handed out"
+            + (" (repeatable, or comma-separated)" if form else ""),
+        },
+        "keep_original": {
+            **_FLAG,
+            "description": "false: the original is deleted once redacted copies exist",
+        },
+    }
+
+
 _MEDIA = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
@@ -57,7 +100,8 @@ _SUBMIT_DOC: dict[str, Any] = {
                         "queries": {
                             "type": "array",
                             "items": {"type": "string"},
-                            "description": "repeatable, or one comma-separated value",
+                            "description": "repeatable, or one comma-separated value; none "
+                            "from the job, its profile or AIP_QUERIES: the reasoner proposes them",
                         },
                         "prompt": {"type": "string"},
                         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 10},
@@ -65,6 +109,7 @@ _SUBMIT_DOC: dict[str, Any] = {
                             name: {"type": "integer", "minimum": 1, "description": text}
                             for name, text in _TOKENS_DOC.items()
                         },
+                        **_spec_doc(form=True),
                     },
                 }
             },
@@ -81,6 +126,7 @@ _SUBMIT_DOC: dict[str, Any] = {
                             name: {"type": "integer", "minimum": 1, "description": text}
                             for name, text in _TOKENS_DOC.items()
                         },
+                        **_spec_doc(form=False),
                     },
                 }
             },
@@ -141,12 +187,14 @@ async def _from_form(
     data = await upload.read()
     queries = [str(v) for v in [*form.getlist("queries"), *form.getlist("query")]]
     prompt = form.get("prompt")
+    options: dict[str, Any] = {name: form.get(name) for name in _OPTIONS}
+    options["redact"] = [str(v) for v in form.getlist("redact")] or None
     return (
         data,
         upload.filename or "upload",
         queries,
         prompt if isinstance(prompt, str) else None,
-        {name: form.get(name) for name in _OPTIONS},
+        options,
     )
 
 
@@ -232,13 +280,13 @@ async def submit(
     refuse_unencodable(name, "the file name")
     refuse_unencodable(queries, "`queries`")
     refuse_unencodable(prompt, "`prompt`")
-    params = params_within(
-        queries,
-        prompt,
-        settings,
-        detect_max_tokens=options["detect_max_tokens"],
-        reason_max_tokens=options["reason_max_tokens"],
-    )
+    raw = {name: options[name] for name in _SPEC}
+    refuse_unencodable(raw, "the job's options")
+    for limit in TOKEN_LIMITS:  # refused with the ceiling this service sets
+        if options[limit] not in (None, ""):
+            raw[limit] = token_limit(options[limit], limit, getattr(settings, limit))
+    given = parse_options({**raw, "queries": queries, "prompt": prompt}, "the request")
+    params = await resolve(given, None, svc.profiles, settings)
     max_attempts = _max_attempts(options["max_attempts"], settings.max_attempts)
     async with svc.intake_slots:
         record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
@@ -332,12 +380,15 @@ async def retry_job(request: Request, job_id: JobId) -> Response:
     response_class=FileResponse,
     responses={
         200: {"content": {media: {} for media in sorted(set(_MEDIA.values()))}},
-        **errors(404, 410),
+        **errors(404, 409, 410),
     },
 )
 async def job_image(request: Request, job_id: JobId) -> FileResponse:
     svc = services(request)
     image = await svc.reads.image_of(job_id)
+    copy = redacted_copy(svc.settings.data_dir, job_id, image.redact, image.redacted_path)
+    if copy is not None:
+        return FileResponse(copy, media_type=_MEDIA["PNG" if copy.suffix == ".png" else "JPEG"])
     path = svc.settings.data_dir / image.path
     if image.pruned_at is not None or not path.is_file():
         raise Gone(

@@ -66,6 +66,12 @@ class JobInput(Body):
     stored: bool = Field(description="false once retention removed the stored copy")
 
 
+class TilingSpec(Body):
+    size: int = Field(description="tile side in pixels")
+    overlap: int = Field(description="pixels shared by neighbouring tiles")
+    full_frame: bool = Field(description="also one pass over the whole frame, for large objects")
+
+
 class JobParams(Body):
     queries: list[str]
     prompt: str
@@ -75,6 +81,26 @@ class JobParams(Body):
     )
     reason_max_tokens: int | None = Field(
         None, description="tokens of reasoning; absent on jobs from before limits"
+    )
+    # The aerial options; absent on jobs from before them (they ran untiled, unredacted).
+    tiling: Literal["auto", "off"] | TilingSpec | None = Field(
+        None, description="auto: tiles when the frame is larger than the detector's input"
+    )
+    set_of_marks: bool | None = Field(
+        None, description="the reasoner also saw the image with the numbered boxes drawn"
+    )
+    response_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema the answer was constrained to; absent without one"
+    )
+    redact: list[str] | None = Field(
+        None, description="classes blurred in every image the service hands out"
+    )
+    keep_original: bool | None = Field(
+        None, description="false: the original is deleted once a redacted copy exists"
+    )
+    profile: str | None = Field(None, description="the profile the parameters came from")
+    plan: bool | None = Field(
+        None, description="no queries were given: the reasoner proposed them (planned_queries)"
     )
 
 
@@ -92,9 +118,25 @@ class Detection(Body):
     mask: dict[str, Any] | None = Field(None, description="run lengths, when segmenting")
 
 
+class TilingReport(Body):
+    size: int = Field(description="tile side in pixels")
+    overlap: int
+    full_frame: bool
+    grid: list[list[int]] = Field(description="each tile as [x1, y1, x2, y2] in frame pixels")
+    tile_ms: list[float] = Field(description="detection time per tile, in grid order")
+    full_frame_ms: float | None = Field(description="the full-frame pass; null without one")
+    merge_ms: float = Field(description="merging duplicates across seams")
+
+
 class JobResult(Body):
     detections: list[Detection]
     reasoning: str
+    answer: Any = Field(description="the structured answer; null unless a schema was asked")
+    citations: list[int] = Field(description="detection numbers the reasoning cites")
+    planned_queries: list[str] | None = Field(
+        description="proposed by the reasoner when the job gave no queries; else null"
+    )
+    tiling: TilingReport | None = Field(description="null when the frame was not tiled")
 
 
 class JobLinks(Body):

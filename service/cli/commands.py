@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from service import __version__, deploy
-from service.cli import followups, history, inbox, jobs, models, serve
+from service.cli import followups, history, inbox, jobs, models, profiles, serve
 from service.client import ClientError
 
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     followups.register(commands)
     history.register(commands)
     inbox.register(commands)
+    profiles.register(commands)
     models.register(commands)
     deploy.register(commands)
     return parser

@@ -64,6 +64,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for name in ("detect_max_tokens", "reason_max_tokens"):
         if getattr(args, name) is not None:  # else the service's setting
             data[name] = str(getattr(args, name))
+    data.update(_spec_fields(args))
     done = Submitted()
     for name, why in refused:
         _refuse(args, done, name, {"code": "not_found", "message": why}, why)
@@ -89,6 +90,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _print_finished(jobs, args.json)
     ok = all(j["status"] == "succeeded" for j in jobs)
     return 0 if ok and not done.refused else 1
+
+
+def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The job options given as flags, as form fields (the service checks them); one left
+    out comes from the profile, else the service's defaults."""
+    data: dict[str, Any] = {}
+    if args.profile:
+        data["profile"] = args.profile
+    if args.tiling:
+        data["tiling"] = args.tiling
+    if args.schema:
+        try:
+            data["response_schema"] = Path(args.schema).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientError(f"cannot read the schema file {args.schema}: {exc}") from None
+    if args.redact:
+        data["redact"] = args.redact
+    if args.set_of_marks:
+        data["set_of_marks"] = "true"
+    if args.no_keep_original:
+        data["keep_original"] = "false"
+    return data
 
 
 def _say(args: argparse.Namespace, text: str, job: dict[str, Any]) -> None:
@@ -261,6 +284,29 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=int,
         metavar="N",
         help="tokens of reasoning (default and ceiling: the service's AIP_REASON_MAX_TOKENS)",
+    )
+    submit.add_argument("--profile", metavar="NAME", help="a named profile's parameters")
+    submit.add_argument(
+        "--tiling",
+        metavar="MODE",
+        help='auto (the default), off, or JSON such as \'{"size": 992, "overlap": 124}\'',
+    )
+    submit.add_argument("--schema", metavar="FILE", help="a JSON Schema file the answer must match")
+    submit.add_argument(
+        "--redact",
+        action="append",
+        metavar="CLASS",
+        help="blur this class in every image handed out (repeatable)",
+    )
+    submit.add_argument(
+        "--set-of-marks",
+        action="store_true",
+        help="the reasoner also sees the image with numbered boxes drawn",
+    )
+    submit.add_argument(
+        "--no-keep-original",
+        action="store_true",
+        help="delete the stored original once its redacted copy exists (with --redact)",
     )
     submit.add_argument("--wait", action="store_true", help="wait for the results")
     submit.add_argument(

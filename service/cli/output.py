@@ -65,13 +65,30 @@ def _pack(items: list[str], width: int) -> list[str]:
     return lines
 
 
-STAGES = ("queue_wait", "decode", "detect", "reason", "persist")
+STAGES = ("queue_wait", "decode", "plan", "detect", "reason", "persist")
 
 
 def _in_pipeline_order(timings: dict[str, Any]) -> list[tuple[str, Any]]:
     """Stages as a job goes through them, any the CLI does not know next, `total` last."""
     rank = {stage: i for i, stage in enumerate(STAGES)}
     return sorted(timings.items(), key=lambda kv: (kv[0] == "total", rank.get(kv[0], len(rank))))
+
+
+def _options(params: dict[str, Any]) -> list[str]:
+    """The aerial options a job set away from their defaults."""
+    out = []
+    tiling = params.get("tiling", "auto")
+    if tiling != "auto":
+        out.append(f"tiling {json.dumps(tiling) if isinstance(tiling, dict) else tiling}")
+    if params.get("set_of_marks"):
+        out.append("set-of-marks")
+    if params.get("response_schema"):
+        out.append("structured answer")
+    if params.get("redact"):
+        out.append("redact " + ", ".join(params["redact"]))
+    if params.get("keep_original") is False:
+        out.append("original not kept")
+    return out
 
 
 def job_summary(job: dict[str, Any]) -> str:
@@ -118,8 +135,15 @@ def _write_job(job: dict[str, Any], out: TextIO) -> None:
     extra = {k: v for k, v in exif.items() if k not in ("captured_at", "make", "model", "gps")}
     rows.append(("exif", [f"{k} {v}" for k, v in extra.items()]))
     params = job.get("params") or {}
-    rows.append(("queries", [str(q) for q in params.get("queries") or []]))
+    planned = (job.get("result") or {}).get("planned_queries")
+    if params.get("plan"):
+        proposed = ", ".join(planned) if planned is not None else "to be proposed"
+        rows.append(("queries", f"proposed by the reasoner: {proposed}"))
+    else:
+        rows.append(("queries", [str(q) for q in params.get("queries") or []]))
     rows.append(("prompt", params.get("prompt")))
+    rows.append(("profile", params.get("profile")))
+    rows.append(("options", _options(params)))
     for role, identity in (job.get("models") or {}).items():
         rows.append((role, _model(identity)))
     times = [("created", job.get("created_at")), ("finished", job.get("finished_at"))]
@@ -143,15 +167,24 @@ def _write_job(job: dict[str, Any], out: TextIO) -> None:
     if result is None:
         return
     detections = result["detections"]
-    print(f"  detections ({len(detections)})", file=out)
+    tiling = result.get("tiling")
+    tiles = f", {len(tiling['grid'])} tiles of {tiling['size']} px" if tiling else ""
+    print(f"  detections ({len(detections)}{tiles})", file=out)
     label_width = max((len(d["label"]) for d in detections), default=0)
+    cited = set(result.get("citations") or ())
     for d in detections:
         box = ", ".join(f"{v:g}" for v in d["box"])
-        print(f"    {d['number']:>3}. {d['label']:<{label_width}}  [{box}]", file=out)
-    print("  reasoning", file=out)
-    for paragraph in (result["reasoning"] or "(none)").splitlines() or [""]:
-        for line in textwrap.wrap(paragraph, width - 4) or [""]:
+        mark = "  (cited)" if d["number"] in cited else ""
+        print(f"    {d['number']:>3}. {d['label']:<{label_width}}  [{box}]{mark}", file=out)
+    if result.get("answer") is not None:
+        print("  answer", file=out)
+        for line in json.dumps(result["answer"], indent=2, ensure_ascii=False).splitlines():
             print(f"    {line}", file=out)
+    else:
+        print("  reasoning", file=out)
+        for paragraph in (result["reasoning"] or "(none)").splitlines() or [""]:
+            for line in textwrap.wrap(paragraph, width - 4) or [""]:
+                print(f"    {line}", file=out)
     _write_followups(job.get("followups") or [], width, out)
 
 

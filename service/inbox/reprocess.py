@@ -13,7 +13,7 @@ from service.confine import read_confined
 from service.errors import AipError, Forbidden
 from service.inbox.rules import ParamsError, params_for, sidecar_of, unfiled_path
 from service.intake import inspect_image, store_image
-from service.pipeline import params_within
+from service.jobspec import Profiles, resolve
 from service.store.ledger import FileSeen, Ledger
 
 
@@ -40,7 +40,9 @@ def _read(inbox: Path, raw: str, max_bytes: int) -> tuple[bytes, str, int]:
     return data, relative, mtime_ns
 
 
-async def reprocess_file(settings: Settings, ledger: Ledger, raw: str) -> int:
+async def reprocess_file(
+    settings: Settings, ledger: Ledger, raw: str, profiles: Profiles | None = None
+) -> int:
     """Queue a new job for the inbox file `raw` even when its content was seen before; the
     job id. Folder configs apply from where the file was dropped, its sidecar from beside it."""
     root = settings.inbox_dir.resolve()
@@ -53,7 +55,7 @@ async def reprocess_file(settings: Settings, ledger: Ledger, raw: str) -> int:
         )
     except ParamsError as exc:
         raise AipError(str(exc), code="invalid_params") from None
-    params = params_within(found.queries, found.prompt, settings)
+    params = await resolve(found.given, found.folder, profiles, settings)
     image = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
     await asyncio.to_thread(store_image, data, image, settings.data_dir)
     entry = await ledger.accept(

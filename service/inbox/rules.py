@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from service.errors import InvalidInput
+from service.jobspec import OPTION_KEYS, parse_options
+
 FILING_FOLDERS = ("processed", "failed")
 FOLDER_CONFIG = "aip.json"
 IMAGE_SUFFIXES = frozenset(
@@ -17,7 +20,8 @@ IMAGE_SUFFIXES = frozenset(
 # Names that editors, browsers, copy tools and macOS use while a file is incomplete or as junk.
 TEMPORARY = ("*.part", "*.partial", "*.crdownload", "*.download", "*.tmp", "*.temp", "*.swp",
              "~$*", "*~", "Thumbs.db", "desktop.ini")  # fmt: skip
-_PARAM_KEYS = {"queries", "prompt", "max_attempts"}
+_SPEC_KEYS = {*OPTION_KEYS, "profile"}  # checked by service.jobspec
+_PARAM_KEYS = {*_SPEC_KEYS, "max_attempts"}
 _FOLDER_KEYS = _PARAM_KEYS | {"sidecar"}
 # Processing a duplicate again is asked for one file at a time, never for a whole folder.
 _SIDECAR_KEYS = _PARAM_KEYS | {"reprocess"}
@@ -58,8 +62,8 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class FileParams:
-    queries: list[str] | None
-    prompt: str | None
+    folder: dict[str, Any]  # the job options of the folder configs above the file, merged
+    given: dict[str, Any]  # those of its sidecar: the job's own
     max_attempts: int | None
     sidecar_required: bool
     reprocess: bool = False
@@ -81,15 +85,12 @@ def _read_json(path: Path, allowed: set[str]) -> dict[str, Any]:
 
 
 def _check(data: dict[str, Any], where: str) -> dict[str, Any]:
-    queries = data.get("queries")
-    if isinstance(queries, str):
-        data["queries"] = [queries]
-    elif queries is not None and not (
-        isinstance(queries, list) and all(isinstance(q, str) for q in queries)
-    ):
-        raise ParamsError(f"{where}: queries must be a string or a list of strings")
-    if "prompt" in data and not isinstance(data["prompt"], str):
-        raise ParamsError(f"{where}: prompt must be a string")
+    """`data` with its job options normalized (absent, null or blank ones left out)."""
+    try:
+        options = parse_options({k: v for k, v in data.items() if k in _SPEC_KEYS}, where)
+    except InvalidInput as exc:
+        raise ParamsError(exc.message) from None
+    data = {**{k: v for k, v in data.items() if k not in _SPEC_KEYS}, **options}
     attempts = data.get("max_attempts")
     if attempts is not None and not (isinstance(attempts, int) and 1 <= attempts <= 10):
         raise ParamsError(f"{where}: max_attempts must be a whole number 1..10")
@@ -102,8 +103,11 @@ def _check(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 def params_for(root: Path, relative_path: str, sidecar_path: str | None = None) -> FileParams:
     """Folder configs apply from the inbox root down (deeper ones override); the file's own
-    sidecar (`sidecar_path`, by default the one beside `relative_path`) overrides them all."""
+    sidecar (`sidecar_path`, by default the one beside `relative_path`) overrides them all.
+    The job options come back as those two layers: service.jobspec.resolve puts a profile
+    (the sidecar's, else the folder's, else the default) under the folder's."""
     merged: dict[str, Any] = {}
+    own: dict[str, Any] = {}
     folder = PurePosixPath()
     for part in ("", *PurePosixPath(relative_path).parts[:-1]):
         folder = folder / part if part else folder
@@ -113,13 +117,13 @@ def params_for(root: Path, relative_path: str, sidecar_path: str | None = None) 
             merged.update(_check(_read_json(config, _FOLDER_KEYS), where))
     sidecar = sidecar_path or sidecar_of(relative_path)
     if sidecar is not None and (root / sidecar).is_file():
-        merged.update(_check(_read_json(root / sidecar, _SIDECAR_KEYS), sidecar))
+        own = _check(_read_json(root / sidecar, _SIDECAR_KEYS), sidecar)
     return FileParams(
-        queries=merged.get("queries"),
-        prompt=merged.get("prompt"),
-        max_attempts=merged.get("max_attempts"),
+        folder={k: v for k, v in merged.items() if k in _SPEC_KEYS},
+        given={k: v for k, v in own.items() if k in _SPEC_KEYS},
+        max_attempts=own.get("max_attempts", merged.get("max_attempts")),
         sidecar_required=merged.get("sidecar") == "required",
-        reprocess=merged.get("reprocess", False),
+        reprocess=own.get("reprocess", False),
     )
 
 

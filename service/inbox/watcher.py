@@ -25,7 +25,7 @@ from service.inbox.repair import repair_unfiled
 from service.inbox.reprocess import reprocess_file
 from service.inbox.rules import ParamsError, ignored_folder, kind_of, params_for, sidecar_of
 from service.intake import inspect_image, store_image
-from service.pipeline import params_within
+from service.jobspec import Profiles, resolve
 from service.store.ledger import Entry, FileSeen, Ledger
 
 log = logging.getLogger("aip.inbox")
@@ -58,6 +58,7 @@ class InboxWatcher:
     settings: Settings
     ledger: Ledger
     notify: Callable[[], None]
+    profiles: Profiles | None = None  # named job parameters a folder or sidecar may choose
     root: Path = field(init=False)
     mode: str = "starting"
     pending: dict[str, Pending] = field(default_factory=dict)
@@ -341,7 +342,7 @@ class InboxWatcher:
             return False
         settings = self.settings
         try:
-            params = params_within(found.queries, found.prompt, settings)
+            params = await resolve(found.given, found.folder, self.profiles, settings)
             if file.size > settings.max_upload_bytes:
                 raise AipError(
                     f"the file is {file.size:,} bytes, over the limit of "
@@ -418,7 +419,7 @@ class InboxWatcher:
     async def reprocess(self, raw_path: str) -> int:
         """A new job for the inbox file `raw_path` (filed or not), even for content seen
         before; the job id."""
-        job_id = await reprocess_file(self.settings, self.ledger, raw_path)
+        job_id = await reprocess_file(self.settings, self.ledger, raw_path, self.profiles)
         self.counts.reprocessed += 1
         self.notify()
         log.info("inbox: %s processed again as asked -> job %s", raw_path, job_id)

@@ -54,6 +54,17 @@ class FalconDetector:
         self._specials = mlx_runtime.special_tokens(processor)
         self._lock = threading.Lock()
 
+    @property
+    def native_side(self) -> int:
+        """The largest square side the processor takes unresized: mlx-vlm's Falcon Perception
+        preprocessing shrinks a side over 1024 pixels, then rounds each side to its patch size
+        within 28 * 28 * 1280 pixels. A tile of this side is seen at full resolution."""
+        patch = int(getattr(self.processor, "spatial_patch_size", 16))
+        side = 1024 // patch * patch
+        while side * side > 28 * 28 * 1280:
+            side -= patch
+        return side
+
     def detect(
         self, image: Image.Image, query: str, *, max_new_tokens: int = 64
     ) -> list[Detection]:

@@ -1,11 +1,13 @@
-"""The reasoner runtime: Gemma 4 through mlx-vlm, one image and one prompt in, text out; and
-follow-up questions on a reasoning it did, reusing that prompt's prefilled KV cache."""
+"""The reasoner runtime: Gemma 4 through mlx-vlm, images and one prompt in, text out (free, or
+constrained to a JSON Schema); and follow-up questions on a reasoning it did, reusing that
+prompt's prefilled KV cache."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -13,6 +15,9 @@ from typing import Any, cast
 from PIL import Image
 
 from service.models import mlx_runtime
+from service.models.constrained import SchemaConstraints
+
+Images = Image.Image | Sequence[Image.Image]
 
 # The prompt keys of mlx-vlm's prepared inputs that run along the sequence.
 _PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
@@ -94,23 +99,39 @@ class GemmaReasoner:
         self._specials = mlx_runtime.special_tokens(processor)
         self._lock = threading.Lock()
         self.prefixes = PrefixCache()
+        self.constraints = SchemaConstraints(getattr(processor, "tokenizer", processor))
 
-    def reason(self, image: Image.Image, prompt: str, *, max_tokens: int = 64) -> str:
-        return self.generate(image, self.messages(prompt), max_tokens=max_tokens).text
+    def reason(
+        self,
+        image: Images,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        schema: dict[str, Any] | None = None,
+    ) -> str:
+        """The answer to `prompt` over `image` (or several images, shown in order). With a
+        `schema`, decoding is constrained to JSON for it; one that cannot be satisfied raises
+        JobFailure("schema_unsatisfiable"). An answer cut short by `max_tokens` is returned as
+        it is: the caller's validation says so."""
+        rgb = _rgb(image)
+        return self.generate(
+            rgb, self.messages(prompt, images=len(rgb)), max_tokens=max_tokens, schema=schema
+        ).text
 
     def follow_up(
-        self, image: Image.Image, prompt: str, answer: str, question: str, *, max_tokens: int = 64
+        self, image: Images, prompt: str, answer: str, question: str, *, max_tokens: int = 64
     ) -> str:
         """A further question on a reasoning done before over `image`: the model sees that
         exchange (`prompt`, as `reason` was given it, and its `answer`), then `question`. The
         earlier prompt's prefill is reused when it is still cached."""
-        return self.generate(
-            image, self.messages(prompt, answer, question), max_tokens=max_tokens
-        ).text
+        rgb = _rgb(image)
+        chat = self.messages(prompt, answer, question, images=len(rgb))
+        return self.generate(rgb, chat, max_tokens=max_tokens).text
 
-    def messages(self, prompt: str, *turns: str) -> list[dict[str, Any]]:
-        """The chat: the image and `prompt` from the user, then model and user turns in turn."""
-        first = [{"type": "image"}, {"type": "text", "text": self._plain(prompt)}]
+    def messages(self, prompt: str, *turns: str, images: int = 1) -> list[dict[str, Any]]:
+        """The chat: the images and `prompt` from the user, then model and user turns in turn."""
+        first: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
+        first.append({"type": "text", "text": self._plain(prompt)})
         chat: list[dict[str, Any]] = [{"role": "user", "content": first}]
         for n, text in enumerate(turns):
             chat.append(
@@ -122,20 +143,32 @@ class GemmaReasoner:
         return mlx_runtime.plain_text(text, self._specials)
 
     def generate(
-        self, image: Image.Image, messages: list[dict[str, Any]], *, max_tokens: int
+        self,
+        image: Images,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int,
+        schema: dict[str, Any] | None = None,
     ) -> Generated:
-        """Greedy text for `messages` over `image`, exactly as mlx-vlm's `generate` gives it.
-        The prompt's first message (the image and the question) is prefilled once and kept:
-        a later chat that starts the same way continues from a copy of that cache."""
+        """Greedy text for `messages` over `image` (or images, in the order the first message
+        shows them), exactly as mlx-vlm's `generate` gives it; with a `schema`, through its
+        logits processor constraining the text to that JSON Schema. The prompt's first message
+        (the images and the question) is prefilled once and kept: a later chat that starts the
+        same way continues from a copy of that cache."""
         from mlx_vlm import generate
         from mlx_vlm.generate.common import PromptCacheState
         from mlx_vlm.prompt_utils import apply_chat_template
 
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        rgb = _rgb(image)
+        count = len(rgb)
+        # Compiled before any prefill: an unusable schema fails the job at once.
+        constrain = {} if schema is None else {"logits_processors": [self._processor(schema)]}
         with self._lock:
             first = cast(
                 str,
-                apply_chat_template(self.processor, self.model.config, messages[:1], num_images=1),
+                apply_chat_template(
+                    self.processor, self.model.config, messages[:1], num_images=count
+                ),
             )
             key = _key(rgb, first)
             entry = self.prefixes.get(key)
@@ -152,7 +185,9 @@ class GemmaReasoner:
             else:
                 formatted = cast(
                     str,
-                    apply_chat_template(self.processor, self.model.config, messages, num_images=1),
+                    apply_chat_template(
+                        self.processor, self.model.config, messages, num_images=count
+                    ),
                 )
                 inputs = self._inputs(rgb, formatted)
             state = PromptCacheState()
@@ -169,6 +204,7 @@ class GemmaReasoner:
                 temperature=0.0,  # explicit: the checkpoint's generation_config may ask to sample
                 skip_special_tokens=True,
                 verbose=False,
+                **constrain,
                 **inputs,
             )
         return Generated(
@@ -177,14 +213,19 @@ class GemmaReasoner:
             int(getattr(result, "cached_tokens", 0) or 0),
         )
 
-    def _inputs(self, rgb: Image.Image, formatted: str) -> dict[str, Any]:
+    def _processor(self, schema: dict[str, Any]) -> Any:
+        # The llguidance tokenizer behind it is built once per reasoner, under the lock.
+        with self._lock:
+            return self.constraints.processor(schema)
+
+    def _inputs(self, rgb: list[Image.Image], formatted: str) -> dict[str, Any]:
         """mlx-vlm's prepared inputs for the prompt, as its `generate` prepares them."""
         from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
         return dict(
             prepare_inputs(
                 self.processor,
-                images=[rgb],
+                images=list(rgb),
                 prompts=formatted,
                 image_token_index=getattr(self.model.config, "image_token_index", None),
                 add_special_tokens=should_add_special_tokens(
@@ -223,10 +264,21 @@ class GemmaReasoner:
         return _Prefix(ids[0, :keep].tolist(), cache, _cache_bytes(cache))
 
 
-def _key(rgb: Image.Image, first: str) -> str:
-    """The image's pixels and the first message's formatted text name a prefix."""
-    digest = hashlib.sha256(rgb.tobytes())
-    digest.update(f"{rgb.size}".encode())
+def _rgb(image: Images) -> list[Image.Image]:
+    """One image or several, as the RGB list the prompt shows in order."""
+    images = [image] if isinstance(image, Image.Image) else list(image)
+    if not images:
+        raise ValueError("the reasoner needs at least one image")
+    return [i if i.mode == "RGB" else i.convert("RGB") for i in images]
+
+
+def _key(rgb: list[Image.Image], first: str) -> str:
+    """Every image's pixels and size, in order, and the first message's formatted text name
+    a prefix."""
+    digest = hashlib.sha256()
+    for image in rgb:
+        digest.update(hashlib.sha256(image.tobytes()).digest())
+        digest.update(f"{image.size}".encode())
     digest.update(first.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
 

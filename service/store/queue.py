@@ -76,12 +76,21 @@ class Outcome:
     reasoning: str
     timings: dict[str, float] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
+    answer: Any = None  # the structured answer, when the job gave a response_schema
+    citations: list[int] = field(default_factory=list)  # detection numbers the text cites
+    planned_queries: list[str] | None = None  # what the reasoner proposed to look for
+    tiling: dict[str, Any] | None = None  # tile grid and timings; None when not tiled
+    redacted_path: str | None = None  # relative to the data directory
 
 
 @dataclass(frozen=True)
 class Heartbeat:
     owned: bool
     cancel_requested: bool
+
+
+def _json_or_null(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 class ClaimNext(NamedTuple):
@@ -396,8 +405,18 @@ class Queue:
                 return False
             now = self._clock()
             db.execute(
-                "INSERT INTO results (job_id, reasoning, created_at) VALUES (?, ?, ?)",
-                (claim.job_id, outcome.reasoning, now),
+                "INSERT INTO results (job_id, reasoning, created_at, answer, citations,"
+                " planned_queries, tiling, redacted_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    claim.job_id,
+                    outcome.reasoning,
+                    now,
+                    _json_or_null(outcome.answer),
+                    json.dumps(list(outcome.citations)),
+                    _json_or_null(outcome.planned_queries),
+                    _json_or_null(outcome.tiling),
+                    outcome.redacted_path,
+                ),
             )
             db.executemany(
                 "INSERT INTO detections (job_id, idx, label, x1, y1, x2, y2, mask)"

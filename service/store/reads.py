@@ -26,8 +26,12 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    func,
+    join,
     select,
     text,
+    true,
+    union,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
@@ -37,7 +41,14 @@ from service.store.followups import FOLLOWUP_COLUMNS
 from service.store.followups import view as followup_view
 from service.store.history import Cursor, JobFilter, after_cursor, sort_column
 from service.store.sqlite import BUSY_TIMEOUT_MS
-from service.store.tables import AttemptRow, DetectionRow, ImageRow, JobRow, ResultRow
+from service.store.tables import (
+    AttemptRow,
+    DetectionRow,
+    ImageColumns,
+    ImageRow,
+    JobRow,
+    ResultRow,
+)
 
 MAX_PAGE = 200
 # Exports read larger pages than a client may ask for: each page costs a hop, a statement's
@@ -72,7 +83,13 @@ _VIEW_COLUMNS: tuple[Any, ...] = (
     col(ImageRow.pruned_at),
     col(ResultRow.job_id).label("result_of"),
     col(ResultRow.reasoning),
+    # Last, so that a view without them (`_PLAIN_VIEWS`) keeps every other column's place.
+    col(ResultRow.answer),
+    col(ResultRow.citations),
+    col(ResultRow.planned_queries),
+    col(ResultRow.tiling),
 )
+_EXTRAS = 4  # the result's columns besides its text: not every projection reads them
 # A view row's positions by column name, for readers that take a few columns of it.
 _AT = SimpleNamespace(**{column.key: i for i, column in enumerate(_VIEW_COLUMNS)})
 _DETECTION_COLUMNS: tuple[Any, ...] = (
@@ -87,10 +104,18 @@ _DETECTION_COLUMNS: tuple[Any, ...] = (
 )
 
 
-def _views() -> Select[Any]:
+class JobImage(ImageColumns):
+    """A job's stored image, with what decides which copy of it may be handed out: the
+    classes the job redacts, and its redacted copy once written."""
+
+    redacted_path: str | None = None  # relative to the data directory
+    redact: tuple[str, ...] = ()
+
+
+def _views(columns: Sequence[Any] = _VIEW_COLUMNS) -> Select[Any]:
     """The view's row for every job; callers add the conditions and the order."""
     return (
-        select(*_VIEW_COLUMNS)
+        select(*columns)
         .join_from(JobRow, ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
         .outerjoin(ResultRow, col(ResultRow.job_id) == col(JobRow.id))
     )
@@ -98,6 +123,7 @@ def _views() -> Select[Any]:
 
 _ONE_JOB = _views().where(col(JobRow.id) == bindparam("id"))
 _ALL_VIEWS = _views()  # statements are immutable: a page adds its conditions to a copy
+_PLAIN_VIEWS = _views(_VIEW_COLUMNS[:-_EXTRAS])  # for projections in `_PLAIN`
 
 
 def iso(ts: float | None) -> str | None:
@@ -116,6 +142,10 @@ def _mask(mask: str | None) -> Any:
 
 def _exif(exif: str | None) -> dict[str, Any] | None:
     return finite(json.loads(exif)) if exif else None
+
+
+def _json(value: str | None) -> Any:
+    return json.loads(value) if value is not None else None
 
 
 def _detection_view(row: Sequence[Any], width: int, height: int) -> dict[str, Any]:
@@ -165,7 +195,7 @@ def job_view(
         job_id, status, source, source_path, attempts_so_far, max_attempts, cancel_requested,
         created_at, started_at, finished_at, input_name, params, timings, models, error_code,
         error_message, sha256, size, width, height, image_format, captured_at, exif, pruned_at,
-        result_of, reasoning,
+        result_of, reasoning, answer, citations, planned_queries, tiling,
     ) = row  # fmt: skip
     view: dict[str, Any] = {
         "id": job_id,
@@ -200,6 +230,10 @@ def job_view(
         view["result"] = {
             "detections": [_detection_view(d, width, height) for d in detections],
             "reasoning": reasoning,
+            "answer": _json(answer),
+            "citations": _json(citations) or [],  # jobs before citations were kept: none
+            "planned_queries": _json(planned_queries),
+            "tiling": _json(tiling),
         }
     if attempts is not None:
         view["attempt_history"] = [
@@ -227,8 +261,9 @@ Projection = Callable[[Sequence[Any], Sequence[Sequence[Any]]], dict[str, Any] |
 
 
 def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """The job, its input with EXIF, and its result's numbered, labelled boxes and reasoning:
-    no parameters, timings, models, normalised boxes, masks, attempts or follow-ups."""
+    """The job, its input with EXIF, and its result's numbered, labelled boxes, reasoning and
+    structured answer: no parameters, timings, models, normalised boxes, masks, citations,
+    planned queries, tiling, attempts or follow-ups."""
     width, height = row[_AT.width], row[_AT.height]
     view: dict[str, Any] = {
         "id": row[_AT.id],
@@ -253,6 +288,7 @@ def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict
                 for d in detections
             ],
             "reasoning": row[_AT.reasoning],
+            "answer": _json(row[_AT.answer]),
         }
     return view
 
@@ -302,6 +338,9 @@ def annotated_view(
     }
 
 
+# Projections that read none of the result's extra columns: their pages select without them.
+_PLAIN: frozenset[Projection] = frozenset({located_view, annotated_view})
+
 # One job's rows; the view row itself is _ONE_JOB.
 _ITS_DETECTIONS = (
     select(*_DETECTION_COLUMNS)
@@ -326,9 +365,14 @@ _ITS_ATTEMPTS = (
     .where(col(AttemptRow.job_id) == bindparam("id"))
     .order_by(col(AttemptRow.id))
 )
-_ITS_IMAGE = (
-    select(*(col(getattr(ImageRow, name)) for name in ImageRow.model_fields))
+_ITS_IMAGE: Select[Any] = (
+    select(
+        *(col(getattr(ImageRow, name)) for name in ImageRow.model_fields),
+        col(ResultRow.redacted_path),
+        col(JobRow.params),
+    )
     .join_from(JobRow, ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
+    .outerjoin(ResultRow, col(ResultRow.job_id) == col(JobRow.id))
     .where(col(JobRow.id) == bindparam("id"))
 )
 # Counts in the claim's order (store/queue.py `claim`: run_after, then id).
@@ -417,14 +461,16 @@ class Reads:
     async def job(self, job_id: int) -> dict[str, Any]:
         return job_view(*await self._job_and_image(self._reader, job_id))
 
-    async def image_of(self, job_id: int) -> ImageRow:
+    async def image_of(self, job_id: int) -> JobImage:
         def read(conn: Connection) -> Row[Any] | None:
             return conn.execute(_ITS_IMAGE, {"id": job_id}).first()
 
         row = await self._reader.run(read)
         if row is None:
             raise NotFound(f"job {job_id} does not exist", code="job_not_found")
-        return ImageRow.model_validate(row._mapping)
+        fields = dict(row._mapping)
+        params = json.loads(fields.pop("params"))
+        return JobImage.model_validate({**fields, "redact": params.get("redact") or ()})
 
     async def stream(
         self,
@@ -473,7 +519,7 @@ class Reads:
         if not 1 <= limit <= largest:
             raise InvalidInput(f"limit must be 1..{largest}", code="invalid_filter")
         key = sort_column(sort)
-        query = _ALL_VIEWS
+        query = _PLAIN_VIEWS if project in _PLAIN else _ALL_VIEWS
         for condition in (where or JobFilter()).conditions():
             query = query.where(condition)
         if sort == "finished":
@@ -509,6 +555,37 @@ class Reads:
                     asked[f[0]].append(f[1:])
             jobs = [job_view(row, detections.get(row.id, ()), None, asked[row.id]) for row in rows]
             return {"jobs": jobs, "next_cursor": next_cursor}
+
+        return await self._reader.run(read)
+
+    async def answer_fields(self, where: JobFilter) -> list[str]:
+        """The top-level fields of the structured answers of the matching jobs, sorted: those
+        stored, and those the schemas of jobs not finished yet name, which an export that
+        runs while they finish may meet. One snapshot; JSON parsed only for jobs with an
+        answer and for unfinished ones."""
+        conditions = where.conditions()
+        answers = func.json_each(col(ResultRow.answer)).table_valued("key")
+        stored = (
+            select(answers.c.key)
+            .select_from(
+                join(JobRow, ResultRow, col(ResultRow.job_id) == col(JobRow.id)).join(
+                    answers, true()
+                )
+            )
+            .where(col(ResultRow.answer).is_not(None))
+            .where(func.json_type(col(ResultRow.answer)) == "object", *conditions)
+        )
+        named = func.json_each(col(JobRow.params), "$.response_schema.properties")
+        pending = named.table_valued("key")
+        promised = (
+            select(pending.c.key)
+            .select_from(join(JobRow, pending, true()))
+            .where(col(JobRow.status).in_(("queued", "running")), *conditions)
+        )
+        query = union(stored, promised)
+
+        def read(conn: Connection) -> list[str]:
+            return sorted(str(key) for key in conn.execute(query).scalars())
 
         return await self._reader.run(read)
 

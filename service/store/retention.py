@@ -1,9 +1,11 @@
-"""Retention: removes finished jobs older than a cutoff (rows, stored images, or both); never
-touches queued or running work. Deletes run as one transaction on the queue's writer thread."""
+"""Retention: removes finished jobs older than a cutoff (rows, stored images and redacted
+copies, or both), and originals a redacting job no longer needs; never touches queued or running
+work. Deletes run as one transaction on the queue's writer thread."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +46,15 @@ async def prune(
         count = db.execute(f"SELECT count(*) FROM ({old})", args).fetchone()
         if not count or not count[0]:
             return []
+        # Redacted copies go with their jobs' images, and are counted in the bytes freed.
+        copies = [
+            (str(row[0]), _bytes_of(data_dir / str(row[0])))
+            for row in db.execute(
+                "SELECT redacted_path FROM results WHERE redacted_path IS NOT NULL"
+                f" AND job_id IN ({old})",
+                args,
+            )
+        ]
         # Images used only by old jobs (a newer or unfinished job keeps its image).
         images = [
             (str(row[0]), str(row[1]), int(row[2]))
@@ -55,7 +66,9 @@ async def prune(
             )
         ]
         report.images_removed = len(images)
-        report.bytes_freed = sum(size for _sha, _path, size in images)
+        report.bytes_freed = sum(size for _sha, _path, size in images) + sum(
+            size for _path, size in copies
+        )
         report.jobs_removed = 0 if keep_results else int(count[0])
         if dry_run:
             return []  # nothing written: the transaction ends empty, no file is touched
@@ -75,7 +88,7 @@ async def prune(
                 "DELETE FROM images WHERE pruned_at IS NOT NULL AND sha256 NOT IN"
                 " (SELECT image_sha256 FROM jobs)"
             )
-        return images
+        return [*images, *(("", path, size) for path, size in copies)]
 
     images = await queue.write(prune_rows)
     # Files go after the rows are committed: a crash in between leaves a stray file, never a
@@ -87,3 +100,62 @@ async def prune(
             if file.stat().st_mtime < began:
                 file.unlink()
     return report
+
+
+def _bytes_of(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _needs_original(status: str, params: dict[str, Any]) -> bool:
+    """Whether a job still needs its image's original: it is yet to run (or running), hands
+    the original out (redacts nothing), or was asked to keep it."""
+    return (
+        status in ("queued", "running")
+        or not params.get("redact")
+        or bool(params.get("keep_original", True))
+    )
+
+
+async def drop_original(queue: Queue, data_dir: Path, job_id: int) -> bool:
+    """Once job `job_id` (redacting, not keeping its original) has its redacted copy, delete
+    the stored original unless another job with the same image still needs it (see
+    `_needs_original`), and mark the image pruned. True when the file was removed; calling it
+    for any other job does nothing."""
+    began = time.time()
+
+    def mark(db: sqlite3.Connection) -> str | None:
+        row = db.execute(
+            "SELECT jobs.image_sha256, jobs.params, results.redacted_path, images.path"
+            " FROM jobs JOIN images ON images.sha256 = jobs.image_sha256"
+            " LEFT JOIN results ON results.job_id = jobs.id"
+            " WHERE jobs.id = ? AND images.pruned_at IS NULL",
+            (job_id,),
+        ).fetchone()
+        if row is None or row[2] is None or not (data_dir / str(row[2])).is_file():
+            return None
+        sha, own = str(row[0]), json.loads(row[1])
+        if not own.get("redact") or own.get("keep_original", True):
+            return None
+        others = db.execute(
+            "SELECT status, params FROM jobs WHERE image_sha256 = ? AND id != ?", (sha, job_id)
+        )
+        if any(_needs_original(str(status), json.loads(params)) for status, params in others):
+            return None
+        db.execute("UPDATE images SET pruned_at = ? WHERE sha256 = ?", (began, sha))
+        return str(row[3])
+
+    path = await queue.write(mark)
+    if path is None:
+        return False
+    file = data_dir / path
+    try:
+        # A submission of the same bytes since this began touched the file: keep it.
+        if file.stat().st_mtime >= began:
+            return False
+        file.unlink()
+    except FileNotFoundError:
+        return False
+    return True

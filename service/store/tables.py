@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlmodel import Field, SQLModel
 
 
-class ImageRow(SQLModel, table=True):
-    __tablename__ = "images"
+class ImageColumns(SQLModel):
+    """The images table's columns, for views that add to them (store/reads.py JobImage)."""
 
     sha256: str = Field(primary_key=True)
     bytes: int
@@ -18,6 +18,10 @@ class ImageRow(SQLModel, table=True):
     created_at: float
     captured_at: str | None = None
     pruned_at: float | None = None
+
+
+class ImageRow(ImageColumns, table=True):
+    __tablename__ = "images"
 
 
 class JobRow(SQLModel, table=True):
@@ -71,6 +75,11 @@ class ResultRow(SQLModel, table=True):
     job_id: int = Field(primary_key=True, foreign_key="jobs.id")
     reasoning: str
     created_at: float
+    answer: str | None = None
+    citations: str | None = None
+    planned_queries: str | None = None
+    tiling: str | None = None
+    redacted_path: str | None = None
 
 
 class DetectionRow(SQLModel, table=True):
