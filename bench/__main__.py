@@ -22,6 +22,7 @@ REGISTRY = {
     "blas": "bench.blas_bench",
     "history": "bench.history_bench",
     "inbox": "bench.inbox_bench",
+    "events": "bench.events_bench",
     "model_host": "bench.model_host_bench",
     "overhead": "bench.overhead_bench",
     "two_server": "bench.two_server_bench",

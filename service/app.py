@@ -22,18 +22,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import docs as docs_api
+from service.api import events as events_api
 from service.api import followups as followups_api
-from service.api import health, history, inbox, jobs
+from service.api import health, history, inbox, jobs, pages
+from service.api import metrics as metrics_api
 from service.api import models as models_api
 from service.api import profiles as profiles_api
 from service.api.guard import BrowserGuard
+from service.api.metrics import RequestMetrics
 from service.config import Settings, parse_age
 from service.diskspace import is_disk_full, watch
 from service.errors import AipError, DiskFull, PayloadTooLarge, StartupRefused
+from service.events import EventBus
 from service.followups import FollowUps
 from service.inbox.lock import InboxLock
 from service.inbox.watcher import InboxWatcher
 from service.leftovers import remove_unfinished_images
+from service.metrics import Metrics
 from service.models.host import ModelHost
 from service.periodic import every
 from service.private import enter_private_umask, leave_private_umask, tighten
@@ -47,6 +52,7 @@ from service.store.queue import Queue
 from service.store.reads import Reads
 from service.store.retention import prune
 from service.store.sqlite import read_engine
+from service.webhooks import Webhooks
 from service.worker import Worker
 
 log = logging.getLogger("aip")
@@ -247,9 +253,12 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         tasks: list[asyncio.Task[Any]] = []
         owned_host = host is None
         models = host or ModelHost.from_settings(settings)
+        bus = EventBus()
+        metrics.watch(bus, models)
         queue: Queue | None = None
         reads: Reads | None = None
         asked: FollowUps | None = None
+        hooks: Webhooks | None = None
         try:
             if settings.inbox_enabled:
                 inbox_lock.acquire()
@@ -276,12 +285,16 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 log.warning("follow-up questions interrupted by the last stop are queued again")
             asked = app.state.followups = FollowUps(settings, queue, models, reads)
             asked.start()
-            worker = Worker(settings, queue, models)
+            # Started before the worker: what the last run left pending goes out first.
+            hooks = app.state.webhooks = Webhooks(settings, queue, reads, events=bus)
+            hooks.start()
+            models.events = bus
+            worker = Worker(settings, queue, models, bus)
             watcher = None
             if settings.inbox_enabled:
-                watcher = InboxWatcher(settings, Ledger(queue), worker.notify, profiles)
+                watcher = InboxWatcher(settings, Ledger(queue), worker.notify, profiles, bus)
             app.state.services = Services(
-                settings, queue, reads, models, worker, started, profiles, watcher
+                settings, queue, reads, models, worker, started, profiles, watcher, events=bus
             )
             log.info(
                 "aip %s started on %s; queue %s",
@@ -334,6 +347,8 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if hooks is not None:
+                await hooks.stop()
             if reads is not None:
                 await reads.close()
             if queue is not None:
@@ -357,15 +372,22 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         responses=BrowserGuard.responses,
     )
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
-    # Added last, so it runs first: a foreign Host or Origin never reaches a route.
+    # Added after the body limit, so it runs before it: a foreign Host or Origin never
+    # reaches a route.
     app.add_middleware(BrowserGuard, settings=settings)
+    # Outermost: the guard's refusals are timed too.
+    metrics = app.state.metrics = Metrics()
+    app.add_middleware(RequestMetrics, metrics=metrics)
     _install_error_handlers(app)
     app.include_router(health.router, prefix="/v1")
+    app.include_router(events_api.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(inbox.router, prefix="/v1")
     app.include_router(models_api.router, prefix="/v1")
     app.include_router(history.router, prefix="/v1")
     app.include_router(followups_api.router, prefix="/v1")
     app.include_router(profiles_api.router, prefix="/v1")
+    app.include_router(metrics_api.router)
     docs_api.install(app)
+    pages.install(app)
     return app

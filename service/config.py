@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_DETECTOR = "tiiuae/Falcon-Perception"
 DEFAULT_REASONER = "mlx-community/gemma-4-e2b-it-4bit"
@@ -95,6 +96,30 @@ def port_number(value: str | int) -> int:
     if not 1 <= port <= 65535:
         raise ValueError("not a port number (1..65535)")
     return port
+
+
+MAX_WEBHOOK_URL = 2000
+
+
+def webhook_url(value: str) -> str:
+    """A URL finished jobs are POSTed to: http or https, with a host, at most MAX_WEBHOOK_URL
+    characters, no spaces or control characters; the one check a setting, a profile, a
+    folder config and a job share."""
+    url = value.strip()
+    if not url:
+        raise ValueError("empty")
+    if len(url) > MAX_WEBHOOK_URL:
+        raise ValueError(f"{len(url)} characters; at most {MAX_WEBHOOK_URL}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ValueError("it holds spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError("not a URL") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL with a host")
+    return url
 
 
 def _count(value: str) -> int:
@@ -198,6 +223,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_LOG_STDERR": ("log_stderr", _flag),
     "AIP_CPU_BLAS": ("cpu_blas", _cpu_blas),
     "AIP_BATCH": ("batch", _batch),
+    "AIP_WEBHOOK_URL": ("webhook_url", webhook_url),
+    "AIP_WEBHOOK_SECRET": ("webhook_secret", str),
 }
 
 
@@ -250,10 +277,19 @@ class Settings:
     inbox_polling: bool = False
     retention: str | None = None  # e.g. "90d": finished jobs older than this are pruned
     retention_keep_results: bool = False  # prune only the stored images, keep the rows
+    # Finished jobs are POSTed here unless their job, folder or profile names another URL.
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)  # signs each body (HMAC-SHA256)
+    # A delivery not answered 2xx is tried again with exponential backoff from this base
+    # (service/policy.py), for this long after its job ended; then it is failed.
+    webhook_retry_base_seconds: float = 10.0
+    webhook_retry_for_seconds: float = 86400.0
 
     def __post_init__(self) -> None:
         if self.retention is not None:
             parse_age(self.retention)  # a bad policy stops start-up before anything runs
+        if self.webhook_url is not None:
+            webhook_url(self.webhook_url)
         for name in ("detect_max_tokens", "reason_max_tokens"):
             if not 1 <= getattr(self, name) <= MAX_GENERATED_TOKENS:
                 raise ValueError(

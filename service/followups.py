@@ -137,21 +137,25 @@ class FollowUps:
                 self.current = None
             self._announce_end()
 
+    def _image(self, ask: store.Ask) -> tuple[Image.Image, tuple[int, int]]:
+        """The job's stored original; once a redacting job's original is deleted
+        (`keep_original: false`), its redacted copy."""
+        for path in (ask.image_path, ask.redacted_path):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    return open_for_models(self.settings.data_dir, path)
+        raise JobFailure(
+            "input_missing",
+            "the job's stored image is gone from the data directory (retention)",
+            transient=False,
+        )
+
     async def answer(self, ask: store.Ask) -> None:
         timings: dict[str, float] = {}
         served: dict[str, Any] = {}
         began = time.perf_counter()
         try:
-            try:
-                image, size = await asyncio.to_thread(
-                    open_for_models, self.settings.data_dir, ask.image_path
-                )
-            except FileNotFoundError:
-                raise JobFailure(
-                    "input_missing",
-                    "the job's stored image is gone from the data directory (retention)",
-                    transient=False,
-                ) from None
+            image, size = await asyncio.to_thread(self._image, ask)
             timings["decode"] = (time.perf_counter() - began) * 1000
             prompt = job_prompt(ask, size)
             reasoned = time.perf_counter()

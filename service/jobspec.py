@@ -8,9 +8,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from service.config import Settings
+from service.config import MAX_WEBHOOK_URL, Settings, webhook_url
 from service.errors import InvalidInput, NotFound
-from service.pipeline import JobParams, build_params, parse_queries, token_limit
+from service.pipeline import TOKEN_LIMITS, JobParams, build_params, parse_queries, token_limit
+from service.profiles import NO_PROFILE
 from service.structured import check_schema
 from service.tiles import parse_tiling
 
@@ -25,10 +26,11 @@ OPTION_KEYS = (
     "keep_original",
     "detect_max_tokens",
     "reason_max_tokens",
+    "webhook",
 )
 MAX_REDACT = 16
 MAX_REDACT_CHARS = 200
-MAX_PROFILE_NAME = 100
+MAX_PROFILE_NAME = 64
 _TRUE, _FALSE = {"true", "1"}, {"false", "0"}
 
 
@@ -102,6 +104,19 @@ def _profile_name(raw: Any, what: str) -> str:
     return name
 
 
+def _webhook(raw: Any, what: str) -> str:
+    try:
+        if not isinstance(raw, str):
+            raise ValueError("not text")
+        return webhook_url(raw)
+    except ValueError as exc:
+        raise InvalidInput(
+            f"{what} must be an http:// or https:// URL of at most {MAX_WEBHOOK_URL} "
+            f"characters ({exc})",
+            code="invalid_webhook",
+        ) from None
+
+
 def _one(key: str, raw: Any, what: str) -> Any:
     """One option normalized, or None when it says nothing (blank text, no queries)."""
     if key == "queries":
@@ -120,6 +135,8 @@ def _one(key: str, raw: Any, what: str) -> Any:
         return _flag(raw, what)
     if key == "profile":
         return _profile_name(raw, what)
+    if key == "webhook":
+        return _webhook(raw, what)
     return _whole(raw, what)  # the token limits
 
 
@@ -148,6 +165,8 @@ def parse_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 async def _profile(name: str | None, profiles: Profiles | None) -> Profile | None:
+    if name == NO_PROFILE:
+        return None
     if name is None:
         return await profiles.default() if profiles is not None else None
     try:
@@ -179,6 +198,11 @@ async def resolve(
         # Checked when stored; checked again as a shipped or older definition may not be.
         merged.update(parse_options(profile.params, f"profile {profile.name}"))
     merged.update(folder)
+    # A profile's or folder's token limit is a preference: the service's ceiling caps it. The
+    # job's own was checked against the ceiling when it was sent.
+    for name in TOKEN_LIMITS:
+        if name in merged and name not in given:
+            merged[name] = min(merged[name], getattr(settings, name))
     merged.update(given)
     params = build_params(
         merged.get("queries"),
@@ -203,4 +227,5 @@ async def resolve(
         redact=tuple(merged.get("redact", ())),
         keep_original=merged.get("keep_original", True),
         profile=profile.name if profile is not None else None,
+        webhook=merged.get("webhook", settings.webhook_url),
     )

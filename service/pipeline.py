@@ -53,6 +53,7 @@ class JobParams:
     keep_original: bool = True
     profile: str | None = None  # the profile the job's parameters were resolved with
     plan: bool = False  # no queries from anywhere: the reasoner proposes what to look for
+    webhook: str | None = None  # where the finished job is POSTed (service/webhooks.py)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -72,6 +73,8 @@ class JobParams:
         if self.profile is not None:
             out["profile"] = self.profile
         out["plan"] = self.plan
+        if self.webhook is not None:
+            out["webhook"] = self.webhook
         return out
 
     @classmethod
@@ -89,6 +92,7 @@ class JobParams:
             keep_original=bool(raw.get("keep_original", True)),
             profile=raw.get("profile"),
             plan=bool(raw.get("plan", False)),
+            webhook=raw.get("webhook"),
         )
 
     @property
@@ -337,21 +341,25 @@ def _reason(
     prompt: str,
     tokens: int,
     schema: dict[str, Any] | None,
+    on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """One image goes as itself, several as a list; a schema only when there is one (so a
-    reasoner that takes neither still serves the plain case)."""
+    """One image goes as itself, several as a list; a schema only when there is one, and
+    `on_text` only to a reasoner that `streams` (so one that takes neither still serves the
+    plain case)."""
     shown: Any = images[0] if len(images) == 1 else list(images)
-    if schema is None:
-        return reasoner.reason(shown, prompt, max_tokens=tokens)
-    return reasoner.reason(shown, prompt, max_tokens=tokens, schema=schema)  # type: ignore[call-arg]
+    extra: dict[str, Any] = {} if schema is None else {"schema": schema}
+    if on_text is not None and getattr(reasoner, "streams", False):
+        extra["on_text"] = on_text
+    return reasoner.reason(shown, prompt, max_tokens=tokens, **extra)
 
 
 def _finish(grounded: _Grounded, text: str, params: JobParams, reason_ms: float) -> Analysis:
     """The answer parsed (a structured job's text must be JSON valid against its schema, or
     the job fails with why) and its citations read."""
-    answer = parse_answer(text, params.response_schema) if params.response_schema else None
+    schema = params.response_schema
+    answer = parse_answer(text, schema) if schema is not None else None
     # A structured answer cites in its text fields; its numbers elsewhere are counts.
-    cited = text if answer is None else " ".join(_strings(answer))
+    cited = text if schema is None else " ".join(_strings(answer))
     return Analysis(
         detections=grounded.detections,
         reasoning=text,
@@ -386,6 +394,7 @@ def analyse(
     original_size: tuple[int, int] | None = None,
     frame: Callable[[], Image.Image] | None = None,
     scale_time: Callable[[int], None] = lambda cells: None,
+    on_text: Callable[[str], None] | None = None,
 ) -> Analysis:
     """Plan queries if none were given, run them through the detector, then the reasoner once.
 
@@ -394,7 +403,7 @@ def analyse(
     to stop the job there (cancellation, timeout, shutdown). `original_size`: the size of the
     image `image` was reduced from; boxes are given in its pixels. `frame()` gives the image
     at that size, for tiled detection; `scale_time(n)` is told when detection will cost n
-    images' worth (a tiled frame)."""
+    images' worth (a tiled frame). `on_text` hears the reasoning as it is generated."""
     grounded = _ground(
         image,
         params,
@@ -414,6 +423,7 @@ def analyse(
         grounded.prompt,
         params.reason_max_tokens or reason_tokens,
         params.response_schema,
+        on_text,
     )
     return _finish(grounded, text, params, (time.perf_counter() - began) * 1000)
 
@@ -481,7 +491,9 @@ def analyse_many(
     plain = [
         i
         for i, g in enumerate(grounded)
-        if isinstance(g, _Grounded) and len(g.images) == 1 and not items[i].params.response_schema
+        if isinstance(g, _Grounded)
+        and len(g.images) == 1
+        and items[i].params.response_schema is None
     ]
     began = time.perf_counter()
     if plain:

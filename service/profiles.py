@@ -24,7 +24,16 @@ class Shipped:
     params: dict[str, Any]
 
 
+# A job or folder naming this uses no profile, not even the default.
+NO_PROFILE = "none"
+
+
 def check_name(name: str) -> str:
+    if name == NO_PROFILE:
+        raise InvalidInput(
+            f"{NO_PROFILE!r} is reserved: a job naming it uses no profile",
+            code="invalid_profile_name",
+        )
     if not NAME.fullmatch(name):
         raise InvalidInput(
             f"{name[:80]!r} is not a profile name: 1 to 64 lowercase letters, digits and "

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from service.config import Settings
+from service.events import EventBus
 from service.inbox.watcher import InboxWatcher
 from service.models.host import ModelHost
 from service.store.profiles import Profiles
@@ -24,5 +25,6 @@ class Services:
     started: float
     profiles: Profiles
     inbox: InboxWatcher | None = None
+    events: EventBus = field(default_factory=EventBus)
     # Uploads decoded at once: each holds its bytes and a decoded image in memory.
     intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))

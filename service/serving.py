@@ -56,6 +56,11 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: Any = None) -> None:
+        # Event streams never end by themselves, and uvicorn waits for every open response.
+        services = getattr(getattr(self._app, "state", None), "services", None)
+        events = getattr(services, "events", None)
+        if events is not None:
+            events.close()
         await super().shutdown(sockets)
         # uvicorn skips the app's shutdown on a forced exit (Ctrl-C twice). Ours must still
         # run: it hands the running job back and closes the database, without waiting now.

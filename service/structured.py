@@ -127,7 +127,8 @@ def _load(text: str) -> Any:
         if exc.pos >= len(body) or exc.msg.startswith("Unterminated string"):
             raise _invalid(
                 "the answer stops before its JSON is complete: the reasoner ran out of tokens "
-                "(raise reason_max_tokens)"
+                "(raise the job's reason_max_tokens, up to AIP_REASON_MAX_TOKENS, or ask for a "
+                "smaller answer: fewer fields, maxLength on strings)"
             ) from None
         raise _invalid(f"the answer is not JSON: {exc.msg} at character {exc.pos}") from None
     except (ValueError, RecursionError) as exc:

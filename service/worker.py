@@ -21,6 +21,7 @@ from PIL import Image
 from service import batching, redact
 from service.config import Settings
 from service.errors import DiskFull, JobFailure
+from service.events import EventBus
 from service.intake import open_stored
 from service.models.host import ModelHost
 from service.pipeline import Analysis, BatchItem, JobParams, ReasonMany, analyse, analyse_many
@@ -59,23 +60,36 @@ class _Run:
         to match, as a batch's does."""
         self.deadline = self.began + self.timeout * max(cells, 1)
 
+    def enter(self, stage: str) -> None:
+        if stage != self.stage:
+            self.worker.events.publish("job.stage", {"stage": stage}, job_id=self.claim.job_id)
+        self.stage = stage
+
+    def on_text(self, delta: str) -> None:
+        """A piece of the reasoning as it is generated (on the model thread)."""
+        self.worker.events.publish("job.text", {"delta": delta}, job_id=self.claim.job_id)
+
     def request_stop(self, why: str, message: str) -> None:
         self.reason = (why, message)
         self.flag.set()
 
     def checkpoint(self, stage: str) -> None:
         """Called on the model thread between stages."""
-        self.stage = self.worker.stage = stage
+        self.worker.stage = stage
+        self.enter(stage)
         if self.flag.is_set() and self.reason is not None:
             why, message = self.reason
             raise StopJob(why, f"{message} (before {stage})")
 
 
 class Worker:
-    def __init__(self, settings: Settings, queue: Queue, host: ModelHost) -> None:
+    def __init__(
+        self, settings: Settings, queue: Queue, host: ModelHost, events: EventBus | None = None
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.host = host
+        self.events = events or EventBus()
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.current: Claim | None = None  # the running job (a batch's first)
         self.running: dict[int, _Run] = {}  # every running job, by id
@@ -109,7 +123,7 @@ class Worker:
         self.stage = stage
         run = self.running.get(claim.job_id)
         if run is not None:
-            run.stage = stage
+            run.enter(stage)
 
     def notify(self) -> None:
         """A job was queued: stop sleeping (busy: decode the next job's image meanwhile)."""
@@ -269,6 +283,7 @@ class Worker:
                     original_size=original_size,
                     frame=self._frame(claim),
                     scale_time=run.scale,
+                    on_text=run.on_text,
                 ),
                 served=models,  # the exact models that ran it, taken in the same step
             )
@@ -354,6 +369,9 @@ class Worker:
         # job's clock allows for the others' work: the batch's jobs share their time.
         run = _Run(self, claim, self.settings.job_timeout_seconds * batch)
         self.running[claim.job_id] = run
+        self.events.publish(
+            "job.claimed", {"attempt": claim.attempt, "worker": self.id}, job_id=claim.job_id
+        )
         return run
 
     def _frame(self, claim: Claim) -> Callable[[], Image.Image]:
@@ -400,6 +418,7 @@ class Worker:
                 else None
             )
             status, following = await self._fail(claim, failure, retry_in, timings, models)
+            self._failed(claim, status, failure, retry_in)
             log.warning(
                 "job %s attempt %s failed (%s: %s) -> %s",
                 claim.job_id,
@@ -430,7 +449,9 @@ class Worker:
                 retry_in = backoff_seconds(
                     claim.round_attempt, base=self.settings.retry_base_seconds
                 )
-                return (await self._fail(claim, failure, retry_in, timings, models))[1]
+                status, following = await self._fail(claim, failure, retry_in, timings, models)
+                self._failed(claim, status, failure, retry_in)
+                return following
         timings.update(result.timings)
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
         outcome = Outcome(
@@ -455,6 +476,11 @@ class Worker:
                 log.exception("job %s: removing the unredacted original failed", claim.job_id)
         if done:
             self._disk_strikes = 0
+            self.events.publish(
+                "job.succeeded",
+                {"detections": len(result.detections), "timings_ms": timings},
+                job_id=claim.job_id,
+            )
             log.info(
                 "job %s succeeded: %d detections in %.0f ms",
                 claim.job_id,
@@ -515,16 +541,36 @@ class Worker:
     ) -> Claim | None:
         following = None
         if stop.why == "cancelled":
-            _, following = await self.queue.cancelled_and_claim(
+            done, following = await self.queue.cancelled_and_claim(
                 claim, stop.message, claim_next=self._claim_next()
             )
+            if done:
+                self.events.publish("job.cancelled", {}, job_id=claim.job_id)
         elif stop.why == "timeout":
             failure = JobFailure("timeout", stop.message, transient=False)
-            _, following = await self._fail(claim, failure, None, timings, models)
+            status, following = await self._fail(claim, failure, None, timings, models)
+            self._failed(claim, status, failure, None)
         elif stop.why == "shutdown":
             await self.queue.release(claim)
         log.info("job %s stopped: %s", claim.job_id, stop.message)
         return following
+
+    def _failed(
+        self, claim: Claim, status: str | None, failure: JobFailure, retry_in: float | None
+    ) -> None:
+        """Say how a failed attempt left its job: failed for good, queued to retry, or
+        cancelled (asked while it ran); nothing when the lease was lost."""
+        about = {"code": failure.code, "message": failure.message}
+        if status == "failed":
+            self.events.publish("job.failed", {**about, "retry_in": None}, job_id=claim.job_id)
+        elif status == "queued":
+            self.events.publish(
+                "job.retrying",
+                {**about, "retry_in": retry_in, "attempt": claim.attempt},
+                job_id=claim.job_id,
+            )
+        elif status == "cancelled":
+            self.events.publish("job.cancelled", {}, job_id=claim.job_id)
 
     def stop_signalled(self, again: bool) -> None:
         """A stop signal arrived (on the event loop's thread): the first says what shutdown

@@ -127,6 +127,9 @@ class RunningService:
         return self
 
     def stop(self) -> None:
+        # Event streams never end by themselves, and uvicorn waits for every open response.
+        with contextlib.suppress(AttributeError):
+            self.services.events.close()
         self.server.should_exit = True
         self._thread.join(timeout=60)
         self.client.close()
@@ -214,3 +217,67 @@ def serve(model_host: ModelHost) -> Iterator[Callable[..., RunningService]]:
     for service in started:
         if service._thread.is_alive():
             service.stop()
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def _chromium() -> Path | None:
+    """Debian's chromium (AIP_TEST_CHROMIUM names another Chromium or Chrome binary); on CI,
+    installed from Debian's packages when missing."""
+    found = Path(os.environ.get("AIP_TEST_CHROMIUM", "/usr/bin/chromium"))
+    if found.is_file() or not os.environ.get("CI"):
+        return found if found.is_file() else None
+    import subprocess
+
+    install = "apt-get update -q && apt-get install -y -q chromium"
+    command = ["sh", "-c", install if os.geteuid() == 0 else f"sudo -n sh -c '{install}'"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not found.is_file():
+        pytest.fail(f"CI: could not install chromium ({install}): {done.stderr[-500:]}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def chromium_session() -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
+    """One headless Chromium for the whole run, driven by Playwright (never its own download),
+    and the event loop Playwright drives it from."""
+    how = (
+        "browser tests skipped: install Chromium (Debian: apt-get install chromium) or set "
+        "AIP_TEST_CHROMIUM to a Chromium binary; with CI set they install it and must run"
+    )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI: playwright is missing; pip install -e '.[test]'")
+        pytest.skip(how)
+    executable = _chromium()
+    if executable is None:
+        pytest.skip(how)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        # Playwright's sync API leaves its loop marked as this thread's running loop, which
+        # would make every later test's asyncio.run() fail: marked only inside browser tests.
+        loop = asyncio.get_running_loop()
+        asyncio._set_running_loop(None)
+        yield chromium, loop
+        asyncio._set_running_loop(loop)
+        chromium.close()
+
+
+@pytest.fixture
+def browser(chromium_session: tuple[Any, asyncio.AbstractEventLoop]) -> Iterator[Any]:
+    """The session's Chromium, for one test."""
+    chromium, loop = chromium_session
+    asyncio._set_running_loop(loop)
+    try:
+        yield chromium
+    finally:
+        asyncio._set_running_loop(None)

@@ -131,6 +131,9 @@ def test_redaction_blurs_the_detected_regions_of_every_image_handed_out(
     assert not (settings.data_dir / "images").exists() or not any(
         p.is_file() for p in (settings.data_dir / "images").rglob("*")
     )
+    # A follow-up still has an image to look at: the redacted copy.
+    asked = service.client.post(f"/v1/jobs/{job['id']}/ask?wait=60", json={"question": "Cars?"})
+    assert asked.status_code == 200 and asked.json()["status"] == "succeeded", asked.text
 
 
 def test_the_default_profile_fills_in_what_the_job_leaves_out(

@@ -308,9 +308,10 @@ def test_queued_jobs_run_as_a_batch_with_the_results_they_get_alone(
 def test_batched_jobs_keep_their_leases_and_are_cancelled_one_by_one(
     settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service = serve(settings.replace(batch=4, lease_seconds=0.3))
+    # A lease long enough that a loaded machine's stall of the event loop does not lose it.
+    service = serve(settings.replace(batch=4, lease_seconds=1.0))
     holds, ids = _batch_of_three(service, monkeypatch, ["a?", "b?", "c?"])
-    time.sleep(1.0)  # several lease lengths: only heartbeats keep them
+    time.sleep(3.0)  # several lease lengths: only heartbeats keep them
     with sqlite3.connect(settings.database) as db:
         leases = db.execute(
             f"SELECT status, lease_until FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids

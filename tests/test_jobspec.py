@@ -251,6 +251,22 @@ def test_limits_apply_to_the_merged_options() -> None:
     assert caught.value.code == "invalid_tiling" and "profile old" in caught.value.message
 
 
+def test_profile_none_opts_out_of_the_default() -> None:
+    plain = _resolve({"profile": "none", "queries": "car"}, {"profile": "site"}, LAYERED)
+    assert plain.profile is None and plain.queries == ("car",)
+    assert _resolve({}, {"profile": "none"}, LAYERED).profile is None
+
+
+def test_a_profiles_or_folders_token_limit_is_capped_by_the_ceiling() -> None:
+    greedy = Store({"greedy": {"queries": "car", "detect_max_tokens": 9999}})
+    capped = _resolve({"profile": "greedy"}, None, greedy, detect_max_tokens=64)
+    assert capped.detect_max_tokens == 64
+    folder = _resolve({}, {"reason_max_tokens": 9999}, Store(), reason_max_tokens=32)
+    assert folder.reason_max_tokens == 32
+    lower = _resolve({"profile": "greedy"}, {"detect_max_tokens": 8}, greedy)
+    assert lower.detect_max_tokens == 8
+
+
 # -- the HTTP app and the inbox -------------------------------------------------------------------
 
 

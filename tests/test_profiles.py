@@ -275,6 +275,8 @@ def test_routes(tmp_path: Path, serve: Serve) -> None:
     bad_schema = {"params": {"response_schema": {"type": "nonsense"}}}
     refused(http.put("/v1/profiles/p", json=bad_schema), 422, "invalid_schema")
     refused(http.put("/v1/profiles/p", json={"params": {"colour": 1}}), 422, "unknown_fields")
+    too_long = {"params": {"detect_max_tokens": 10**6}}  # over AIP_DETECT_MAX_TOKENS
+    refused(http.put("/v1/profiles/p", json=too_long), 422, "invalid_option")
     refused(http.put("/v1/profiles/p", json={"params": {"profile": "x"}}), 422, "invalid_options")
     refused(http.put("/v1/profiles/p", json={"params": [1]}), 422, "invalid_options")
     refused(http.put("/v1/profiles/p", json={"params": {}, "x": 1}), 422, "unknown_fields")

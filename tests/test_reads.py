@@ -89,10 +89,12 @@ def test_exports_over_several_pages_match_one_page_of_views(tmp_path: Path) -> N
     assert [image["id"] for image in coco["images"]] == [j["id"] for j in whole if j["result"]]
     assert [a["id"] for a in coco["annotations"]] == list(range(1, len(detections) + 1))
 
-    # A single job is its page view plus its attempts, read in the same snapshot.
+    # A single job is its page view plus its attempts and webhook deliveries (none here: no
+    # job names a URL), read in the same snapshot.
     for job in whole:
         single = dict(singles[job["id"]])
         attempts = single.pop("attempt_history")
+        assert single.pop("webhooks") == []
         assert single == job
         assert len(attempts) == job["attempts"]
 

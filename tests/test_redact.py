@@ -348,3 +348,27 @@ def test_retention_removes_the_redacted_copies_of_the_jobs_it_prunes(
     assert not old_copy.exists()
     assert (data_dir / f"redacted/{new}.png").exists() and (data_dir / path).exists()
     assert asyncio.run(run(keep_results=False))["jobs_removed"] == 1
+
+
+def test_pruning_the_job_that_kept_an_original_lets_a_redacting_job_drop_it(
+    store: tuple[Path, sqlite3.Connection],
+) -> None:
+    data_dir, db = store
+    sha, path = add_image(data_dir, db, noise())
+    add_job(db, sha, "succeeded", finished_at=time.time() - 40 * 86400)  # keeps the original
+    hidden = redacted_job(data_dir, db, sha, path, keep_original=False)
+    db.commit()
+    assert drop(data_dir, hidden) is False and (data_dir / path).exists()
+
+    async def run() -> dict[str, Any]:
+        queue = await Queue.open(data_dir / "aip.db")
+        try:
+            report = await prune(queue, data_dir, older_than_seconds=30 * 86400, keep_results=False)
+            return report.to_dict()
+        finally:
+            await queue.close()
+
+    report = asyncio.run(run())
+    assert report["jobs_removed"] == 1 and report["images_removed"] == 1
+    assert not (data_dir / path).exists()
+    assert (data_dir / f"redacted/{hidden}.png").exists()

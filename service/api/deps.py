@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Request, Security
+from fastapi import Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import Unauthorized
@@ -61,4 +61,25 @@ def require_token(
     _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> None:
     if not has_token(request):
+        raise unauthorized()
+
+
+def require_token_or_query(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    token: Annotated[
+        str | None,
+        Query(
+            max_length=1000,
+            description="the token, for a browser's EventSource, which cannot send headers "
+            "(this route only)",
+        ),
+    ] = None,
+) -> None:
+    """`require_token`, or the token as `?token=`: for the event stream alone, whose browser
+    client (EventSource) cannot set an Authorization header."""
+    configured = configured_token(request)
+    if configured is None or has_token(request):
+        return
+    if token is None or not token_matches(token.encode("utf-8", "surrogatepass"), configured):
         raise unauthorized()

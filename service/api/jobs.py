@@ -30,7 +30,15 @@ log = logging.getLogger("aip")
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_token)], responses=errors(401, 422))
 
 # The job options service.jobspec checks and resolves (profile, folder and settings below).
-_SPEC = ("profile", "tiling", "set_of_marks", "response_schema", "redact", "keep_original")
+_SPEC = (
+    "profile",
+    "tiling",
+    "set_of_marks",
+    "response_schema",
+    "redact",
+    "keep_original",
+    "webhook",
+)
 _OPTIONS = ("max_attempts", "detect_max_tokens", "reason_max_tokens", *_SPEC)
 _FORM_FIELDS = {"image", "queries", "query", "prompt", *_OPTIONS}
 _JSON_FIELDS = {"path", "queries", "prompt", *_OPTIONS}
@@ -73,6 +81,13 @@ def _spec_doc(form: bool) -> dict[str, Any]:
         "keep_original": {
             **_FLAG,
             "description": "false: the original is deleted once redacted copies exist",
+        },
+        "webhook": {
+            "type": "string",
+            "format": "uri",
+            "maxLength": 2000,
+            "description": "http(s) URL the finished job is POSTed to, signed "
+            "(default: its profile's, else AIP_WEBHOOK_URL)",
         },
     }
 
@@ -304,6 +319,10 @@ async def submit(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
+    if created:  # said before anything can claim it (no await between the commit and this)
+        svc.events.publish(
+            "job.created", {"source": source, "input_name": PurePath(name).name}, job_id=job_id
+        )
     svc.worker.notify()
     location = {"Location": f"/v1/jobs/{job_id}"}
     return await job_after_commit(svc, job_id, "queued", 202 if created else 200, location)
@@ -358,6 +377,8 @@ async def cancel_job(request: Request, job_id: JobId) -> Response:
     status = await svc.queue.request_cancel(job_id)
     if status == "running":
         svc.worker.cancel(job_id)
+    else:
+        svc.events.publish("job.cancelled", {}, job_id=job_id)
     return await job_after_commit(svc, job_id, status, 200 if status == "cancelled" else 202)
 
 
@@ -370,6 +391,11 @@ async def cancel_job(request: Request, job_id: JobId) -> Response:
 async def retry_job(request: Request, job_id: JobId) -> Response:
     svc = services(request)
     await svc.queue.retry(job_id)
+    svc.events.publish(
+        "job.retrying",
+        {"code": "retried", "message": "queued again on request", "retry_in": 0.0},
+        job_id=job_id,
+    )
     svc.worker.notify()
     return await job_after_commit(svc, job_id, "queued", 202)
 

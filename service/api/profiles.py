@@ -21,8 +21,10 @@ from pydantic import BaseModel, Field
 from service.api.bodies import json_body
 from service.api.deps import require_token, services
 from service.api.schemas import Body, TilingSpec, errors, refuse_unencodable, typed
+from service.config import Settings
 from service.errors import InvalidInput
 from service.jobspec import parse_options
+from service.pipeline import TOKEN_LIMITS, token_limit
 from service.profiles import check_name
 from service.store.profiles import MAX_DESCRIPTION, Profile
 
@@ -53,6 +55,7 @@ class ProfileParams(Body):
     keep_original: bool | None = None
     detect_max_tokens: int | None = None
     reason_max_tokens: int | None = None
+    webhook: str | None = Field(None, description="http(s) URL finished jobs are POSTed to")
 
 
 class ProfileView(Body):
@@ -75,7 +78,7 @@ class ProfileInput(BaseModel):
     description: str = Field("", max_length=MAX_DESCRIPTION)
     params: dict[str, Any] = Field(
         description="job options: queries, prompt, tiling, set_of_marks, response_schema, "
-        "redact, keep_original, detect_max_tokens, reason_max_tokens"
+        "redact, keep_original, detect_max_tokens, reason_max_tokens, webhook"
     )
 
 
@@ -87,7 +90,7 @@ _PUT_DOC: dict[str, Any] = {
 }
 
 
-def _profile_input(body: Any, name: str) -> tuple[str, dict[str, Any]]:
+def _profile_input(body: Any, name: str, settings: Settings) -> tuple[str, dict[str, Any]]:
     """The description and the checked parameters of a PUT body."""
     if not isinstance(body, dict):
         raise InvalidInput("the JSON body must be an object", code="invalid_json")
@@ -108,7 +111,14 @@ def _profile_input(body: Any, name: str) -> tuple[str, dict[str, Any]]:
         )
     if "profile" in params:
         raise InvalidInput("a profile's params cannot name another profile", code="invalid_options")
-    return description, parse_options(params, f"profile {name}")
+    options = parse_options(params, f"profile {name}")
+    for limit in TOKEN_LIMITS:  # over this service's ceiling: refused here, not at each job
+        if limit in options:
+            try:
+                token_limit(options[limit], limit, getattr(settings, limit))
+            except InvalidInput as exc:
+                raise InvalidInput(f"profile {name}: {exc.message}", code=exc.code) from None
+    return description, options
 
 
 @router.get(
@@ -167,7 +177,7 @@ async def show(request: Request, name: ProfileName) -> Response:
 async def put(request: Request, name: ProfileName) -> Response:
     check_name(name)
     body = await json_body(request, MAX_BODY, "a profile is a few options and a short schema")
-    description, params = _profile_input(body, name)
+    description, params = _profile_input(body, name, services(request).settings)
     stored, created = await services(request).profiles.put(name, description, params)
     view = stored.view()
     if created:

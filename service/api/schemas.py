@@ -102,6 +102,7 @@ class JobParams(Body):
     plan: bool | None = Field(
         None, description="no queries were given: the reasoner proposed them (planned_queries)"
     )
+    webhook: str | None = Field(None, description="where the finished job is POSTed")
 
 
 class ModelIdentity(Body):
@@ -172,6 +173,21 @@ class FollowUp(Body):
     links: FollowUpLinks
 
 
+class WebhookDelivery(Body):
+    delivery_id: str = Field(description="sent as X-AIP-Delivery: the same on every retry")
+    event: str = Field(description="job.succeeded|job.failed|job.cancelled (X-AIP-Event)")
+    url: str
+    status: Literal["pending", "delivered", "failed"] = Field(
+        description="failed: no 2xx answer within a day of retries"
+    )
+    attempts: int
+    last_status: int | None = Field(description="HTTP status of the last attempt, if answered")
+    last_error: str | None = Field(description="why the last attempt did not deliver")
+    created_at: str = Field(description="when the job ended")
+    next_attempt_at: str | None = Field(description="pending: when it is tried next")
+    delivered_at: str | None
+
+
 class Job(Body):
     id: int
     status: Status
@@ -194,6 +210,9 @@ class Job(Body):
     queue_position: int | None = Field(None, description="single job, queued: its place")
     stage: str | None = Field(None, description="single job, running: the stage it is in")
     followups: list[FollowUp] | None = Field(None, description="questions asked since")
+    webhooks: list[WebhookDelivery] | None = Field(
+        None, description="single job: its webhook deliveries, one per time it ended"
+    )
 
 
 class JobPage(Body):

@@ -103,6 +103,10 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
     if args.schema:
         try:
             data["response_schema"] = Path(args.schema).read_text(encoding="utf-8")
+            if not data["response_schema"].strip():
+                raise ClientError(
+                    f"the schema file {args.schema} is empty: it must hold a JSON Schema"
+                )
         except (OSError, UnicodeDecodeError) as exc:
             raise ClientError(f"cannot read the schema file {args.schema}: {exc}") from None
     if args.redact:

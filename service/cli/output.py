@@ -91,6 +91,18 @@ def _options(params: dict[str, Any]) -> list[str]:
     return out
 
 
+def _delivery(d: dict[str, Any]) -> str:
+    """A webhook delivery: where, how it stands, and why not yet when it has not gone out."""
+    tries = f"{d['attempts']} attempt{'' if d['attempts'] == 1 else 's'}"
+    answer = f", HTTP {d['last_status']}" if d.get("last_status") is not None else ""
+    text = f"{d['status']} to {d['url']} ({tries}{answer})"
+    if d["status"] != "delivered" and d.get("last_error"):
+        text += f": {d['last_error']}"
+    if d["status"] == "pending" and d.get("next_attempt_at"):
+        text += f"; next try {_when(d['next_attempt_at'])}"
+    return text
+
+
 def job_summary(job: dict[str, Any]) -> str:
     """One line: id, status, what it found, the input's name."""
     result = job.get("result")
@@ -156,6 +168,7 @@ def _write_job(job: dict[str, Any], out: TextIO) -> None:
         rows.append(("stage", job["stage"]))
     if job.get("error"):
         rows.append(("error", f"{job['error']['code']}: {job['error']['message']}"))
+    rows.extend(("webhook", _delivery(d)) for d in job.get("webhooks") or [])
     for label, value in rows:
         if not value:
             continue

@@ -19,6 +19,7 @@ from watchfiles import Change, awatch
 from service.config import Settings
 from service.diskspace import is_disk_full, watch
 from service.errors import AipError
+from service.events import EventBus
 from service.inbox.early import EarlyReads
 from service.inbox.filing import file_away, write_duplicate, write_error
 from service.inbox.repair import repair_unfiled
@@ -59,6 +60,7 @@ class InboxWatcher:
     ledger: Ledger
     notify: Callable[[], None]
     profiles: Profiles | None = None  # named job parameters a folder or sidecar may choose
+    events: EventBus = field(default_factory=EventBus)
     root: Path = field(init=False)
     mode: str = "starting"
     pending: dict[str, Pending] = field(default_factory=dict)
@@ -379,8 +381,19 @@ class InboxWatcher:
         else:
             self.counts.duplicates += 1
             log.info("inbox: %s duplicates job %s", relative, entry.job_id)
+        if entry.outcome != "duplicate":
+            self._created(relative, entry.job_id)
         await self._file(relative, entry)
+        self.events.publish(
+            "inbox.filed",
+            {"path": relative, "job_id": entry.job_id, "outcome": entry.outcome},
+            job_id=entry.job_id,
+        )
         return True
+
+    def _created(self, relative: str, job_id: int | None) -> None:
+        name = relative.rsplit("/", 1)[-1]
+        self.events.publish("job.created", {"source": "inbox", "input_name": name}, job_id=job_id)
 
     def _written_within(self, path: Path, settle_periods: float) -> bool:
         """A truncated image or unparsable sidecar written this recently gets more time before
@@ -396,6 +409,9 @@ class InboxWatcher:
         log.warning("inbox: %s rejected: %s", file.relative_path, message)
         entry = await self.ledger.reject(file, code, message)
         await self._file(file.relative_path, entry)
+        self.events.publish(
+            "inbox.rejected", {"path": file.relative_path, "code": code, "message": message}
+        )
 
     async def _file(self, relative: str, entry: Entry) -> None:
         if not self.settings.inbox_move or entry.filed_to is not None:
@@ -421,6 +437,7 @@ class InboxWatcher:
         before; the job id."""
         job_id = await reprocess_file(self.settings, self.ledger, raw_path, self.profiles)
         self.counts.reprocessed += 1
+        self._created(raw_path, job_id)
         self.notify()
         log.info("inbox: %s processed again as asked -> job %s", raw_path, job_id)
         return job_id

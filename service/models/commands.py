@@ -1,5 +1,6 @@
 """`aip models list|load|unload`: shell clients of the running service's /v1/models, with a
-progress bar while a model loads. Never imports mlx; the service does the loading."""
+progress bar while a model loads (from the event stream, else by polling). Never imports mlx;
+the service does the loading."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.cli.stream import EventStream, StreamEnded
 from service.client import Client, ClientError, add_client_command, settings_from
 from service.errors import AipError
 from service.models.budget import format_bytes
@@ -81,12 +83,10 @@ def cmd_load(args: argparse.Namespace) -> int:
             return 2
     client = _client(args)
     body = {"model": model, "quantize": args.quantize}
+    events = EventStream.open(client)  # before the load starts: none of its progress is missed
     role = client.call("POST", f"/v1/models/{args.role}/load", json=body)
     try:
-        while role["state"] == "loading":
-            _draw(role)
-            time.sleep(0.2)
-            role = _role(client.call("GET", "/v1/models"), args.role)
+        role = _watch(client, events, role)
     except KeyboardInterrupt:
         raise ClientError(
             "stopped watching; the load goes on in the service: `aip models list` shows it",
@@ -94,6 +94,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         ) from None
     finally:
         print(file=sys.stderr)
+        if events is not None:
+            events.close()
     if args.json:
         print(json.dumps(role, indent=2))
     if role["error"]:
@@ -106,6 +108,32 @@ def cmd_load(args: argparse.Namespace) -> int:
             f"{_size(role['resident_bytes'])} resident ({role['swap']}; {phases})"
         )
     return 0
+
+
+def _watch(client: Client, events: EventStream | None, role: dict[str, Any]) -> dict[str, Any]:
+    """Draw the load's progress until it ends; the role as it is then. Progress comes from
+    the stream; the role is read again when the stream says the load ended (in, or failed),
+    after a second without news of it, and every 0.2 s without a stream."""
+    began = read = time.monotonic()
+    name = role["role"]
+    while role["state"] == "loading":
+        _draw(role)
+        event: dict[str, Any] = {}
+        if events is not None:
+            try:
+                event = events.next(1.0) or {}
+            except StreamEnded:
+                events = None
+        else:
+            time.sleep(0.2)
+        data = event.get("data") or {}
+        mine = data.get("role") == name
+        if mine and event["type"] == "model.progress" and data.get("phase") != "failed":
+            seconds = round(time.monotonic() - began, 2)
+            role["progress"] = {**data, "elapsed_seconds": seconds}
+        elif not event or mine or time.monotonic() - read >= 1.0:
+            role, read = _role(client.call("GET", "/v1/models"), name), time.monotonic()
+    return role
 
 
 def cmd_unload(args: argparse.Namespace) -> int:

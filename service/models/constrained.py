@@ -25,6 +25,8 @@ def _unsatisfiable(why: str) -> JobFailure:
     """Also for what llguidance cannot enforce (a regex feature it lacks): either way no
     constrained answer can come of the schema as it is."""
     why = " ".join(why.split()) or "llguidance refused it"
+    if len(why) > 300:  # the engine may append its whole parser state: keep the reason
+        why = why[:300].rsplit(" ", 1)[0] + " …"
     return JobFailure(
         "schema_unsatisfiable",
         f"response_schema cannot be satisfied by constrained decoding: {why}. "

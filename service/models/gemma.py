@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -93,6 +93,8 @@ class Generated:
 class GemmaReasoner:
     """One loaded checkpoint; greedy decoding, so the same input gives the same text."""
 
+    streams = True  # `reason` takes `on_text`: the answer's pieces as they are generated
+
     def __init__(self, model: Any, processor: Any) -> None:
         self.model = model
         self.processor = processor
@@ -108,15 +110,16 @@ class GemmaReasoner:
         *,
         max_tokens: int = 64,
         schema: dict[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> str:
         """The answer to `prompt` over `image` (or several images, shown in order). With a
         `schema`, decoding is constrained to JSON for it; one that cannot be satisfied raises
         JobFailure("schema_unsatisfiable"). An answer cut short by `max_tokens` is returned as
-        it is: the caller's validation says so."""
+        it is: the caller's validation says so. `on_text` is given each piece of the text as
+        it is decoded (the same text either way)."""
         rgb = _rgb(image)
-        return self.generate(
-            rgb, self.messages(prompt, images=len(rgb)), max_tokens=max_tokens, schema=schema
-        ).text
+        chat = self.messages(prompt, images=len(rgb))
+        return self.generate(rgb, chat, max_tokens=max_tokens, schema=schema, on_text=on_text).text
 
     def follow_up(
         self, image: Images, prompt: str, answer: str, question: str, *, max_tokens: int = 64
@@ -149,6 +152,7 @@ class GemmaReasoner:
         *,
         max_tokens: int,
         schema: dict[str, Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generated:
         """Greedy text for `messages` over `image` (or images, in the order the first message
         shows them), exactly as mlx-vlm's `generate` gives it; with a `schema`, through its
@@ -192,7 +196,7 @@ class GemmaReasoner:
                 inputs = self._inputs(rgb, formatted)
             state = PromptCacheState()
             state.update(entry.token_ids, _copy(self.model, entry.cache))
-            result = generate(
+            result = (generate if on_text is None else _streaming(on_text))(
                 self.model,
                 self.processor,
                 formatted,
@@ -262,6 +266,35 @@ class GemmaReasoner:
             pass
         mx.eval([c.state for c in cache])
         return _Prefix(ids[0, :keep].tolist(), cache, _cache_bytes(cache))
+
+
+def _streaming(on_text: Callable[[str], None]) -> Callable[..., Any]:
+    """mlx-vlm's `generate`, telling `on_text` each piece as it decodes. Its loop, as its
+    `generate` runs it (same stopping criteria, drafts skipped, `clean_output` at the end), so
+    the text and token ids are those `generate` gives."""
+    from mlx_vlm.generate import dispatch
+
+    def generate(model: Any, processor: Any, prompt: str, **kwargs: Any) -> Any:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.stopping_criteria.reset(model.config.eos_token_id)
+        text, last = "", None
+        for response in dispatch.stream_generate(model, processor, prompt, **kwargs):
+            if response.is_draft:
+                continue
+            text += response.text
+            last = response
+            if response.text:
+                on_text(response.text)
+        clean = getattr(processor, "clean_output", None)
+        if callable(clean):
+            text = clean(text)
+        return dispatch.GenerationResult(
+            text=text,
+            token_ids=getattr(last, "token_ids", None),
+            cached_tokens=getattr(last, "cached_tokens", 0),
+        )
+
+    return generate
 
 
 def _rgb(image: Images) -> list[Image.Image]:

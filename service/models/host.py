@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.errors import AipError, Conflict, JobFailure, ModelUnavailable, NotFound
+from service.events import EventBus
 from service.models import blas, loading, swap
 from service.models import budget as budgets
 from service.models import quantize as quant
@@ -67,6 +68,8 @@ class ModelHost:
         self._jobs = 0  # jobs inside infer(): running, or waiting for a model
         self._tasks: set[asyncio.Task[None]] = set()
         self._cpu: bool | None = None
+        # Load progress, loads and unloads are said here; the service puts its own bus in.
+        self.events = EventBus()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelHost:
@@ -213,6 +216,7 @@ class ModelHost:
         state.target = prepared.target
         state.swap = "replace_first" if prepared.plan.replace_first else "beside"
         self._settle(state, slot, "loaded")
+        self.events.publish("model.loaded", {"role": role})
 
     def install(self, role: str, loaded: Loaded) -> None:
         """On the model thread, between jobs: the new model takes over, the old one is freed."""
@@ -264,6 +268,9 @@ class ModelHost:
         state.state = state_after
         if error is not None:
             state.error = _reason(error)
+            # A failed load's last progress report, so a watcher need not poll to learn it.
+            failed = {"role": state.role, "phase": "failed", "percent": None, "error": state.error}
+            self.events.publish("model.progress", failed)
         if self._slot is slot:
             self._slot = None
         if not slot.done():
@@ -289,6 +296,7 @@ class ModelHost:
             await self.thread.run(lambda: self._drop(role))
             log.info("%s: unload %s in %.2f s (%s)", role, budgets.format_bytes(held),
                      time.perf_counter() - began, why)  # fmt: skip
+            self.events.publish("model.unloaded", {"role": role, "why": why})
         if state.state == "loaded":
             state.state = "unloaded"
 

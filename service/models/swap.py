@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.errors import InvalidInput
+from service.events import EventBus
 from service.models import budget as budgets
 from service.models import loading
 from service.models import quantize as quant
@@ -34,6 +35,7 @@ class Host(Protocol):
     resolve_sources: bool
     cache_dir: Path | None
     thread: ModelThread
+    events: EventBus
 
     async def on_cpu(self) -> bool: ...
     async def budget_bytes(self) -> int: ...
@@ -55,6 +57,18 @@ class Prepared:
     plan: budgets.Plan
 
 
+def report(host: Host, state: RoleState, progress: Progress) -> Progress:
+    """The role's load progress, as the report shows it and as an event."""
+    state.progress = progress
+    host.events.publish("model.progress", {"role": state.role, **_said(progress)})
+    return progress
+
+
+def _said(progress: Progress) -> dict[str, Any]:
+    described = progress.describe()
+    return {"phase": described["phase"], "percent": described["percent"]}
+
+
 def phase(state: RoleState, name: str, began: float, detail: str) -> None:
     """One log line per phase, with its duration; the durations also show in the report."""
     seconds = time.perf_counter() - began
@@ -68,7 +82,7 @@ async def prepare(host: Host, role: str, target: Target) -> Prepared:
     is freed or read beyond the headers."""
     state = host.roles[role]
     began = time.perf_counter()
-    state.progress = Progress("resolve")
+    report(host, state, Progress("resolve"))
 
     def inspect() -> tuple[Path, str, list[budgets.Tensor]]:  # one trip to a worker thread
         found = (
@@ -149,7 +163,7 @@ async def run(host: Host, role: str, prepared: Prepared) -> None:
             revision=prepared.source_revision if prepared.path == prepared.source else None,
         )  # fmt: skip
         began = time.perf_counter()
-        state.progress = Progress("swap")
+        report(host, state, Progress("swap"))
         await host.thread.run(lambda: host.install(role, loaded))
         phase(state, "swap", began, f"now serving revision {loaded.revision}")
     except BaseException as exc:
@@ -165,7 +179,7 @@ async def run(host: Host, role: str, prepared: Prepared) -> None:
 
 async def _convert(host: Host, state: RoleState, prepared: Prepared) -> None:
     began = time.perf_counter()
-    state.progress = Progress("convert")  # mlx-vlm reports no fraction: none is shown
+    report(host, state, Progress("convert"))  # mlx-vlm reports no fraction: none is shown
     bits = prepared.target.quantize or 0
     await host.thread.run(
         lambda: quant.convert(
@@ -188,14 +202,18 @@ async def materialise(
     `revision`: the folder's, when already taken (the source loaded as it is)."""
     state = host.roles[role]
     began = time.perf_counter()
-    progress = state.progress = Progress("load", 0.0)
+    progress = report(host, state, Progress("load", 0.0))
     if host.stand_ins is not None:
         loader = host.stand_ins[role]
         runtime, resident, peak = await host.thread.run(lambda: loading.one_shot(loader, path))
     else:
         staged = await host.thread.run(lambda: loading.open_staged(role, path))
+        said = 0
         while not await host.thread.run(staged.step):
             progress.fraction = staged.fraction
+            if int(100 * staged.fraction) > said:  # a whole percent more: not every step
+                said = int(100 * staged.fraction)
+                host.events.publish("model.progress", {"role": role, **_said(progress)})
         runtime, resident, peak = await host.thread.run(staged.finish)
     if revision is None:
         revision = await asyncio.to_thread(revision_of, path)

@@ -47,6 +47,7 @@ class Ask:
     params: dict[str, Any]
     reasoning: str
     detections: list[tuple[str, float, float, float, float]]
+    redacted_path: str | None = None  # the job's redacted copy, when it redacts
 
 
 async def ask(queue: Queue, job_id: int, question: str, max_tokens: int) -> int:
@@ -125,7 +126,8 @@ async def claim(queue: Queue) -> Ask | None:
         if row is None:
             return None
         job = db.execute(
-            "SELECT jobs.params, images.path, images.width, images.height, results.reasoning"
+            "SELECT jobs.params, images.path, images.width, images.height, results.reasoning,"
+            " results.redacted_path"
             " FROM jobs JOIN images ON images.sha256 = jobs.image_sha256"
             " JOIN results ON results.job_id = jobs.id WHERE jobs.id = ?",
             (row["job_id"],),
@@ -145,6 +147,7 @@ async def claim(queue: Queue) -> Ask | None:
             json.loads(job["params"]) if job else {},
             job["reasoning"] if job else "",
             [(d["label"], d["x1"], d["y1"], d["x2"], d["y2"]) for d in found],
+            job["redacted_path"] if job else None,
         )
 
     return await queue.write(take)

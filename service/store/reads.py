@@ -49,6 +49,8 @@ from service.store.tables import (
     JobRow,
     ResultRow,
 )
+from service.store.webhooks import COLUMNS as WEBHOOK_COLUMNS
+from service.store.webhooks import view as webhook_view
 
 MAX_PAGE = 200
 # Exports read larger pages than a client may ask for: each page costs a hop, a statement's
@@ -187,9 +189,10 @@ def job_view(
     detections: Sequence[Sequence[Any]],
     attempts: Sequence[Any] | None = None,
     followups: Sequence[Any] | None = None,
+    webhooks: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """A job as the API shows it, from its `_views()` row, its detection rows (in order) and,
-    for a single job, its attempt rows; and its follow-up rows."""
+    for a single job, its attempt rows and webhook deliveries; and its follow-up rows."""
     # _VIEW_COLUMNS, in order: unpacking is several times cheaper than `row.name` lookups.
     (
         job_id, status, source, source_path, attempts_so_far, max_attempts, cancel_requested,
@@ -251,6 +254,8 @@ def job_view(
         ]
     if followups is not None:
         view["followups"] = [followup_view(job_id, f) for f in followups]
+    if webhooks is not None:
+        view["webhooks"] = [webhook_view(w) for w in webhooks]
     return view
 
 
@@ -384,8 +389,13 @@ _QUEUE_POSITION = text(
 )
 
 T = TypeVar("T")
-JobRows = tuple[Any, Sequence[Any], Sequence[Any], Sequence[Any]]  # + attempts, follow-ups
+# The view row, its detections, attempts, follow-ups and webhook deliveries.
+JobRows = tuple[Any, Sequence[Any], Sequence[Any], Sequence[Any], Sequence[Any]]
 _ITS_FOLLOWUPS = text(f"SELECT {FOLLOWUP_COLUMNS} FROM followups WHERE job_id = :id ORDER BY n")
+_ITS_WEBHOOKS = text(
+    f"SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE job_id = :id"
+    " ORDER BY created_at, rowid"
+)
 _THEIR_FOLLOWUPS = text(
     f"SELECT job_id, {FOLLOWUP_COLUMNS} FROM followups WHERE job_id IN :ids ORDER BY job_id, n"
 ).bindparams(bindparam("ids", expanding=True))
@@ -440,7 +450,8 @@ def _job_rows(conn: Connection, job_id: int) -> JobRows:
         raise NotFound(f"job {job_id} does not exist", code="job_not_found")
     detections = conn.execute(_ITS_DETECTIONS, {"id": job_id}).all() if row.result_of else ()
     attempts = conn.execute(_ITS_ATTEMPTS, {"id": job_id}).all()
-    return row, detections, attempts, conn.execute(_ITS_FOLLOWUPS, {"id": job_id}).all()
+    followups = conn.execute(_ITS_FOLLOWUPS, {"id": job_id}).all()
+    return row, detections, attempts, followups, conn.execute(_ITS_WEBHOOKS, {"id": job_id}).all()
 
 
 class Reads:
@@ -454,8 +465,8 @@ class Reads:
 
     @staticmethod
     async def _job_and_image(reader: Reader, job_id: int) -> JobRows:
-        """The job's view row (job, image, result), its detections, its attempts and its
-        follow-ups: one read, one snapshot."""
+        """The job's view row (job, image, result), its detections, its attempts, its
+        follow-ups and its webhook deliveries: one read, one snapshot."""
         return await reader.run(partial(_job_rows, job_id=job_id))
 
     async def job(self, job_id: int) -> dict[str, Any]:

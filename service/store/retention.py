@@ -99,7 +99,25 @@ async def prune(
             # A submission of the same bytes since the prune began touched the file: keep it.
             if file.stat().st_mtime < began:
                 file.unlink()
+    if not dry_run:
+        # The jobs just removed may have been all that kept a redacting job's original.
+        for job_id in await queue.write(_waiting_to_drop):
+            if await drop_original(queue, data_dir, job_id):
+                report.images_removed += 1
     return report
+
+
+def _waiting_to_drop(db: sqlite3.Connection) -> list[int]:
+    """Redacting jobs, not keeping their original, whose original is still stored."""
+    return [
+        int(row[0])
+        for row in db.execute(
+            "SELECT jobs.id FROM jobs JOIN images ON images.sha256 = jobs.image_sha256"
+            " JOIN results ON results.job_id = jobs.id"
+            " WHERE images.pruned_at IS NULL AND results.redacted_path IS NOT NULL"
+            " AND json_extract(jobs.params, '$.keep_original') = 0"
+        )
+    ]
 
 
 def _bytes_of(file: Path) -> int:

@@ -1,0 +1,100 @@
+// Map: geotagged frames as points on a plain projected plane (no tiles from anywhere), with a
+// scale bar and a north arrow; points close on screen are drawn as one cluster with a count.
+// Each point links to its job. Positions come from the GeoJSON export.
+
+import { request } from "../api.js";
+import { errorBox, h, s } from "../dom.js";
+
+const W = 800;
+const H = 500;
+const PAD = 40;
+const CLUSTER_PX = 24;
+const EARTH_M_PER_DEG = 111320;
+const MIN_SPAN = 0.002; // degrees
+
+function project(features) {
+  const lons = features.map((f) => f.geometry.coordinates[0]);
+  const lats = features.map((f) => f.geometry.coordinates[1]);
+  const mid = (Math.min(...lats) + Math.max(...lats)) / 2;
+  const k = Math.cos((mid * Math.PI) / 180);
+  // Metres east and north of the south-west corner, then one scale for both axes.
+  const x0 = Math.min(...lons);
+  const y0 = Math.min(...lats);
+  // At least ~200 m across, so one frame (or a few on one spot) still gets a true scale.
+  const spanX = Math.max((Math.max(...lons) - x0) * k, MIN_SPAN);
+  const spanY = Math.max(Math.max(...lats) - y0, MIN_SPAN);
+  const scale = Math.min((W - 2 * PAD) / spanX, (H - 2 * PAD) / spanY);
+  // Centred: the frames' extent in the middle of the plane.
+  const left = (W - ((Math.max(...lons) - x0) * k * scale)) / 2;
+  const bottom = (H + ((Math.max(...lats) - y0) * scale)) / 2;
+  return {
+    at: ([lon, lat]) => [left + (lon - x0) * k * scale, bottom - (lat - y0) * scale],
+    metresPerPx: EARTH_M_PER_DEG / scale,
+  };
+}
+
+function clusters(points) {
+  const out = [];
+  for (const p of points) {
+    const near = out.find((c) => Math.hypot(c.x - p.x, c.y - p.y) < CLUSTER_PX);
+    if (near) {
+      near.members.push(p);
+      near.x = near.members.reduce((a, m) => a + m.x, 0) / near.members.length;
+      near.y = near.members.reduce((a, m) => a + m.y, 0) / near.members.length;
+    } else out.push({ x: p.x, y: p.y, members: [p] });
+  }
+  return out;
+}
+
+function scaleBar(metresPerPx) {
+  const target = metresPerPx * 150;
+  const step = 10 ** Math.floor(Math.log10(target));
+  const metres = [1, 2, 5, 10].map((m) => m * step).filter((m) => m <= target).pop() || step;
+  const px = metres / metresPerPx;
+  const text = metres >= 1000 ? `${metres / 1000} km` : `${metres} m`;
+  return s("g", { class: "scale", id: "scale" },
+    s("line", { x1: PAD, y1: H - 14, x2: PAD + px, y2: H - 14 }),
+    s("line", { x1: PAD, y1: H - 20, x2: PAD, y2: H - 8 }), s("line", { x1: PAD + px, y1: H - 20, x2: PAD + px, y2: H - 8 }),
+    s("text", { x: PAD + px + 6, y: H - 10 }, text));
+}
+
+function northArrow() {
+  return s("g", { class: "north", id: "north", transform: `translate(${W - 30},40)` },
+    s("path", { d: "M0,-22 L9,8 L0,2 L-9,8 Z" }), s("text", { x: 0, y: 22, "text-anchor": "middle" }, "N"));
+}
+
+export async function render(root) {
+  root.replaceChildren(h("h1", {}, "Map"), h("p", { class: "muted" }, "Loading…"));
+  try {
+    const response = await request("/v1/exports/jobs.geojson");
+    if (!response.ok) throw new Error((await response.json()).message);
+    const features = (await response.json()).features || [];
+    if (!features.length) {
+      root.replaceChildren(h("h1", {}, "Map"), h("p", { class: "muted", id: "map-empty" }, "No geotagged frames yet: images with GPS EXIF appear here."));
+      return;
+    }
+    const projection = project(features);
+    const points = features.map((f) => {
+      const [x, y] = projection.at(f.geometry.coordinates);
+      return { x, y, id: f.properties.job_id, name: f.properties.name };
+    });
+    const svg = s("svg", { class: "map", id: "map", viewBox: `0 0 ${W} ${H}`, role: "img" },
+      s("rect", { x: 0, y: 0, width: W, height: H, class: "ground" }));
+    for (const c of clusters(points)) {
+      if (c.members.length === 1) {
+        const p = c.members[0];
+        svg.append(s("a", { href: `/jobs/${p.id}`, class: "point" }, s("circle", { cx: p.x, cy: p.y, r: 6 }), s("title", {}, `#${p.id} ${p.name}`)));
+      } else {
+        const r = 9 + Math.min(16, Math.sqrt(c.members.length) * 3);
+        svg.append(s("a", { href: `/jobs/${c.members[0].id}`, class: "cluster" },
+          s("circle", { cx: c.x, cy: c.y, r }),
+          s("text", { x: c.x, y: c.y + 4, "text-anchor": "middle" }, String(c.members.length)),
+          s("title", {}, c.members.map((m) => `#${m.id}`).join(" "))));
+      }
+    }
+    svg.append(scaleBar(projection.metresPerPx), northArrow());
+    root.replaceChildren(h("h1", {}, "Map"), h("p", { class: "muted" }, `${features.length} geotagged frames`), svg);
+  } catch (error) {
+    root.replaceChildren(h("h1", {}, "Map"), errorBox(error));
+  }
+}
