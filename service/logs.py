@@ -7,6 +7,7 @@ import errno
 import io
 import logging
 import os
+import re
 import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -51,6 +52,21 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
         return stream
 
 
+class _HideTokens(logging.Filter):
+    """The event stream takes the token in its query (`?token=`, for a browser's
+    EventSource): the access log writes the path with `token=***` in its place."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        path = args[2] if isinstance(args, tuple) and len(args) >= 3 else None
+        if isinstance(args, tuple) and isinstance(path, str) and "token=" in path:
+            record.args = (*args[:2], _TOKEN.sub(r"\1***", path), *args[3:])
+        return True
+
+
+_TOKEN = re.compile(r"([?&]token=)[^&#]*")
+
+
 def configure_logging(
     level: str,
     log_dir: Path | None,
@@ -76,6 +92,9 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _HideTokens) for f in access.filters):
+        access.addFilter(_HideTokens())
     if log_dir is None:
         return None
     path = log_dir / LOG_FILE

@@ -236,7 +236,7 @@ def _chromium() -> Path | None:
         return found if found.is_file() else None
     import subprocess
 
-    install = "apt-get update -q && apt-get install -y -q chromium"
+    install = "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium"
     command = ["sh", "-c", install if os.geteuid() == 0 else f"sudo -n sh -c '{install}'"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not found.is_file():

@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.detection import Detection, encode_mask
-from tests.conftest import RunningService, make_image, make_settings
+from tests.conftest import RunningService, gate_detector, make_image, make_settings
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / "job.png"
 WAIT_MS = 60_000
@@ -322,3 +322,24 @@ def test_pages_and_assets_keep_the_browser_guard_and_forbid_other_origins(
         )
         assert embedded.status_code == 403 and embedded.json()["code"] == "origin_not_allowed"
     assert client.get("/jobs/0").status_code == 422
+
+
+def test_a_redacting_jobs_image_appears_once_its_redacted_copy_exists(
+    dashboard: Callable[..., RunningService],
+    pages: Callable[[], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = dashboard()
+    gate = gate_detector(service, monkeypatch)
+    job_id = service.submit(queries="car", redact="person").json()["id"]
+    assert gate.inside.wait(timeout=60)
+    page = pages()
+    page.goto(f"{service.url}/jobs/{job_id}")
+    page.wait_for_selector(".job[data-status='running']")
+    # The original is never asked for: only the redacted copy, once the job has succeeded.
+    assert page.get_attribute("#frame", "src") is None
+    gate.release.set()
+    page.wait_for_selector(".job[data-status='succeeded']")
+    page.wait_for_function("document.getElementById('frame').src.startsWith('blob:')")
+    assert page.locator("#downloads button", has_text="Redacted image").count() == 1
+    assert page.locator("#downloads button", has_text="Original").count() == 0

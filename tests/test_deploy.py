@@ -404,6 +404,20 @@ def test_service_log_rotates_within_its_cap_and_carries_uvicorn(
     assert "GET /v1/health 200" in path.read_text() and "line 399" in path.read_text()
 
 
+def test_the_access_log_never_writes_a_token_from_a_query(
+    tmp_path: Path, root_logging: None
+) -> None:
+    path = configure_logging("info", tmp_path / "logs", stderr=False)
+    assert path is not None
+    access = logging.getLogger("uvicorn.access")
+    line = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access record
+    access.info(line, "127.0.0.1:5", "GET", "/v1/events?job_id=3&token=s3cret&x=1", "1.1", 200)
+    access.info(line, "127.0.0.1:5", "GET", "/v1/events?token=s3cret", "1.1", 200)
+    text = path.read_text()
+    assert "s3cret" not in text
+    assert "/v1/events?job_id=3&token=***&x=1" in text and "/v1/events?token=***" in text
+
+
 def test_logs_prints_the_tail_of_the_installed_log_or_follows_it(env: Env) -> None:
     assert env.install("linux", "--demo")[0] == 0
     code, _, err = env.aip("logs", "--platform", "linux")

@@ -107,7 +107,7 @@ def _resume_from(header: str | None, query: int | None) -> int | None:
     if header is None or not header.strip():
         return query
     text = header.strip()
-    if not (text.isascii() and text.isdigit()):
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_ID:
         raise InvalidInput(
             f"Last-Event-ID {text[:40]!r} is not an event id (the `id:` of an event)",
             code="invalid_event_id",

@@ -78,6 +78,9 @@ export async function blobUrl(path) {
       request(path).then(async (response) => {
         if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
         return URL.createObjectURL(await response.blob());
+      }).catch((error) => {
+        blobs.delete(path); // not kept: a redacted copy still being written, say, comes later
+        throw error;
       }),
     );
   }

@@ -182,9 +182,20 @@ function followups(job, reload) {
 function downloads(job) {
   const link = (text, path, name) => h("button", { type: "button", onclick: () => download(path, name) }, text);
   return h("div", { class: "toolbar", id: "downloads" },
-    link("Original", `/v1/jobs/${job.id}/image`, job.input.name),
+    redacting(job)
+      ? (shown(job) ? link("Redacted image", `/v1/jobs/${job.id}/image`, `job-${job.id}-redacted-${job.input.name}`) : "")
+      : link("Original", `/v1/jobs/${job.id}/image`, job.input.name),
     job.result ? link("Annotated", `/v1/jobs/${job.id}/annotated`, `job-${job.id}-annotated.jpg`) : "",
     link("JSON", `/v1/jobs/${job.id}`, `job-${job.id}.json`));
+}
+
+// A redacting job hands out only its redacted copy, which exists once the job has succeeded.
+function redacting(job) {
+  return Boolean(job.params.redact && job.params.redact.length);
+}
+
+export function shown(job) {
+  return redacting(job) ? job.status === "succeeded" : job.input.stored;
 }
 
 function section(title, ...children) {
@@ -207,7 +218,7 @@ export async function render(root, id) {
     if (mine !== latest) return; // a newer read is on its way: answers can cross
     const image = h("img", { alt: job.input.name, id: "frame" });
     const figure = h("figure", { class: "frame", id: "figure" }, image, overlay(job));
-    if (job.input.stored) blobUrl(`/v1/jobs/${job.id}/image`).then((url) => { image.src = url; }, () => {});
+    if (shown(job)) blobUrl(`/v1/jobs/${job.id}/image`).then((url) => { image.src = url; }, () => {});
     const result = job.result;
     const text = result ? result.reasoning : streamed;
     const actions = [];

@@ -2,6 +2,7 @@
 // change reloads the page shown); thumbnails; bulk cancel and retry of the selected jobs.
 
 import { blobUrl, json, live, post } from "../api.js";
+import { shown } from "./job.js";
 import { badge, errorBox, h, when } from "../dom.js";
 
 const FILTERS = [
@@ -50,7 +51,7 @@ function query(values, cursor) {
 
 function thumbnail(job) {
   const img = h("img", { class: "thumb", alt: "", loading: "lazy" });
-  if (job.input.stored) blobUrl(`/v1/jobs/${job.id}/image`).then((url) => { img.src = url; }, () => {});
+  if (shown(job)) blobUrl(`/v1/jobs/${job.id}/image`).then((url) => { img.src = url; }, () => {});
   return img;
 }
 
