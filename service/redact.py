@@ -101,13 +101,23 @@ def write_copy(data_dir: Path, image_path: str, job_id: int, regions: Sequence[D
 
 
 def redacted_copy(
-    data_dir: Path, job_id: int, redact: Sequence[str], redacted_path: str | None
+    data_dir: Path,
+    job_id: int,
+    redact: Sequence[str],
+    redacted_path: str | None,
+    status: str = "",
 ) -> Path | None:
     """The file a job that redacts `redact` hands out instead of its original; None for a job
     that redacts nothing. Its original is never handed out: until the copy is written that is
     a Conflict (`redaction_pending`), and a copy since removed is Gone."""
     if not redact:
         return None
+    if redacted_path is None and status in ("failed", "cancelled"):
+        raise Conflict(
+            f"job {job_id} was {status} before its redacted copy was written, so it has no "
+            "image to hand out (its original never is); retry it to make one",
+            code="no_redacted_copy",
+        )
     if redacted_path is None:
         raise Conflict(
             f"job {job_id} blurs {', '.join(redact)} in every image it hands out and its "

@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,6 +187,34 @@ def subprocess_env(
 # Jobs under test detect these unless they say otherwise: with no queries from anywhere a
 # job is planned (the service's default), which only the tests about planning want.
 QUERIES = ("person", "vehicle", "building")
+
+
+def start_process(
+    data_dir: Path, port: int, checkpoints: tuple[Path, Path], **settings: str | Path
+) -> subprocess.Popen[bytes]:
+    """`aip serve` as a process of its own on the tiny checkpoints (a kill -9 kills it alone),
+    returned once healthy; `settings` as in `subprocess_env`."""
+    env = subprocess_env(
+        data_dir / "inbox", checkpoints, data_dir=data_dir, port=str(port), **settings
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(process.stderr.read().decode() if process.stderr else "exited")
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("service did not become healthy")
 
 
 def make_settings(tmp_path: Path, **changes: Any) -> Settings:

@@ -4,39 +4,15 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, make_image, subprocess_env
+from tests.conftest import free_port, make_image, start_process
 
 pytestmark = pytest.mark.slow
-
-
-def _start(data_dir: Path, port: int, checkpoints: tuple[Path, Path]) -> subprocess.Popen[bytes]:
-    env = subprocess_env(data_dir / "inbox", checkpoints, data_dir=data_dir, port=port)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode() if process.stderr else "exited")
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("service did not become healthy")
 
 
 def test_kill_9_mid_job_then_restart_finishes_every_job_once(
@@ -44,7 +20,7 @@ def test_kill_9_mid_job_then_restart_finishes_every_job_once(
 ) -> None:
     data_dir, port = tmp_path / "data", free_port()
     url = f"http://127.0.0.1:{port}"
-    process = _start(data_dir, port, tiny_checkpoints)
+    process = start_process(data_dir, port, tiny_checkpoints)
     queries = ",".join(f"object {i}" for i in range(8))  # long enough to be caught running
     ids = []
     for i in range(3):
@@ -59,7 +35,7 @@ def test_kill_9_mid_job_then_restart_finishes_every_job_once(
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
 
-    process = _start(data_dir, port, tiny_checkpoints)
+    process = start_process(data_dir, port, tiny_checkpoints)
     try:
         deadline = time.monotonic() + 300
         jobs = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -288,8 +289,33 @@ def test_stats_and_map_draw_charts_and_points(
     assert {links.nth(i).get_attribute("href") for i in range(2)} == {
         f"/jobs/{i}" for i in ids[1:3]
     }
-    assert page.text_content("#map a.cluster text") == "2"
-    assert page.get_attribute("#map a.cluster", "href") in {f"/jobs/{ids[0]}", f"/jobs/{ids[3]}"}
+    assert page.text_content("#map .cluster text") == "2"
+    # The cluster lists both its frames beside the map, and the map zooms in to them.
+    page.click("#map .cluster")
+    listed = page.locator("#map-panel #cluster-jobs a")
+    listed.nth(1).wait_for()
+    assert {listed.nth(i).get_attribute("href") for i in range(2)} == {
+        f"/jobs/{ids[0]}",
+        f"/jobs/{ids[3]}",
+    }
+    names = {listed.nth(i).inner_text() for i in range(2)}
+    assert names == {f"#{ids[0]} f0.jpg", f"#{ids[3]} f3.jpg"}
+    zoomed = page.locator("#map a.point")
+    assert zoomed.count() == 2 and page.locator("#map .cluster").count() == 0
+    assert {zoomed.nth(i).get_attribute("href") for i in range(2)} == {
+        f"/jobs/{ids[0]}",
+        f"/jobs/{ids[3]}",
+    }
+    page.click("#map-all")
+    page.wait_for_selector("#map .cluster")
+    assert page.locator("#map a.point").count() == 2
+    page.click("#map .cluster")
+    page.click(f"#cluster-jobs a[href='/jobs/{ids[3]}']")
+    page.wait_for_url(f"**/jobs/{ids[3]}")
+    page.wait_for_selector(".job[data-status='succeeded']")
+    assert page.inner_text("main h1").startswith(f"Job #{ids[3]}")
+    page.go_back()
+    page.wait_for_selector("#map")
     assert page.locator("#map #north").count() == 1
     # ~2.2 km north to south over ~420 px: a 500 m bar
     assert page.text_content("#map #scale") == "500 m"
@@ -299,6 +325,26 @@ def test_stats_and_map_draw_charts_and_points(
         page.wait_for_selector("main h1")
         assert page.locator("main .error").count() == 0
         assert "[object" not in page.inner_text("main")
+
+
+def test_the_inbox_page_lists_a_rejection_made_before_it_opened(
+    dashboard: Callable[..., RunningService], pages: Callable[[], Any], tmp_path: Path
+) -> None:
+    service = dashboard(inbox=tmp_path / "inbox", inbox_settle_seconds=0.3)
+    (tmp_path / "inbox" / "notes.txt").write_text("not a picture")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while service.client.get("/v1/inbox").json()["since_start"]["rejected"] < 1:
+        assert time.monotonic() < deadline, "the inbox never rejected notes.txt"
+        time.sleep(0.05)
+    page = pages()
+    page.goto(service.url + "/inbox")
+    row = page.locator("#inbox-recent tr.filing-rejected")
+    row.wait_for()
+    assert row.count() == 1
+    text = row.inner_text()
+    assert "notes.txt" in text and "unsupported_type" in text and "not an image file" in text
+    assert row.locator("td.error").count() == 1  # the reason is marked as a failure
+    assert page.locator("#rejections li").count() == 0  # not from a live event: from the ledger
 
 
 def test_pages_and_assets_keep_the_browser_guard_and_forbid_other_origins(
@@ -321,7 +367,61 @@ def test_pages_and_assets_keep_the_browser_guard_and_forbid_other_origins(
             path, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
         )
         assert embedded.status_code == 403 and embedded.json()["code"] == "origin_not_allowed"
-    assert client.get("/jobs/0").status_code == 422
+    # A job page for any segment is the shell: the page says what is wrong with it.
+    for path in ("/jobs/0", "/jobs/abc"):
+        shell = client.get(path)
+        assert shell.status_code == 200 and shell.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in shell.headers["content-security-policy"]
+
+
+def test_an_unknown_path_is_a_404_page_for_a_browser_and_json_for_a_program(
+    settings: Settings, serve: Callable[..., RunningService]
+) -> None:
+    client = serve(settings).client
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    page = client.get("/no/such/page", headers=browser)
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert '<script type="module" src="/static/app.js">' in page.text
+    program = client.get("/no/such/page", headers={"Accept": "application/json"})
+    assert program.status_code == 404 and program.headers["content-type"] == "application/json"
+    assert program.json()["code"] == "not_found" and program.json()["message"]
+    # Under the API, the docs and the assets a miss is a JSON 404 even for a browser.
+    for path in ("/v1/no-such-thing", "/static/no-such.js", "/docs/no-such", "/metrics/x"):
+        miss = client.get(path, headers=browser)
+        assert miss.status_code == 404 and miss.json()["code"] == "not_found", path
+    assert client.post("/no/such/page", headers=browser).json()["code"] == "not_found"
+    rebound = client.get("/no/such/page", headers={**browser, "Host": "attacker.example"})
+    assert rebound.status_code == 403 and rebound.json()["code"] == "host_not_allowed"
+
+
+def test_a_bad_or_missing_job_page_says_so_and_stops_asking(
+    dashboard: Callable[..., RunningService], pages: Callable[[], Any]
+) -> None:
+    service = dashboard()
+    page = pages()
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url.removeprefix(service.url)))
+    page.goto(service.url + "/jobs/abc")
+    page.wait_for_selector("#missing")
+    assert page.inner_text("#missing h1") == "Not a job id"
+    assert not [url for url in asked if url.startswith("/v1/")]  # nothing to ask the API
+
+    answer = page.goto(service.url + "/jobs/999")
+    assert answer is not None and answer.status == 200
+    page.wait_for_selector("#missing")
+    assert page.inner_text("#missing h1") == "No such job"
+    assert "#999" in page.inner_text("#missing") and "{" not in page.inner_text("main")
+    # Longer than one polling interval: a page still polling would have asked again.
+    page.wait_for_timeout(2_500)
+    assert [url for url in asked if url.startswith("/v1/jobs/999")] == ["/v1/jobs/999"]
+    assert not [url for url in asked if url.startswith("/v1/events")]  # no subscription
+
+    answer = page.goto(service.url + "/no/such/page")
+    assert answer is not None and answer.status == 404
+    page.wait_for_selector("#not-found")
+    assert "/no/such/page" in page.inner_text("#not-found")
+    assert page.locator("#not-found a[href='/']").count() == 1
 
 
 def test_a_redacting_jobs_image_appears_once_its_redacted_copy_exists(

@@ -243,6 +243,29 @@ def test_ignored_and_rejected_files(inbox_service: Callable[..., RunningService]
     assert service.client.get("/v1/inbox").json()["since_start"]["rejected"] == 2
 
 
+def test_recent_lists_rejections_with_their_reasons_and_outlives_a_restart(
+    inbox_service: Callable[..., RunningService],
+) -> None:
+    first = inbox_service()
+    inbox = first.settings.inbox_dir
+    (inbox / "fake.jpg").write_text("text renamed to .jpg")
+    until((inbox / "failed" / "fake.jpg.error.json").exists, what="the error file")
+    (inbox / "good.jpg").write_bytes(make_image(41, 41))
+    job = until(lambda: inbox_jobs(first), what="the job")[0]
+    until((inbox / "processed" / "good.jpg").exists, what="the filed image")
+    first.stop()
+    second = inbox_service()
+    body = second.client.get("/v1/inbox").json()
+    assert body["since_start"]["rejected"] == 0  # a new run: only the ledger remembers
+    good, fake = body["recent"]  # newest first
+    assert (good["path"], good["outcome"], good["job_id"]) == ("good.jpg", "queued", job["id"])
+    assert good["code"] is None and good["message"] is None
+    written = json.loads((inbox / "failed" / "fake.jpg.error.json").read_text())
+    assert (fake["path"], fake["outcome"], fake["job_id"]) == ("fake.jpg", "rejected", None)
+    assert (fake["code"], fake["message"]) == ("not_an_image", written["message"])
+    assert fake["message"] and fake["at"] <= good["at"]
+
+
 def test_folder_config_and_sidecar_parameters_reach_the_job(
     inbox_service: Callable[..., RunningService],
 ) -> None:

@@ -240,11 +240,11 @@ def test_a_redacting_job_hands_out_only_its_redacted_copy(settings: Settings, se
     copy = pixels(Image.open(data_dir / f"redacted/{hidden}.png"))[middle]
     assert np.abs(annotated - copy).mean() < 8
 
-    for job_id in (pending, failed):
+    for job_id, code in ((pending, "redaction_pending"), (failed, "no_redacted_copy")):
         for route in ("image", "annotated"):
             refused = service.client.get(f"/v1/jobs/{job_id}/{route}")
             assert refused.status_code == 409, (job_id, route, refused.text)
-            assert refused.json()["code"] == "redaction_pending"
+            assert refused.json()["code"] == code
             assert refused.json()["message"]
     for route in ("image", "annotated"):
         assert service.client.get(f"/v1/jobs/{gone}/{route}").status_code == 410

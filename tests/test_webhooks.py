@@ -13,8 +13,6 @@ import json
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -42,7 +40,7 @@ from tests.conftest import (
     gate_detector,
     make_image,
     make_settings,
-    subprocess_env,
+    start_process,
 )
 
 T = TypeVar("T")
@@ -438,31 +436,6 @@ def test_invalid_urls_are_refused_with_422(tmp_path: Path, serve: Serve) -> None
 # -- kill -9 ---------------------------------------------------------------------------------------
 
 
-def _start(data_dir: Path, port: int, checkpoints: tuple[Path, Path]) -> subprocess.Popen[bytes]:
-    """`aip serve` as a process (as tests/test_crash.py starts it), signing with SECRET."""
-    env = subprocess_env(
-        data_dir / "inbox", checkpoints, data_dir=data_dir, port=str(port), webhook_secret=SECRET
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode() if process.stderr else "exited")
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("service did not become healthy")
-
-
 @pytest.mark.slow
 def test_a_delivery_pending_at_kill_9_is_sent_after_the_restart(
     tmp_path: Path, tiny_checkpoints: tuple[Path, Path]
@@ -477,7 +450,7 @@ def test_a_delivery_pending_at_kill_9_is_sent_after_the_restart(
     silent.listen(8)
     hook_port = silent.getsockname()[1]
     hook = f"http://127.0.0.1:{hook_port}/after-crash"
-    process = _start(data_dir, port, tiny_checkpoints)
+    process = start_process(data_dir, port, tiny_checkpoints, webhook_secret=SECRET)
     try:
         files = {"image": ("f.jpg", make_image(40, 40), "image/jpeg")}
         job_id = httpx.post(f"{url}/v1/jobs", files=files, data={"webhook": hook}).json()["id"]
@@ -496,7 +469,7 @@ def test_a_delivery_pending_at_kill_9_is_sent_after_the_restart(
     silent.close()
 
     receiver = Receiver(hook_port)
-    process = _start(data_dir, port, tiny_checkpoints)
+    process = start_process(data_dir, port, tiny_checkpoints, webhook_secret=SECRET)
     try:
         with httpx.Client(base_url=url) as http:
             (hook_row,) = settled(http, job_id, timeout=60)["webhooks"]

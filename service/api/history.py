@@ -79,7 +79,13 @@ async def annotated(request: Request, job_id: JobId) -> Response:
     job = await svc.reads.job(job_id)
     image_row = await svc.reads.image_of(job_id)
     # A job that redacts is drawn on its redacted copy, never on the original.
-    copy = redacted_copy(svc.settings.data_dir, job_id, image_row.redact, image_row.redacted_path)
+    copy = redacted_copy(
+        svc.settings.data_dir,
+        job_id,
+        image_row.redact,
+        image_row.redacted_path,
+        image_row.job_status,
+    )
     if copy is None and image_row.pruned_at is not None:
         raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_gone")
     source = image_row.path if copy is None else str(image_row.redacted_path)

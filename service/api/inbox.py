@@ -1,8 +1,10 @@
-"""GET /v1/inbox: the watcher's state (path, events or polling, pending files, counts);
+"""GET /v1/inbox: the watcher's state (path, events or polling, pending files, counts) and
+the ledger's last filings and rejections;
 POST /v1/inbox/reprocess: a new job for an inbox file, even one whose content was seen."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -14,12 +16,14 @@ from service.api.jobs import job_after_commit
 from service.api.schemas import InboxStatus, Job, errors, refuse_unencodable
 from service.errors import Conflict
 
+RECENT = 20  # ledger rows shown: enough to see what happened to the last batch dropped in
+
 router = APIRouter(tags=["inbox"], dependencies=[Depends(require_token)], responses=errors(401))
 
 
 @router.get(
     "/inbox",
-    summary="The watched inbox: where, how, and what it did since start",
+    summary="The watched inbox: where, how, what it did since start, and its last filings",
     response_model=InboxStatus,
     response_model_exclude_unset=True,
 )
@@ -27,7 +31,8 @@ async def inbox_status(request: Request) -> Any:
     watcher = services(request).inbox
     if watcher is None:
         return {"enabled": False}
-    return {"enabled": True, **watcher.status()}
+    recent = await watcher.ledger.recent(RECENT)
+    return {"enabled": True, **watcher.status(), "recent": [asdict(f) for f in recent]}
 
 
 class ReprocessRequest(BaseModel):

@@ -412,7 +412,9 @@ async def retry_job(request: Request, job_id: JobId) -> Response:
 async def job_image(request: Request, job_id: JobId) -> FileResponse:
     svc = services(request)
     image = await svc.reads.image_of(job_id)
-    copy = redacted_copy(svc.settings.data_dir, job_id, image.redact, image.redacted_path)
+    copy = redacted_copy(
+        svc.settings.data_dir, job_id, image.redact, image.redacted_path, image.job_status
+    )
     if copy is not None:
         return FileResponse(copy, media_type=_MEDIA["PNG" if copy.suffix == ".png" else "JPEG"])
     path = svc.settings.data_dir / image.path

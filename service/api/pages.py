@@ -1,18 +1,22 @@
 """The dashboard's HTML routes and its /static assets, shipped in the package: one page shell
 whose JavaScript modules read everything through the public /v1 API. It knows no job, model or
 token: a page never knows more than the API does. The browser guard (Host, Origin) runs before
-these routes like any other; every answer here forbids content from any other origin."""
+these routes like any other; every answer here forbids content from any other origin. A page a
+browser asks for that does not exist gets the shell with a 404 (the modules draw "not found");
+an API client's miss stays a JSON 404."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
-
-from service.api.schemas import JobId
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 # Only this service's own scripts, styles and API; images also from blob: (an image fetched
@@ -29,13 +33,26 @@ HEADERS = {
     "Cache-Control": "no-cache",
 }
 PAGES = ("/", "/submit", "/models", "/inbox", "/stats", "/map")
+# Misses under these are an API's, whatever the client accepts: they answer JSON.
+NOT_PAGES = ("/v1", "/static", "/metrics", "/docs", "/openapi.json")
 
 router = APIRouter(include_in_schema=False)
 
 
-def shell() -> HTMLResponse:
+def shell(status_code: int = 200) -> HTMLResponse:
     """The one HTML document; the path tells the modules which page to draw."""
-    return HTMLResponse((WEB / "index.html").read_text(encoding="utf-8"), headers=HEADERS)
+    text = (WEB / "index.html").read_text(encoding="utf-8")
+    return HTMLResponse(text, status_code=status_code, headers=HEADERS)
+
+
+def wants_page(request: Request) -> bool:
+    """A browser navigating to a path of the dashboard's, not a program calling the API."""
+    path = request.url.path
+    if request.method not in ("GET", "HEAD"):
+        return False
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in NOT_PAGES):
+        return False
+    return "text/html" in request.headers.get("accept", "")
 
 
 async def _page() -> HTMLResponse:
@@ -46,8 +63,9 @@ for _path in PAGES:
     router.add_api_route(_path, _page, methods=["GET"], response_class=HTMLResponse)
 
 
+# Any segment: the page itself says "not a job id" or "no such job", never a JSON refusal.
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-async def job_page(job_id: JobId) -> HTMLResponse:
+async def job_page(job_id: str) -> HTMLResponse:
     return shell()
 
 
@@ -67,3 +85,16 @@ class Assets(StaticFiles):
 def install(app: FastAPI) -> None:
     app.include_router(router)
     app.mount("/static", Assets(directory=WEB / "static"), name="static")
+    # Installed after the app's own handlers: a 404 that is not a page's goes to theirs.
+    api_miss = app.exception_handlers.get(HTTPException, http_exception_handler)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if wants_page(request):
+            return shell(status_code=404)
+        answer = api_miss(request, exc)
+        response = await answer if inspect.isawaitable(answer) else answer
+        if request.url.path.startswith("/static/"):  # an asset's miss, like its hits
+            response.headers.update(HEADERS)
+        return response
+
+    app.add_exception_handler(404, not_found)

@@ -325,6 +325,15 @@ class InboxCounts(Body):
     reprocessed: int
 
 
+class InboxFiling(Body):
+    path: str = Field(description="relative to the inbox, as it was found")
+    outcome: str = Field(description="queued|duplicate|reprocessed|rejected|pruned")
+    job_id: int | None = Field(description="the job it queued, or the one it duplicates")
+    code: str | None = Field(description="why it was rejected, for programs")
+    message: str | None = Field(description="why it was rejected, for people")
+    at: float = Field(description="Unix seconds it was handled")
+
+
 class InboxStatus(Body):
     """Only `enabled` when the inbox is off."""
 
@@ -338,6 +347,9 @@ class InboxStatus(Body):
     waiting: dict[str, str] | None = Field(None, description="file: why it still waits")
     since_start: InboxCounts | None = None
     last_scan_at: float | None = Field(None, description="Unix seconds")
+    recent: list[InboxFiling] | None = Field(
+        None, description="the last 20 files handled, newest first, kept across restarts"
+    )
 
 
 class QueueDepth(Body):

@@ -33,6 +33,18 @@ class Entry:
     error_message: str | None = None
 
 
+@dataclass(frozen=True)
+class Filing:
+    """One ledger row as the inbox's recent history shows it."""
+
+    path: str
+    outcome: str
+    job_id: int | None
+    code: str | None
+    message: str | None
+    at: float  # Unix seconds the file was handled
+
+
 # A duplicate row holding a job other than the content's claim was processed again on purpose.
 _ENTRY_COLUMNS = (
     "f.id, CASE WHEN f.outcome = 'duplicate' AND f.job_id IS NOT (SELECT c.job_id"
@@ -68,6 +80,17 @@ class Ledger:
             ).fetchall()
         )
         return [(Entry(*row[:6]), FileSeen(*row[6:])) for row in rows]
+
+    async def recent(self, limit: int = 20) -> list[Filing]:
+        """The last `limit` files handled, newest first, with a rejection's reason."""
+        rows = await self._queue.read(
+            lambda db: db.execute(
+                f"SELECT f.relative_path, {_ENTRY_COLUMNS}, f.seen_at FROM inbox_files f"
+                " ORDER BY f.id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [Filing(row[0], row[2], row[3], row[5], row[6], row[7]) for row in rows]
 
     async def filed_paths(self) -> set[str]:
         rows = await self._queue.read(

@@ -112,6 +112,7 @@ class JobImage(ImageColumns):
 
     redacted_path: str | None = None  # relative to the data directory
     redact: tuple[str, ...] = ()
+    job_status: str = ""
 
 
 def _views(columns: Sequence[Any] = _VIEW_COLUMNS) -> Select[Any]:
@@ -375,6 +376,7 @@ _ITS_IMAGE: Select[Any] = (
         *(col(getattr(ImageRow, name)) for name in ImageRow.model_fields),
         col(ResultRow.redacted_path),
         col(JobRow.params),
+        col(JobRow.status).label("job_status"),
     )
     .join_from(JobRow, ImageRow, col(ImageRow.sha256) == col(JobRow.image_sha256))
     .outerjoin(ResultRow, col(ResultRow.job_id) == col(JobRow.id))

@@ -1,16 +1,34 @@
-// The dashboard's entry: picks the page module from the path and draws it into <main>.
+// The dashboard's entry: picks the page module from the path and draws it into <main>; a path
+// no page has gets the dashboard's own "not found" (the server answered it with a 404).
 
-import { errorBox } from "./dom.js";
+import { errorBox, h } from "./dom.js";
 
 const ROUTES = [
   [/^\/$/, "jobs", () => import("./pages/jobs.js")],
-  [/^\/jobs\/(\d+)$/, "jobs", () => import("./pages/job.js")],
+  // Any segment: the job page itself tells "not a job id" from "no such job".
+  [/^\/jobs\/([^/]+)$/, "jobs", () => import("./pages/job.js")],
   [/^\/submit$/, "submit", () => import("./pages/submit.js")],
   [/^\/models$/, "models", () => import("./pages/models.js")],
   [/^\/inbox$/, "inbox", () => import("./pages/inbox.js")],
   [/^\/stats$/, "stats", () => import("./pages/stats.js")],
   [/^\/map$/, "map", () => import("./pages/map.js")],
 ];
+
+function decoded(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part; // a stray % is shown as typed
+  }
+}
+
+function notFound(path) {
+  document.title = "Not found · aip";
+  return h("div", { id: "not-found" },
+    h("h1", {}, "Not found"),
+    h("p", {}, "There is no page at ", h("code", {}, decoded(path)), "."),
+    h("p", {}, h("a", { href: "/" }, "All jobs")));
+}
 
 async function main() {
   const root = document.getElementById("app");
@@ -23,13 +41,13 @@ async function main() {
     }
     try {
       const page = await load();
-      await page.render(root, ...match.slice(1));
+      await page.render(root, ...match.slice(1).map(decoded));
     } catch (error) {
       root.replaceChildren(errorBox(error));
     }
     return;
   }
-  root.replaceChildren(errorBox(new Error(`no page at ${path}`)));
+  root.replaceChildren(notFound(path));
 }
 
 main();

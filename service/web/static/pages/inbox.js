@@ -1,11 +1,13 @@
 // Inbox: the watched folder, how it watches, the files waiting and why, counts since start,
-// and the recent filings and failures (inbox jobs, and rejections as they happen).
+// the last files the ledger recorded (failures with their reasons, kept across restarts), the
+// recent inbox jobs, and rejections as they happen.
 
 import { json, live } from "../api.js";
 import { badge, errorBox, h, when } from "../dom.js";
 
 export async function render(root) {
   const status = h("div", { id: "inbox" });
+  const ledger = h("tbody", { id: "inbox-recent" });
   const recent = h("tbody", { id: "filings" });
   const rejected = h("ul", { id: "rejections" });
 
@@ -27,6 +29,7 @@ export async function render(root) {
         Object.keys(inbox.waiting || {}).length
           ? h("ul", {}, Object.entries(inbox.waiting).map(([file, why]) => h("li", {}, h("code", {}, file), ` ${why}`)))
           : "");
+      ledger.replaceChildren(...(inbox.recent || []).map(filingRow));
       const page = await json("/v1/jobs?source=inbox&limit=25");
       recent.replaceChildren(...page.jobs.map((job) => h("tr", {},
         h("td", {}, h("a", { href: `/jobs/${job.id}` }, `#${job.id}`)), h("td", {}, job.source_path || job.input.name),
@@ -37,7 +40,9 @@ export async function render(root) {
   }
 
   root.replaceChildren(h("h1", {}, "Inbox"), status,
-    h("h2", {}, "Recent filings"),
+    h("h2", {}, "Last files handled"),
+    h("table", {}, h("thead", {}, h("tr", {}, ["File", "Outcome", "Job", "Reason", "When"].map((t) => h("th", {}, t)))), ledger),
+    h("h2", {}, "Recent inbox jobs"),
     h("table", {}, h("thead", {}, h("tr", {}, ["Job", "File", "Status", "Reason", "Created"].map((t) => h("th", {}, t)))), recent),
     h("h2", {}, "Refused since this page opened"), rejected);
   await load();
@@ -51,4 +56,16 @@ export async function render(root) {
     poll: load,
     every: 5000,
   });
+}
+
+// A rejection is marked failed, with its code and message; other outcomes link their job.
+function filingRow(filing) {
+  const refused = filing.outcome === "rejected";
+  const reason = refused ? [h("code", {}, filing.code || "rejected"), ` ${filing.message || ""}`] : "";
+  return h("tr", { class: refused ? "filing-rejected" : null, dataset: { outcome: filing.outcome } },
+    h("td", {}, h("code", {}, filing.path)),
+    h("td", {}, refused ? h("span", { class: "status status-failed" }, "rejected") : badge(filing.outcome)),
+    h("td", {}, filing.job_id ? h("a", { href: `/jobs/${filing.job_id}` }, `#${filing.job_id}`) : "–"),
+    h("td", { class: refused ? "error" : null }, reason),
+    h("td", {}, when(filing.at)));
 }

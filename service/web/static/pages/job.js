@@ -202,17 +202,38 @@ function section(title, ...children) {
   return h("section", {}, h("h2", {}, title), ...children);
 }
 
+// What the API takes as a job id: a whole number from 1 to 2^63 - 1.
+function isJobId(text) {
+  return /^[1-9]\d{0,18}$/.test(text) && BigInt(text) <= 2n ** 63n - 1n;
+}
+
+function missing(title, ...text) {
+  return h("div", { class: "missing", id: "missing" }, h("h1", {}, title), h("p", {}, ...text),
+    h("p", {}, h("a", { href: "/" }, "All jobs")));
+}
+
 export async function render(root, id) {
+  if (!isJobId(id)) {
+    root.replaceChildren(missing("Not a job id", h("code", {}, id), " is not a job id: job ids are whole numbers from 1."));
+    return;
+  }
   let streamed = "";
   let view = null;
   let latest = 0;
+  let gone = false; // no such job: nothing more is asked about it
+  let stop = null;
   async function draw() {
+    if (gone) return;
     const mine = ++latest;
     let job;
     try {
       job = await json(`/v1/jobs/${id}`);
     } catch (error) {
-      root.replaceChildren(errorBox(error));
+      if (error.status === 404) {
+        gone = true;
+        if (stop) stop();
+        root.replaceChildren(missing("No such job", `There is no job #${id}: it was never made, or it has been deleted.`));
+      } else root.replaceChildren(errorBox(error));
       return;
     }
     if (mine !== latest) return; // a newer read is on its way: answers can cross
@@ -248,8 +269,9 @@ export async function render(root, id) {
     root.replaceChildren(view);
   }
   await draw();
+  if (gone) return;
   let pending = null;
-  live({
+  stop = live({
     jobId: Number(id),
     onEvent: (event) => {
       if (event.job_id != null && String(event.job_id) !== String(id)) return;

@@ -1,6 +1,7 @@
 // Map: geotagged frames as points on a plain projected plane (no tiles from anywhere), with a
 // scale bar and a north arrow; points close on screen are drawn as one cluster with a count.
-// Each point links to its job. Positions come from the GeoJSON export.
+// Each point links to its job; a cluster, clicked, lists its jobs beside the map and zooms in
+// to its extent. Positions come from the GeoJSON export.
 
 import { request } from "../api.js";
 import { errorBox, h, s } from "../dom.js";
@@ -11,8 +12,9 @@ const PAD = 40;
 const CLUSTER_PX = 24;
 const EARTH_M_PER_DEG = 111320;
 const MIN_SPAN = 0.002; // degrees
+const ZOOM_MIN_SPAN = 0.00005; // degrees: ~5 m, so frames a few metres apart come apart
 
-function project(features) {
+function project(features, minSpan = MIN_SPAN) {
   const lons = features.map((f) => f.geometry.coordinates[0]);
   const lats = features.map((f) => f.geometry.coordinates[1]);
   const mid = (Math.min(...lats) + Math.max(...lats)) / 2;
@@ -21,8 +23,8 @@ function project(features) {
   const x0 = Math.min(...lons);
   const y0 = Math.min(...lats);
   // At least ~200 m across, so one frame (or a few on one spot) still gets a true scale.
-  const spanX = Math.max((Math.max(...lons) - x0) * k, MIN_SPAN);
-  const spanY = Math.max(Math.max(...lats) - y0, MIN_SPAN);
+  const spanX = Math.max((Math.max(...lons) - x0) * k, minSpan);
+  const spanY = Math.max(Math.max(...lats) - y0, minSpan);
   const scale = Math.min((W - 2 * PAD) / spanX, (H - 2 * PAD) / spanY);
   // Centred: the frames' extent in the middle of the plane.
   const left = (W - ((Math.max(...lons) - x0) * k * scale)) / 2;
@@ -63,6 +65,36 @@ function northArrow() {
     s("path", { d: "M0,-22 L9,8 L0,2 L-9,8 Z" }), s("text", { x: 0, y: 22, "text-anchor": "middle" }, "N"));
 }
 
+// The plane for the frames in `focus` (all of them, or one cluster's), with every frame that
+// falls on it; a cluster calls onCluster with its members.
+function plane(features, focus, onCluster) {
+  const projection = project(focus, focus === features ? MIN_SPAN : ZOOM_MIN_SPAN);
+  const points = features.map((f) => {
+    const [x, y] = projection.at(f.geometry.coordinates);
+    return { x, y, id: f.properties.job_id, name: f.properties.name, feature: f };
+  }).filter((p) => p.x >= 0 && p.x <= W && p.y >= 0 && p.y <= H);
+  const svg = s("svg", { class: "map", id: "map", viewBox: `0 0 ${W} ${H}`, role: "img" },
+    s("rect", { x: 0, y: 0, width: W, height: H, class: "ground" }));
+  for (const c of clusters(points)) {
+    if (c.members.length === 1) {
+      const p = c.members[0];
+      svg.append(s("a", { href: `/jobs/${p.id}`, class: "point" }, s("circle", { cx: p.x, cy: p.y, r: 6 }), s("title", {}, `#${p.id} ${p.name}`)));
+    } else {
+      const r = 9 + Math.min(16, Math.sqrt(c.members.length) * 3);
+      const open = () => onCluster(c.members);
+      svg.append(s("g", {
+        class: "cluster", role: "button", tabindex: 0, "aria-label": `${c.members.length} frames: list them`,
+        onclick: open, onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } },
+      },
+      s("circle", { cx: c.x, cy: c.y, r }),
+      s("text", { x: c.x, y: c.y + 4, "text-anchor": "middle" }, String(c.members.length)),
+      s("title", {}, c.members.map((m) => `#${m.id}`).join(" "))));
+    }
+  }
+  svg.append(scaleBar(projection.metresPerPx), northArrow());
+  return svg;
+}
+
 export async function render(root) {
   root.replaceChildren(h("h1", {}, "Map"), h("p", { class: "muted" }, "Loading…"));
   try {
@@ -73,27 +105,23 @@ export async function render(root) {
       root.replaceChildren(h("h1", {}, "Map"), h("p", { class: "muted", id: "map-empty" }, "No geotagged frames yet: images with GPS EXIF appear here."));
       return;
     }
-    const projection = project(features);
-    const points = features.map((f) => {
-      const [x, y] = projection.at(f.geometry.coordinates);
-      return { x, y, id: f.properties.job_id, name: f.properties.name };
-    });
-    const svg = s("svg", { class: "map", id: "map", viewBox: `0 0 ${W} ${H}`, role: "img" },
-      s("rect", { x: 0, y: 0, width: W, height: H, class: "ground" }));
-    for (const c of clusters(points)) {
-      if (c.members.length === 1) {
-        const p = c.members[0];
-        svg.append(s("a", { href: `/jobs/${p.id}`, class: "point" }, s("circle", { cx: p.x, cy: p.y, r: 6 }), s("title", {}, `#${p.id} ${p.name}`)));
-      } else {
-        const r = 9 + Math.min(16, Math.sqrt(c.members.length) * 3);
-        svg.append(s("a", { href: `/jobs/${c.members[0].id}`, class: "cluster" },
-          s("circle", { cx: c.x, cy: c.y, r }),
-          s("text", { x: c.x, y: c.y + 4, "text-anchor": "middle" }, String(c.members.length)),
-          s("title", {}, c.members.map((m) => `#${m.id}`).join(" "))));
-      }
+    const area = h("div", { class: "map-area" });
+    const panel = h("aside", { class: "map-panel", id: "map-panel" });
+    const show = (focus) => area.replaceChildren(plane(features, focus, pick));
+    const overview = () => {
+      panel.replaceChildren(h("p", { class: "muted" }, "Click a cluster to list its frames."));
+      show(features);
+    };
+    function pick(members) {
+      panel.replaceChildren(
+        h("h2", {}, `${members.length} frames here`),
+        h("ul", { id: "cluster-jobs" }, members.map((m) => h("li", {}, h("a", { href: `/jobs/${m.id}` }, `#${m.id} ${m.name}`)))),
+        h("button", { type: "button", id: "map-all", onclick: overview }, "Show all frames"));
+      show(members.map((m) => m.feature));
     }
-    svg.append(scaleBar(projection.metresPerPx), northArrow());
-    root.replaceChildren(h("h1", {}, "Map"), h("p", { class: "muted" }, `${features.length} geotagged frames`), svg);
+    overview();
+    root.replaceChildren(h("h1", {}, "Map"), h("p", { class: "muted" }, `${features.length} geotagged frames`),
+      h("div", { class: "map-layout" }, area, panel));
   } catch (error) {
     root.replaceChildren(h("h1", {}, "Map"), errorBox(error));
   }
