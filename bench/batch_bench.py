@@ -39,7 +39,8 @@ def run(quick: bool) -> list[Row]:
     from service.models import falcon, gemma, tiny
     from service.models.gemma_batch import reason_many
     from service.models.loading import on_cpu
-    from service.pipeline import BatchItem, JobParams, analyse_many
+    from service.params import JobParams
+    from service.pipeline import BatchItem, analyse_many
 
     size, rounds = ("tiny", 2) if quick else ("small", 3)
     detector_path, reasoner_path = tiny.build_checkpoints(CHECKPOINTS / size, size)

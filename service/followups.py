@@ -18,7 +18,7 @@ from service.errors import JobFailure
 from service.grounding import grounded_prompt
 from service.intake import open_for_models
 from service.models.host import ModelHost
-from service.pipeline import JobParams
+from service.params import JobParams
 from service.policy import classify
 from service.store import followups as store
 from service.store.queue import Queue

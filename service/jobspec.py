@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from service.config import MAX_WEBHOOK_URL, Settings, webhook_url
 from service.errors import InvalidInput, NotFound
-from service.pipeline import TOKEN_LIMITS, JobParams, build_params, parse_queries, token_limit
+from service.params import TOKEN_LIMITS, JobParams, build_params, parse_queries, token_limit
 from service.profiles import NO_PROFILE
 from service.structured import check_schema
 from service.tiles import parse_tiling

@@ -24,7 +24,8 @@ from service.errors import DiskFull, JobFailure
 from service.events import EventBus
 from service.intake import open_stored
 from service.models.host import ModelHost
-from service.pipeline import Analysis, BatchItem, JobParams, ReasonMany, analyse, analyse_many
+from service.params import JobParams
+from service.pipeline import Analysis, BatchItem, ReasonMany, analyse, analyse_many
 from service.policy import backoff_seconds, classify, pause_seconds
 from service.prefetch import Decoded, Prefetch
 from service.store.queue import Claim, ClaimNext, Outcome, Queue

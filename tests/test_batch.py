@@ -20,7 +20,8 @@ from service import batching
 from service.config import Settings
 from service.models import gemma_batch
 from service.models.host import ModelHost
-from service.pipeline import Analysis, BatchItem, JobParams, analyse, analyse_many
+from service.params import JobParams
+from service.pipeline import Analysis, BatchItem, analyse, analyse_many
 from service.store.migrate import migrate
 from service.store.queue import ImageRecord, Queue
 from tests.conftest import RunningService, gate_detector, make_image

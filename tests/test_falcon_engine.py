@@ -24,7 +24,8 @@ from PIL import Image
 from service.models import falcon
 from service.models.falcon_engine import FalconEngine
 from service.models.host import ModelHost
-from service.pipeline import JobParams, analyse
+from service.params import JobParams
+from service.pipeline import analyse
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")

@@ -17,7 +17,7 @@ from service.config import Settings
 from service.errors import InvalidInput, NotFound
 from service.jobspec import MAX_REDACT, parse_options, resolve
 from service.models.host import ModelHost
-from service.pipeline import JobParams
+from service.params import JobParams
 from tests.conftest import RunningService, make_image, make_settings
 from tests.test_cli import run
 from tests.test_inbox import InstantDetector, InstantReasoner, inbox_jobs, ledger, until

@@ -13,7 +13,8 @@ from PIL import Image
 
 from service.config import Settings
 from service.detection import Detection
-from service.pipeline import JobParams, analyse
+from service.params import JobParams
+from service.pipeline import analyse
 from tests.conftest import RunningService, gate_detector, make_image, make_settings
 from tests.test_cli import run
 

@@ -11,7 +11,8 @@ from PIL import Image
 from service.detection import Detection
 from service.errors import InvalidInput, JobFailure
 from service.grounding import grounded_prompt
-from service.pipeline import analyse, build_params, parse_queries
+from service.params import build_params, parse_queries
+from service.pipeline import analyse
 from service.policy import backoff_seconds, classify
 
 LIMITS = {

@@ -18,7 +18,7 @@ from typing import Any
 from service.api.schemas import Job, JobPage
 from service.config import Settings
 from service.detection import Detection
-from service.pipeline import JobParams
+from service.params import JobParams
 from service.store.history import JobFilter
 from service.store.migrate import migrate
 from service.store.queue import ImageRecord, Outcome, Queue

@@ -17,7 +17,7 @@ from service.api.bodies import json_body
 from service.api.deps import require_token, services
 from service.api.schemas import MAX_ID, FollowUp, JobId, errors, refuse_unencodable, typed
 from service.errors import InvalidInput
-from service.pipeline import token_limit
+from service.params import token_limit
 from service.store import followups as store
 
 router = APIRouter(

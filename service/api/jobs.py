@@ -20,7 +20,7 @@ from service.confine import read_confined
 from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.intake import inspect_image, store_image
 from service.jobspec import parse_options, resolve
-from service.pipeline import TOKEN_LIMITS, token_limit
+from service.params import TOKEN_LIMITS, token_limit
 from service.redact import redacted_copy
 from service.services import Services
 from service.store.history import JobFilter

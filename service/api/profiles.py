@@ -24,7 +24,7 @@ from service.api.schemas import Body, TilingSpec, errors, refuse_unencodable, ty
 from service.config import Settings
 from service.errors import InvalidInput
 from service.jobspec import parse_options
-from service.pipeline import TOKEN_LIMITS, token_limit
+from service.params import TOKEN_LIMITS, token_limit
 from service.profiles import check_name
 from service.store.profiles import MAX_DESCRIPTION, Profile
 
