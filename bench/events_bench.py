@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 
 from bench import idle_service
-from bench.overhead_bench import CHECKPOINTS, QUERIES, _frame, _wait_ready
+from bench.overhead_bench import CHECKPOINTS, QUERIES, _frame, _service_rate, _wait_ready
 from bench.table import Row, compare, interleaved, main_for, median
 
 CLIENTS = 100
@@ -60,37 +58,6 @@ class Reader:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-def _epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-async def _burst(url: str, images: list[bytes]) -> float:
-    """Submit every image at once; jobs/s from the first submission to the last job's
-    `finished_at` (the service's commit time), polled at `aip wait`'s pace."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        began = time.time()
-        ids = []
-        for i, data in enumerate(images):
-            response = await client.post(
-                "/v1/jobs",
-                files={"image": (f"{i}.jpg", data, "image/jpeg")},
-                data={"queries": ", ".join(QUERIES), "prompt": PROMPT},
-            )
-            response.raise_for_status()
-            ids.append(response.json()["id"])
-        finished = []
-        for job_id in ids:
-            while True:
-                job = (await client.get(f"/v1/jobs/{job_id}")).json()
-                if job["status"] == "succeeded":
-                    break
-                if job["status"] in ("failed", "cancelled"):
-                    raise RuntimeError(f"benchmark job {job_id} {job['status']}: {job}")
-                await asyncio.sleep(0.25)
-            finished.append(_epoch(job["finished_at"]))
-        return len(images) / (max(finished) - began)
-
-
 async def _with_clients(url: str, images: list[bytes], seen: dict[str, list[float]]) -> float:
     port = httpx.URL(url).port
     assert port is not None
@@ -98,7 +65,7 @@ async def _with_clients(url: str, images: list[bytes], seen: dict[str, list[floa
     await asyncio.gather(*(r.connect(port) for r in readers))
     await asyncio.sleep(0.5)  # connected and idle: the burst meets clients, not a connect storm
     try:
-        rate = await _burst(url, images)
+        rate = await _service_rate(url, images, prompt=PROMPT)
         await asyncio.sleep(0.2)  # the last events on their way
     finally:
         await asyncio.gather(*(r.close() for r in readers))
@@ -120,11 +87,13 @@ def run(quick: bool) -> list[Row]:
     try:
         with idle_service.running(work, (detector, reasoner, tokens)) as url:
             _wait_ready(url)
-            loop.run_until_complete(_burst(url, [_frame(10**5)]))  # warm-up
+            loop.run_until_complete(_service_rate(url, [_frame(10**5)], prompt=PROMPT))  # warm-up
             samples = interleaved(
                 {
                     "ours": lambda: loop.run_until_complete(_with_clients(url, batch(), seen)),
-                    "none": lambda: loop.run_until_complete(_burst(url, batch())),
+                    "none": lambda: loop.run_until_complete(
+                        _service_rate(url, batch(), prompt=PROMPT)
+                    ),
                 },
                 rounds,
             )

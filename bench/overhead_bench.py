@@ -92,11 +92,17 @@ def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-async def _service_rate(url: str, images: list[bytes], seen: dict[str, list[float]]) -> float:
+async def _service_rate(
+    url: str,
+    images: list[bytes],
+    seen: dict[str, list[float]] | None = None,
+    prompt: str = PROMPT,
+) -> float:
     """Submit every image at once; jobs/s from the first submission to the last job's
     `finished_at` (the service's commit time, same clock): the poll is `aip wait`'s pace, so
     neither its requests nor its interval are counted. Into `seen`: each job's decode wait
     (ms), and each burst's share of the span spent outside the models' calls."""
+    seen = {"decode": [], "outside": []} if seen is None else seen
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         began = time.time()
         ids = []
@@ -104,7 +110,7 @@ async def _service_rate(url: str, images: list[bytes], seen: dict[str, list[floa
             response = await client.post(
                 "/v1/jobs",
                 files={"image": (f"{i}.jpg", data, "image/jpeg")},
-                data={"queries": ", ".join(QUERIES), "prompt": PROMPT},
+                data={"queries": ", ".join(QUERIES), "prompt": prompt},
             )
             response.raise_for_status()
             ids.append(response.json()["id"])

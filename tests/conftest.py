@@ -25,6 +25,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
+from service.detection import Detection
 from service.models.host import ModelHost
 
 # A test run started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
@@ -311,3 +312,42 @@ def browser(chromium_session: tuple[Any, asyncio.AbstractEventLoop]) -> Iterator
         yield chromium
     finally:
         asyncio._set_running_loop(None)
+
+
+class InstantDetector:
+    def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
+        return []
+
+
+class InstantReasoner:
+    def reason(self, image: Image.Image, prompt: str, **kw: Any) -> str:
+        return "ok"
+
+
+@pytest.fixture
+def inbox_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
+    """Services whose models answer at once: these tests are about files, not inference."""
+    started: list[RunningService] = []
+
+    def _serve(**changes: Any) -> RunningService:
+        host = ModelHost(
+            {"detector": "fake", "reasoner": "fake"},
+            loaders={
+                "detector": lambda p: InstantDetector(),
+                "reasoner": lambda p: InstantReasoner(),
+            },
+            resolve_sources=False,
+        )
+        defaults = {
+            "inbox": tmp_path / "inbox",
+            "inbox_settle_seconds": 0.3,
+            "inbox_rescan_seconds": 3600.0,
+        }
+        service = RunningService(make_settings(tmp_path, **{**defaults, **changes}), host)
+        started.append(service.start())
+        return service
+
+    yield _serve
+    for service in started:
+        if service._thread.is_alive():
+            service.stop()

@@ -7,59 +7,24 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
-from service.detection import Detection
 from service.errors import StartupRefused
 from service.models.host import ModelHost
 from service.store.ledger import Ledger
-from tests.conftest import RunningService, make_image, make_settings
-
-
-class InstantDetector:
-    def detect(self, image: Image.Image, query: str, **kw: Any) -> list[Detection]:
-        return []
-
-
-class InstantReasoner:
-    def reason(self, image: Image.Image, prompt: str, **kw: Any) -> str:
-        return "ok"
-
-
-@pytest.fixture
-def inbox_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
-    """Services whose models answer at once: these tests are about files, not inference."""
-    started: list[RunningService] = []
-
-    def _serve(**changes: Any) -> RunningService:
-        host = ModelHost(
-            {"detector": "fake", "reasoner": "fake"},
-            loaders={
-                "detector": lambda p: InstantDetector(),
-                "reasoner": lambda p: InstantReasoner(),
-            },
-            resolve_sources=False,
-        )
-        defaults = {
-            "inbox": tmp_path / "inbox",
-            "inbox_settle_seconds": 0.3,
-            "inbox_rescan_seconds": 3600.0,
-        }
-        service = RunningService(make_settings(tmp_path, **{**defaults, **changes}), host)
-        started.append(service.start())
-        return service
-
-    yield _serve
-    for service in started:
-        if service._thread.is_alive():
-            service.stop()
+from tests.conftest import (
+    InstantDetector,
+    InstantReasoner,
+    RunningService,
+    make_image,
+    make_settings,
+)
 
 
 def ledger(settings: Settings) -> list[tuple[str, str, int | None]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,10 @@ import pytest
 from service.config import Settings
 from service.errors import InvalidInput, NotFound
 from service.jobspec import MAX_REDACT, parse_options, resolve
-from service.models.host import ModelHost
 from service.params import JobParams
-from tests.conftest import RunningService, make_image, make_settings
+from tests.conftest import RunningService, make_image
 from tests.test_cli import run
-from tests.test_inbox import InstantDetector, InstantReasoner, inbox_jobs, ledger, until
+from tests.test_inbox import inbox_jobs, ledger, until
 
 SCHEMA = {
     "type": "object",
@@ -271,32 +270,11 @@ def test_a_profiles_or_folders_token_limit_is_capped_by_the_ceiling() -> None:
 
 
 @pytest.fixture
-def quick_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
-    started: list[RunningService] = []
-
-    def _serve(**changes: Any) -> RunningService:
-        host = ModelHost(
-            {"detector": "fake", "reasoner": "fake"},
-            loaders={
-                "detector": lambda p: InstantDetector(),
-                "reasoner": lambda p: InstantReasoner(),
-            },
-            resolve_sources=False,
-        )
-        defaults = {
-            "inbox": tmp_path / "inbox",
-            "inbox_settle_seconds": 0.3,
-            "inbox_rescan_seconds": 3600.0,
-            "allowed_dirs": (tmp_path / "shared",),
-        }
-        service = RunningService(make_settings(tmp_path, **{**defaults, **changes}), host)
-        started.append(service.start())
-        return service
-
-    yield _serve
-    for service in started:
-        if service._thread.is_alive():
-            service.stop()
+def quick_service(
+    inbox_service: Callable[..., RunningService], tmp_path: Path
+) -> Callable[..., RunningService]:
+    """The inbox tests' services (models that answer at once), allowed to read `shared/`."""
+    return lambda **changes: inbox_service(**{"allowed_dirs": (tmp_path / "shared",), **changes})
 
 
 def _profile(service: RunningService, name: str, params: dict[str, Any]) -> None:
