@@ -80,6 +80,16 @@ def pages(browser: Any, tmp_path: Path) -> Iterator[Callable[[], Any]]:
     assert not errors, errors
 
 
+def until(page: Any, expression: str) -> None:
+    """Wait for `expression` to hold in the page. Playwright's wait_for_function polls by
+    evaluating a string inside the page, which the page's own CSP refuses (no unsafe-eval);
+    page.evaluate goes through the debugger protocol, which the CSP does not govern."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"never true: {expression}"
+        page.wait_for_timeout(50)
+
+
 def shot(page: Any, tmp_path: Path, name: str) -> Path:
     """A screenshot kept with the test's artifacts (its tmp dir)."""
     path = tmp_path / "screenshots" / f"{name}.png"
@@ -136,7 +146,7 @@ def test_a_dropped_image_finishes_live_and_its_page_draws_its_boxes(
     jobs.click(f"#jobs tr[data-job='{job_id}'] a")
     jobs.wait_for_url(f"**/jobs/{job_id}")
     jobs.wait_for_selector("#figure svg.boxes")
-    jobs.wait_for_function("document.getElementById('frame').naturalWidth > 0")
+    until(jobs, "document.getElementById('frame').naturalWidth > 0")
     drawn = jobs.locator("#figure svg.boxes g.detection")
     assert drawn.count() == len(detections)
     assert jobs.locator("#figure svg.boxes g.detection rect").count() == len(detections)
@@ -440,6 +450,6 @@ def test_a_redacting_jobs_image_appears_once_its_redacted_copy_exists(
     assert page.get_attribute("#frame", "src") is None
     gate.release.set()
     page.wait_for_selector(".job[data-status='succeeded']")
-    page.wait_for_function("document.getElementById('frame').src.startsWith('blob:')")
+    until(page, "document.getElementById('frame').src.startsWith('blob:')")
     assert page.locator("#downloads button", has_text="Redacted image").count() == 1
     assert page.locator("#downloads button", has_text="Original").count() == 0
