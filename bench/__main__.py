@@ -25,6 +25,7 @@ REGISTRY = {
     "events": "bench.events_bench",
     "model_host": "bench.model_host_bench",
     "overhead": "bench.overhead_bench",
+    "postgres": "bench.postgres_bench",  # starts a throwaway PostgreSQL server
     "two_server": "bench.two_server_bench",
     "multiquery": "bench.multiquery_bench",
     "tiles": "bench.tiles_bench",

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +27,7 @@ from service.api import followups as followups_api
 from service.api import health, history, inbox, jobs, pages
 from service.api import metrics as metrics_api
 from service.api import models as models_api
+from service.api import nodes as nodes_api
 from service.api import profiles as profiles_api
 from service.api.guard import BrowserGuard
 from service.api.metrics import RequestMetrics
@@ -35,25 +36,29 @@ from service.diskspace import is_disk_full, watch
 from service.errors import AipError, DiskFull, PayloadTooLarge, StartupRefused
 from service.events import EventBus
 from service.followups import FollowUps
-from service.inbox.lock import InboxLock
+from service.inbox.lock import InboxLock, shared_inbox_lock
 from service.inbox.watcher import InboxWatcher
 from service.leftovers import remove_unfinished_images
 from service.metrics import Metrics
 from service.models.host import ModelHost
+from service.nodes import NodeHeartbeat
 from service.periodic import every
 from service.private import enter_private_umask, leave_private_umask, tighten
 from service.profiles import BUILTINS
 from service.services import Services
 from service.store import followups as followup_store
+from service.store.backend import Store, open_store
+from service.store.files import StoredFiles
 from service.store.ledger import Ledger
-from service.store.migrate import migrate
 from service.store.profiles import Profiles
 from service.store.queue import Queue
 from service.store.reads import Reads
 from service.store.retention import prune
-from service.store.sqlite import read_engine
 from service.webhooks import Webhooks
 from service.worker import Worker
+
+if TYPE_CHECKING:
+    from service.store.postgres.advisory import AdvisoryLock
 
 log = logging.getLogger("aip")
 
@@ -228,6 +233,8 @@ async def _expire_leases(queue: Queue) -> None:
         return
     if requeued or failed:
         log.warning("expired leases: %d jobs queued again, %d failed", requeued, failed)
+    if not queue.sole_owner and await followup_store.recover(queue, expired_only=True):
+        log.warning("expired leases: follow-up questions of a lost node queued again")
 
 
 async def _apply_retention(queue: Queue, settings: Settings, age: float) -> None:
@@ -236,6 +243,7 @@ async def _apply_retention(queue: Queue, settings: Settings, age: float) -> None
         settings.data_dir,
         older_than_seconds=age,
         keep_results=settings.retention_keep_results,
+        files=StoredFiles.of(settings, queue),
     )
     if report.images_removed or report.jobs_removed:
         log.info("retention %s: %s", settings.retention, report.to_dict())
@@ -255,19 +263,35 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         models = host or ModelHost.from_settings(settings)
         bus = EventBus()
         metrics.watch(bus, models)
+        store: Store | None = None
         queue: Queue | None = None
         reads: Reads | None = None
         asked: FollowUps | None = None
         hooks: Webhooks | None = None
+        node: NodeHeartbeat | None = None
+        # A worker node (`aip worker`) watches no inbox; on PostgreSQL, whether this node
+        # watches is settled once the store is open (shared_inbox_lock below).
+        watch_inbox = settings.inbox_enabled and settings.serve_api
+        shared_inbox: AdvisoryLock | None = None
         try:
-            if settings.inbox_enabled:
+            if watch_inbox and settings.database_url is None:
                 inbox_lock.acquire()
             await asyncio.to_thread(tighten, settings)
             await asyncio.to_thread(remove_unfinished_images, settings.images_dir)
-            applied = await asyncio.to_thread(migrate, settings.database)
-            if applied:
-                log.info("database %s migrated to %s", settings.database, applied[-1])
-            queue = await Queue.open(settings.database)
+            store = await open_store(settings)
+            queue = store.queue
+            if watch_inbox and store.url is not None:
+                # Nodes started from one configuration share an inbox path: one watches it,
+                # the others serve without it rather than refuse to start.
+                shared_inbox = shared_inbox_lock(store.url, settings.inbox_dir)
+                if await asyncio.to_thread(shared_inbox.acquire):
+                    inbox_lock.acquire()  # a service on another store may watch it too
+                else:
+                    log.warning(
+                        "not watching %s: another node on this database watches it",
+                        settings.inbox_dir,
+                    )
+                    watch_inbox = False
             requeued, failed = await queue.recover(expired_only=False)
             if requeued or failed:
                 log.warning(
@@ -277,31 +301,63 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                     requeued,
                     failed,
                 )
-            reads = Reads(read_engine(settings.database))
+            reads = store.reads
             profiles = Profiles(queue, reads)
             for name in await profiles.seed(BUILTINS):
                 log.warning("profile %r is yours: the shipped one is not installed", name)
-            if await followup_store.recover(queue):
+            if await followup_store.recover(queue, expired_only=False):
                 log.warning("follow-up questions interrupted by the last stop are queued again")
-            asked = app.state.followups = FollowUps(settings, queue, models, reads)
+            asked = app.state.followups = FollowUps(
+                settings, queue, models, reads, files=store.files
+            )
             asked.start()
             # Started before the worker: what the last run left pending goes out first.
-            hooks = app.state.webhooks = Webhooks(settings, queue, reads, events=bus)
-            hooks.start()
+            # API nodes only, and on PostgreSQL one of them at a time (the sender lock): a
+            # delivery is read as due, not claimed, so two senders would send it twice.
+            if settings.serve_api:
+                sender_lock = None
+                if store.url is not None:
+                    from service.store.postgres.advisory import AdvisoryLock, lock_key
+
+                    sender_lock = AdvisoryLock(store.url, lock_key("aip webhook sender"))
+                hooks = app.state.webhooks = Webhooks(
+                    settings, queue, reads, events=bus, sender_lock=sender_lock
+                )
+                hooks.start()
             models.events = bus
-            worker = Worker(settings, queue, models, bus)
+            worker = Worker(settings, queue, models, bus, files=store.files)
+            store.on_job_queued(worker.notify)
             watcher = None
-            if settings.inbox_enabled:
-                watcher = InboxWatcher(settings, Ledger(queue), worker.notify, profiles, bus)
+            if watch_inbox:
+                watcher = InboxWatcher(
+                    settings, Ledger(queue), worker.notify, profiles, bus, files=store.files
+                )
             app.state.services = Services(
-                settings, queue, reads, models, worker, started, profiles, watcher, events=bus
+                settings,
+                queue,
+                reads,
+                models,
+                worker,
+                started,
+                profiles,
+                watcher,
+                events=bus,
+                stored_files=store.files,
             )
             log.info(
                 "aip %s started on %s; queue %s",
                 __version__,
-                settings.database,
+                store.where,
                 await queue.counts(),
             )
+            node = NodeHeartbeat(
+                queue,
+                worker,
+                models,
+                role="serve" if settings.serve_api else "worker",
+                profiles=settings.worker_profiles,
+            )
+            await node.start()
             if models.ready:
                 worker.start()
             else:
@@ -309,7 +365,8 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             tasks.append(
                 asyncio.create_task(
                     every(
-                        settings.lease_seconds,
+                        # A killed node's job is back in the queue within its lease time.
+                        max(settings.lease_seconds / 4, 0.25),
                         lambda: _expire_leases(queue),
                         what="the lease check",
                         log=log,
@@ -317,7 +374,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 )
             )
             tasks.append(asyncio.create_task(models.keep_alive()))
-            if settings.retention:
+            if settings.retention and settings.serve_api:  # one sweep per API node suffices
                 age = parse_age(settings.retention)
                 # The configured policy, applied at start and then hourly.
                 retention = every(
@@ -347,15 +404,17 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if node is not None:  # after the worker: it ran its last job
+                await node.stop()
             if hooks is not None:
                 await hooks.stop()
-            if reads is not None:
-                await reads.close()
-            if queue is not None:
-                await queue.close()
+            if store is not None:
+                await store.close()
             if owned_host:
                 await models.close()
             inbox_lock.release()
+            if shared_inbox is not None:
+                shared_inbox.release()
             lock.release()
 
     app = FastAPI(
@@ -384,6 +443,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(inbox.router, prefix="/v1")
     app.include_router(models_api.router, prefix="/v1")
+    app.include_router(nodes_api.router, prefix="/v1")
     app.include_router(history.router, prefix="/v1")
     app.include_router(followups_api.router, prefix="/v1")
     app.include_router(profiles_api.router, prefix="/v1")

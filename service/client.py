@@ -34,6 +34,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     try:
         return Settings.from_env(
             data_dir=getattr(args, "data_dir", None),
+            database_url=getattr(args, "database", None),
+            image_store=getattr(args, "image_store", None),
             inbox=getattr(args, "inbox", None),
             host=getattr(args, "host", None),
             port=getattr(args, "port", None),
@@ -44,6 +46,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         )
     except ValueError as exc:
         raise ClientError(str(exc), exit_code=2) from None
+
+
+def database_url(text: str) -> str:
+    """argparse type for --database: a usage error for anything but a PostgreSQL URL."""
+    try:
+        return config.database_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def port_number(text: str) -> int:

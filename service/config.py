@@ -101,6 +101,15 @@ def port_number(value: str | int) -> int:
 MAX_WEBHOOK_URL = 2000
 
 
+def database_url(value: str) -> str:
+    """A PostgreSQL URL (postgresql://user@host:port/name); unset means the SQLite file."""
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            "give a postgresql://user@host:port/database URL (unset: the embedded SQLite file)"
+        )
+    return value
+
+
 def webhook_url(value: str) -> str:
     """A URL finished jobs are POSTed to: http or https, with a host, at most MAX_WEBHOOK_URL
     characters, no spaces or control characters; the one check a setting, a profile, a
@@ -183,6 +192,9 @@ def _batch(value: str) -> int | str:
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_DATA_DIR": ("data_dir", _path),
     "AIP_DB": ("db_path", _path),
+    "AIP_DATABASE_URL": ("database_url", database_url),
+    "AIP_IMAGE_STORE": ("image_store", _path),
+    "AIP_WORKER_PROFILES": ("worker_profiles", lambda v: _split_list(v, ",")),
     "AIP_INBOX": ("inbox", _path),
     "AIP_LOG_DIR": ("log_dir", _path),
     "AIP_DETECTOR": ("detector", str),
@@ -232,6 +244,13 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     db_path: Path | None = None  # defaults to data_dir / "aip.db"
+    # PostgreSQL shared by every node; None: the embedded SQLite file (db_path).
+    database_url: str | None = field(default=None, repr=False)
+    # With PostgreSQL: a folder every node mounts for stored files, instead of the database.
+    image_store: Path | None = None
+    # The profiles this node's worker takes jobs of (NO_PROFILE: jobs without one); (): all.
+    worker_profiles: tuple[str, ...] = ()
+    serve_api: bool = True  # False: a worker node (`aip worker`), no API and no inbox
     inbox: Path | None = None  # defaults to data_dir / "inbox"
     log_dir: Path | None = None  # defaults to default_log_dir(data_dir)
     log_stderr: bool = True  # off under launchd, whose stderr file is never rotated
@@ -290,6 +309,8 @@ class Settings:
             parse_age(self.retention)  # a bad policy stops start-up before anything runs
         if self.webhook_url is not None:
             webhook_url(self.webhook_url)
+        if self.database_url is not None:
+            database_url(self.database_url)
         for name in ("detect_max_tokens", "reason_max_tokens"):
             if not 1 <= getattr(self, name) <= MAX_GENERATED_TOKENS:
                 raise ValueError(

@@ -18,9 +18,11 @@ from service.errors import JobFailure
 from service.grounding import grounded_prompt
 from service.intake import open_for_models
 from service.models.host import ModelHost
+from service.nodes import new_node_id
 from service.params import JobParams
 from service.policy import classify
 from service.store import followups as store
+from service.store.files import StoredFiles
 from service.store.queue import Queue
 from service.store.reads import Reads
 
@@ -56,11 +58,23 @@ def answer(
 class FollowUps:
     """The loop, and the one event its waiters watch: set when a follow-up ends."""
 
-    def __init__(self, settings: Settings, queue: Queue, host: ModelHost, reads: Reads) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        host: ModelHost,
+        reads: Reads,
+        *,
+        files: StoredFiles | None = None,
+    ) -> None:
         self.settings = settings
         self.queue = queue
+        self.files = files or StoredFiles.of(settings, queue)
         self.host = host
         self.reads = reads
+        self.owner = new_node_id()  # whose lease a claimed follow-up carries
+        # No heartbeat: an answer holds its follow-up for as long as a job may run.
+        self.lease_seconds = settings.job_timeout_seconds + settings.lease_seconds
         self.current: tuple[int, int] | None = None  # (job id, n) being answered
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()
@@ -109,7 +123,7 @@ class FollowUps:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         if running is not None:
-            await store.release(self.queue, *running)
+            await store.release(self.queue, *running, self.owner)
             log.warning("follow-up %s/%s put back: answered at the next start", *running)
             self._announce_end()
 
@@ -122,7 +136,11 @@ class FollowUps:
             self._wake.clear()
             try:
                 # A read first: an idle service takes no write transaction to find nothing.
-                ask = await store.claim(self.queue) if await self.reads.run(store.pending) else None
+                ask = (
+                    await store.claim(self.queue, self.owner, self.lease_seconds)
+                    if await self.reads.run(store.pending)
+                    else None
+                )
             except Exception:
                 log.exception("claiming a follow-up failed")
                 await self._sleep(1.0)
@@ -143,7 +161,7 @@ class FollowUps:
         for path in (ask.image_path, ask.redacted_path):
             if path:
                 with contextlib.suppress(FileNotFoundError):
-                    return open_for_models(self.settings.data_dir, path)
+                    return open_for_models(self.files.root, path)
         raise JobFailure(
             "input_missing",
             "the job's stored image is gone from the data directory (retention)",
@@ -155,6 +173,11 @@ class FollowUps:
         served: dict[str, Any] = {}
         began = time.perf_counter()
         try:
+            for path in (ask.image_path, ask.redacted_path):  # another node may have them
+                if path:
+                    with contextlib.suppress(FileNotFoundError):
+                        await self.files.local(path)
+                        break
             image, size = await asyncio.to_thread(self._image, ask)
             timings["decode"] = (time.perf_counter() - began) * 1000
             prompt = job_prompt(ask, size)
@@ -175,8 +198,8 @@ class FollowUps:
             )
             await store.fail(
                 self.queue,
-                ask.job_id,
-                ask.n,
+                ask,
+                self.owner,
                 failure.code,
                 failure.message,
                 timings,
@@ -184,7 +207,13 @@ class FollowUps:
             )
             return
         timings["total"] = (time.perf_counter() - began) * 1000
-        await store.finish(self.queue, ask.job_id, ask.n, text, timings, served.get("reasoner"))
+        if not await store.finish(
+            self.queue, ask, self.owner, text, timings, served.get("reasoner")
+        ):
+            log.warning(
+                "follow-up %s/%s: answered after another node took it over", ask.job_id, ask.n
+            )
+            return
         log.info("follow-up %s/%s answered in %.0f ms", ask.job_id, ask.n, timings["total"])
 
     async def _sleep(self, seconds: float) -> None:

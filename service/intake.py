@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from service.atomic import write_atomically
+from service.atomic import write_once
 from service.decode import FORMATS, decode
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.store.queue import ImageRecord
@@ -169,10 +168,7 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageRecord:
 def store_image(data: bytes, record: ImageRecord, data_dir: Path) -> Path:
     """Write once, named by content; atomic so a crash never leaves a partial file."""
     target = data_dir / record.path
-    if target.exists() and target.stat().st_size == record.bytes:
-        os.utime(target)  # fresh mtime: a retention run in progress will leave it alone
-        return target
-    write_atomically(target, lambda out: out.write(data))
+    write_once(target, data)
     return target
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from pathlib import Path
 
 from PIL import Image
 
 from service.intake import open_for_models
+from service.store.db import Db
+from service.store.files import StoredFiles
 from service.store.queue import Queue
 
 log = logging.getLogger("aip.worker")
@@ -19,7 +20,7 @@ log = logging.getLogger("aip.worker")
 Decoded = tuple[Image.Image, tuple[int, int]]
 
 
-def next_queued_image(db: sqlite3.Connection) -> str | None:
+def next_queued_image(db: Db) -> str | None:
     """The stored image of the queued job a claim takes next, in the claim's own order (a job
     waiting out a retry backoff sorts after those runnable now, as its `run_after` is later)."""
     row = db.execute(
@@ -37,9 +38,10 @@ class Prefetch:
     heartbeats and cancels stay with claims alone: the next job is claimed only when it is
     about to run, so nothing here can hold a job or leave one half-started."""
 
-    def __init__(self, data_dir: Path, queue: Queue) -> None:
+    def __init__(self, data_dir: Path, queue: Queue, files: StoredFiles | None = None) -> None:
         self.data_dir = data_dir
         self.queue = queue
+        self.files = files  # fetches an image another node stored; None: local files only
         self.hits = 0
         self.misses = 0
         self._path: str | None = None
@@ -67,6 +69,11 @@ class Prefetch:
                 return
         if path is None or path == self._path:
             return
+        if self.files is not None:
+            try:
+                await self.files.local(path)
+            except Exception:  # optional work: the claim fetches it (or fails the job) instead
+                return
         self._path = path
         loop = asyncio.get_running_loop()
         decoding = loop.run_in_executor(None, open_for_models, self.data_dir, path)
@@ -91,6 +98,8 @@ class Prefetch:
             self.hits += 1
             return await decoding
         self.misses += 1
+        if self.files is not None:
+            await self.files.local(path)  # FileNotFoundError when it is stored nowhere
         return await asyncio.to_thread(open_for_models, self.data_dir, path)
 
     def close(self) -> None:

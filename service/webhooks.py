@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -27,6 +27,9 @@ from service.policy import backoff_seconds
 from service.store import webhooks as store
 from service.store.queue import Queue
 from service.store.reads import Reads
+
+if TYPE_CHECKING:
+    from service.store.postgres.advisory import AdvisoryLock
 
 log = logging.getLogger("aip.webhooks")
 
@@ -71,8 +74,12 @@ class Webhooks:
         events: EventBus | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
+        sender_lock: AdvisoryLock | None = None,
     ) -> None:
+        """`sender_lock`: nodes sharing a PostgreSQL database send through whichever holds it,
+        so no delivery goes out twice at once."""
         self.settings = settings
+        self._sender_lock = sender_lock
         self._queue = queue
         self._reads = reads
         self._events = events
@@ -125,6 +132,8 @@ class Webhooks:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         await self._client.aclose()
+        if self._sender_lock is not None:
+            await asyncio.to_thread(self._sender_lock.release)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -141,10 +150,12 @@ class Webhooks:
 
     async def _dispatch(self) -> float:
         """Start sending what is due and there is room for; returns how long to sleep."""
+        poll = self.settings.poll_interval_seconds
+        if self._sender_lock is not None and not await asyncio.to_thread(self._sender_lock.acquire):
+            return poll  # another node sends them
         now = self._clock()
         self._resting = {k: t for k, t in self._resting.items() if t > now}
         room = MAX_IN_FLIGHT - len(self._sending)
-        poll = self.settings.poll_interval_seconds
         if room <= 0:
             return poll  # a send finishing wakes the loop sooner
         busy = {*self._sending, *self._resting}

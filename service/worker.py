@@ -8,11 +8,8 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +21,12 @@ from service.errors import DiskFull, JobFailure
 from service.events import EventBus
 from service.intake import open_stored
 from service.models.host import ModelHost
+from service.nodes import new_node_id
 from service.params import JobParams
 from service.pipeline import Analysis, BatchItem, ReasonMany, analyse, analyse_many
 from service.policy import backoff_seconds, classify, pause_seconds
 from service.prefetch import Decoded, Prefetch
+from service.store.files import StoredFiles
 from service.store.queue import Claim, ClaimNext, Outcome, Queue
 from service.store.retention import drop_original
 
@@ -85,13 +84,20 @@ class _Run:
 
 class Worker:
     def __init__(
-        self, settings: Settings, queue: Queue, host: ModelHost, events: EventBus | None = None
+        self,
+        settings: Settings,
+        queue: Queue,
+        host: ModelHost,
+        events: EventBus | None = None,
+        *,
+        files: StoredFiles | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.host = host
         self.events = events or EventBus()
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.id = new_node_id()  # the node's id (service/nodes.py) is its leases' owner
+        self.jobs_done = 0  # attempts this worker ran to an end, for GET /v1/nodes
         self.current: Claim | None = None  # the running job (a batch's first)
         self.running: dict[int, _Run] = {}  # every running job, by id
         self.stage: str | None = None  # what the current job is doing, for `aip submit --wait`
@@ -107,7 +113,8 @@ class Worker:
         self._pause_for_disk = False
         self._claim_errors = 0
         self._claim_error_logged = float("-inf")
-        self.prefetch = Prefetch(settings.data_dir, queue)
+        self.files = files or StoredFiles.of(settings, queue)
+        self.prefetch = Prefetch(self.files.root, queue, self.files)
 
     @property
     def _stop_flag(self) -> threading.Event:
@@ -153,7 +160,10 @@ class Worker:
             if following is None and self.batch > 1 and not self._pause_for_disk:
                 try:
                     claims = await self.queue.claim_many(
-                        self.id, self.settings.lease_seconds, self.batch
+                        self.id,
+                        self.settings.lease_seconds,
+                        self.batch,
+                        profiles=self.settings.worker_profiles,
                     )
                 except DiskFull:
                     self._disk_full()
@@ -177,7 +187,11 @@ class Worker:
                     await self._wait_for_space(pause_seconds(self._disk_strikes))
                     continue
                 try:
-                    claim = await self.queue.claim(self.id, self.settings.lease_seconds)
+                    claim = await self.queue.claim(
+                        self.id,
+                        self.settings.lease_seconds,
+                        profiles=self.settings.worker_profiles,
+                    )
                 except DiskFull:  # said by the queue, at most once a minute
                     self._disk_full()
                     continue
@@ -211,7 +225,7 @@ class Worker:
         pausing for a full disk, else the next job, saving the separate claim's commit."""
         if self._stopping or self._pause_for_disk or self.batch > 1:
             return None  # a batch worker claims its next jobs together, in one commit
-        return ClaimNext(self.id, self.settings.lease_seconds)
+        return ClaimNext(self.id, self.settings.lease_seconds, self.settings.worker_profiles)
 
     def _disk_full(self) -> None:
         self._disk_strikes += 1
@@ -253,9 +267,9 @@ class Worker:
 
     async def _sleep(self) -> None:
         timeout = self.settings.poll_interval_seconds
-        next_at = await self.queue.next_run_after()
-        if next_at is not None:
-            timeout = min(timeout, max(next_at - time.time(), 0.0))
+        wait = await self.queue.seconds_until_runnable()
+        if wait is not None:
+            timeout = min(timeout, max(wait, 0.0))
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
@@ -377,7 +391,7 @@ class Worker:
 
     def _frame(self, claim: Claim) -> Callable[[], Image.Image]:
         """The job's image at full size, decoded when tiled detection asks for it."""
-        return lambda: open_stored(self.settings.data_dir, claim.image_path)
+        return lambda: open_stored(self.files.root, claim.image_path)
 
     async def _decode(self, claim: Claim, timings: dict[str, float]) -> Decoded:
         self._set_stage(claim, "decode")
@@ -409,6 +423,8 @@ class Worker:
     ) -> Claim | None:
         """Record how the attempt ended (fenced: a lost lease writes nothing); returns the job
         claimed in the same commit, if any."""
+        if not (isinstance(result, StopJob) and result.why == "shutdown"):
+            self.jobs_done += 1
         if isinstance(result, StopJob):
             return await self._stopped(claim, result, timings, models)
         if isinstance(result, BaseException):
@@ -434,13 +450,15 @@ class Worker:
         if params.redact:
             self._set_stage(claim, "redact")
             try:
+                await self.files.local(claim.image_path)
                 redacted = await asyncio.to_thread(
                     redact.write_copy,
-                    self.settings.data_dir,
+                    self.files.root,
                     claim.image_path,
                     claim.job_id,
                     redact.regions(result.detections, params.redact),
                 )
+                await self.files.share(redacted)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise DiskFull(str(exc)) from exc
@@ -472,7 +490,9 @@ class Worker:
         )
         if done and redacted is not None and not params.keep_original:
             try:
-                await drop_original(self.queue, self.settings.data_dir, claim.job_id)
+                await drop_original(
+                    self.queue, self.settings.data_dir, claim.job_id, files=self.files
+                )
             except Exception:  # kept a while longer: retention or the next job removes it
                 log.exception("job %s: removing the unredacted original failed", claim.job_id)
         if done:

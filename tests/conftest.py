@@ -250,6 +250,64 @@ def serve(model_host: ModelHost) -> Iterator[Callable[..., RunningService]]:
             service.stop()
 
 
+PG_TEMPLATE = "aip_template"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the run, holding one migrated template database
+    (PG_TEMPLATE) that `pg_url` clones. Skipped without server binaries; with CI set, fails."""
+    from tests.postgres_server import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        how = (
+            "PostgreSQL tests: install PostgreSQL 15 server binaries (Debian: apt-get install "
+            "postgresql-15) or set AIP_PG_BIN to their folder"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: {how}")
+        pytest.skip(how)
+    from service.store.postgres.migrate import migrate as migrate_postgres
+
+    server = PostgresServer(bindir)
+    try:
+        with psycopg_connect(server.url()) as conn:
+            conn.execute(f"CREATE DATABASE {PG_TEMPLATE}")
+        migrate_postgres(server.url(PG_TEMPLATE))
+        yield server
+    finally:
+        server.stop()
+
+
+def psycopg_connect(url: str) -> Any:
+    """An autocommit psycopg connection (imported here: only PostgreSQL tests need it)."""
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True)
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """A fresh, migrated, empty database for one test (a copy of the template: fast)."""
+    return str(postgres.create_database(template=PG_TEMPLATE))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None (the embedded SQLite file) or a fresh, migrated PostgreSQL database: a test that
+    takes it runs against both store backends (`make_settings(..., database_url=...)`)."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def pg_empty_url(postgres: Any) -> str:
+    """A fresh database with no schema at all, for tests of migrating itself."""
+    return str(postgres.create_database())
+
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -22,8 +22,9 @@ Serve = Callable[..., RunningService]
 
 
 def test_submit_poll_succeeds_with_detections_reasoning_timings_and_models(
-    settings: Settings, serve: Serve
+    tmp_path: Path, serve: Serve, database_url: str | None
 ) -> None:
+    settings = make_settings(tmp_path, database_url=database_url)
     service = serve(settings)
     response = service.submit(make_image(320, 240), queries="car, person", prompt="What is here?")
     assert response.status_code == 202, response.text

@@ -145,3 +145,31 @@ def test_two_server_memory_counts_a_process_and_its_children() -> None:
         assert parent.stdin is not None
         parent.stdin.close()
         parent.wait(timeout=30)
+
+
+def test_postgres_bench_loops_drain_one_queue_from_two_processes(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The PostgreSQL benchmark's candidates (PgQueue, raw psycopg, raw asyncpg), each in two
+    spawned processes on one real server: every job ends succeeded, with one attempt and one
+    result, none taken twice."""
+    import psycopg
+
+    from bench.postgres_bench import Pool, _enqueue
+
+    pool = Pool(2)
+    try:
+        for kind in ("ours", "psycopg", "asyncpg"):
+            _enqueue(pg_url, 30, kind)
+            done, span = pool.drain(kind, pg_url, tmp_path, workers=2)
+            assert done == 30 and span > 0, kind
+    finally:
+        pool.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall() == [
+            ("succeeded", 90)
+        ]
+        assert conn.execute("SELECT count(*) FROM results").fetchone() == (90,)
+        attempts = "SELECT count(*), count(DISTINCT job_id) FROM job_attempts"
+        assert conn.execute(attempts).fetchone() == (90, 90)
+        assert conn.execute(attempts + " WHERE outcome = 'succeeded'").fetchone() == (90, 90)

@@ -104,9 +104,9 @@ def finished_job(service: RunningService, **data: Any) -> dict[str, Any]:
 
 
 def test_a_follow_up_is_answered_stored_shown_and_searchable(
-    settings: Settings, serve: Serve
+    tmp_path: Path, serve: Serve, database_url: str | None
 ) -> None:
-    service = serve(settings)
+    service = serve(make_settings(tmp_path, database_url=database_url))
     job = finished_job(service)
     asked = service.client.post(
         f"/v1/jobs/{job['id']}/ask?wait=60",
@@ -292,8 +292,8 @@ def test_waiting_reads_through_the_read_pool_and_the_loop_claims_only_what_is_qu
     claimed: list[Any] = []
     real_claim = followup_store.claim
 
-    async def counted(queue: Queue) -> Any:
-        claimed.append(await real_claim(queue))
+    async def counted(queue: Queue, *lease: Any) -> Any:
+        claimed.append(await real_claim(queue, *lease))
         return claimed[-1]
 
     monkeypatch.setattr(followup_store, "claim", counted)
@@ -320,10 +320,10 @@ def test_waiting_reads_through_the_read_pool_and_the_loop_claims_only_what_is_qu
 
 
 def test_follow_ups_per_job_are_capped(
-    settings: Settings, serve: Serve, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch, database_url: str | None
 ) -> None:
     monkeypatch.setattr(FollowUps, "start", lambda self: None)  # nothing answers: all wait
-    service = serve(settings)
+    service = serve(make_settings(tmp_path, database_url=database_url))
     job = finished_job(service)
 
     def ask() -> Any:

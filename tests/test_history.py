@@ -20,7 +20,8 @@ from PIL import Image, ImageChops
 from pycocotools.coco import COCO
 
 from service.config import Settings
-from tests.conftest import RunningService, make_image
+from service.store.postgres.connection import PgConnection
+from tests.conftest import RunningService, make_image, make_settings
 
 Serve = Callable[..., RunningService]
 DAY = 86400.0
@@ -43,9 +44,18 @@ class Seed:
 WORDS = ["flooding", "tractor", "erosion", "roof damage", "clear skies", "debris"]
 
 
-def seed(db_path: Path, n: int, rand: random.Random, start_id: int = 10_000) -> list[Seed]:
+def open_db(settings: Settings) -> Any:
+    """The service's database, outside the service, in autocommit: its SQLite file, or its
+    PostgreSQL database (which takes the same SQL, `?` placeholders included)."""
+    if settings.database_url is not None:
+        return PgConnection(settings.database_url)
+    return sqlite3.connect(settings.database, isolation_level=None)
+
+
+def seed(settings: Settings, n: int, rand: random.Random, start_id: int = 10_000) -> list[Seed]:
     """Rows written straight into the database, the way the queue writes them."""
-    db = sqlite3.connect(db_path)
+    db = open_db(settings)
+    db.execute("BEGIN")
     seeds = []
     for k in range(n):
         job_id = start_id + k
@@ -103,7 +113,7 @@ def seed(db_path: Path, n: int, rand: random.Random, start_id: int = 10_000) -> 
                 [(job_id, i + 1, label) for i, label in enumerate(s.labels)],
             )
         seeds.append(s)
-    db.commit()
+    db.execute("COMMIT")
     db.close()
     return seeds
 
@@ -122,9 +132,12 @@ def all_ids(service: RunningService, **params: Any) -> list[int]:
 
 
 @pytest.fixture
-def seeded(settings: Settings, serve: Serve) -> tuple[RunningService, list[Seed]]:
+def seeded(
+    tmp_path: Path, serve: Serve, database_url: str | None
+) -> tuple[RunningService, list[Seed]]:
+    settings = make_settings(tmp_path, database_url=database_url)
     service = serve(settings)
-    return service, seed(settings.database, 300, random.Random(7))
+    return service, seed(settings, 300, random.Random(7))
 
 
 def test_each_filter_returns_exactly_the_expected_jobs(
@@ -227,7 +240,7 @@ def test_pagination_neither_skips_nor_repeats_while_jobs_arrive_and_finish(
             page = service.client.get("/v1/jobs", params=query).json()
             seen += [j["id"] for j in page["jobs"]]
             # New work lands between pages: newer created and newer finished times.
-            seed(service.settings.database, 3, random.Random(len(seen)), start_id=extra)
+            seed(service.settings, 3, random.Random(len(seen)), start_id=extra)
             extra += 3
             cursor = page["next_cursor"]
             if cursor is None:
@@ -262,9 +275,9 @@ def _gps_jpeg() -> bytes:
 
 
 def test_exports_read_back_by_reference_readers(
-    settings: Settings, serve: Serve, tmp_path: Path
+    serve: Serve, tmp_path: Path, database_url: str | None
 ) -> None:
-    service = serve(settings)
+    service = serve(make_settings(tmp_path, database_url=database_url))
     geo = service.wait(service.submit(_gps_jpeg(), queries="car, roof").json()["id"])
     plain = service.wait(service.submit(make_image(64, 48), queries="person").json()["id"])
     assert geo["status"] == plain["status"] == "succeeded"
@@ -321,24 +334,25 @@ def test_annotated_image_draws_the_boxes(settings: Settings, serve: Serve) -> No
     assert max(band[1] for band in edge.getextrema()) > 60, "the box edge is drawn"
 
 
-def test_prune_removes_what_it_says_and_nothing_else(settings: Settings, serve: Serve) -> None:
+def test_prune_removes_what_it_says_and_nothing_else(
+    tmp_path: Path, serve: Serve, database_url: str | None
+) -> None:
+    settings = make_settings(tmp_path, database_url=database_url)
     service = serve(settings)
     old = service.wait(service.submit(make_image(50, 50)).json()["id"])
     shared_old = service.wait(service.submit(make_image(51, 51)).json()["id"])
     shared_new = service.wait(service.submit(make_image(51, 51), queries="x").json()["id"])
-    db = sqlite3.connect(settings.database)
+    db = open_db(settings)
     long_ago = NOW - 40 * DAY
     db.execute(
         "UPDATE jobs SET created_at = ?, finished_at = ? WHERE id IN (?, ?)",
         (long_ago, long_ago, old["id"], shared_old["id"]),
     )
-    db.commit()
-    queued_old = seed(settings.database, 40, random.Random(3), start_id=50_000)
+    queued_old = seed(settings, 40, random.Random(3), start_id=50_000)
     pending = [s.id for s in queued_old if s.status == "queued"]
     db.execute(
         f"UPDATE jobs SET created_at = ? WHERE id IN ({','.join(map(str, pending))})", (long_ago,)
     )
-    db.commit()
     before = {r[0] for r in db.execute("SELECT id FROM jobs")}
     old_file = settings.data_dir / "images" / old["input"]["sha256"][:2]
 
@@ -363,28 +377,28 @@ def test_prune_removes_what_it_says_and_nothing_else(settings: Settings, serve: 
     assert after == before - {old["id"], shared_old["id"]}
     assert set(pending) <= after  # queued work is never touched
     assert service.client.get(f"/v1/jobs/{shared_new['id']}/image").status_code == 200
-    assert db.execute("SELECT count(*) FROM results WHERE job_id = ?", (old["id"],)).fetchone() == (
-        0,
-    )
-    hits = db.execute("SELECT rowid FROM jobs_fts WHERE rowid = ?", (old["id"],)).fetchall()
-    assert hits == []
+    gone = db.execute("SELECT count(*) FROM results WHERE job_id = ?", (old["id"],)).fetchone()
+    assert gone[0] == 0
+    search = "job_search WHERE job_id" if settings.database_url else "jobs_fts WHERE rowid"
+    assert db.execute(f"SELECT count(*) FROM {search} = ?", (old["id"],)).fetchone()[0] == 0
     assert service.client.post("/v1/prune", json={"older_than": "soon"}).status_code == 422
 
 
-def test_a_retention_policy_is_applied_by_the_service(tmp_path: Path, serve: Serve) -> None:
+def test_a_retention_policy_is_applied_by_the_service(
+    tmp_path: Path, serve: Serve, database_url: str | None
+) -> None:
     from service.store.migrate import migrate
-    from tests.conftest import make_settings
 
-    settings = make_settings(tmp_path, retention="30d")
-    migrate(settings.database)
-    seeds = seed(settings.database, 30, random.Random(11))
-    db = sqlite3.connect(settings.database)
+    settings = make_settings(tmp_path, retention="30d", database_url=database_url)
+    if database_url is None:
+        migrate(settings.database)  # the PostgreSQL database comes migrated
+    seeds = seed(settings, 30, random.Random(11))
+    db = open_db(settings)
     finished = [s.id for s in seeds if s.status != "queued"]
     db.execute(
         f"UPDATE jobs SET finished_at = ? WHERE id IN ({','.join(map(str, finished))})",
         (NOW - 31 * DAY,),
     )
-    db.commit()
     service = serve(settings)
 
     def remaining() -> set[int]:
@@ -429,13 +443,14 @@ def test_out_of_range_inputs_are_4xx_never_500(seeded: tuple[RunningService, lis
     assert response.status_code == 422
 
 
-def test_the_same_bytes_after_pruning_are_stored_again(settings: Settings, serve: Serve) -> None:
-    service = serve(settings)
+def test_the_same_bytes_after_pruning_are_stored_again(
+    tmp_path: Path, serve: Serve, database_url: str | None
+) -> None:
+    service = serve(make_settings(tmp_path, database_url=database_url))
     image = make_image(70, 70)
     first = service.wait(service.submit(image).json()["id"])
-    db = sqlite3.connect(settings.database)
+    db = open_db(service.settings)
     db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (NOW - 40 * DAY, first["id"]))
-    db.commit()
     pruned = service.client.post("/v1/prune", json={"older_than": "30d", "keep_results": True})
     assert pruned.json()["images_removed"] == 1
     assert service.client.get(f"/v1/jobs/{first['id']}/image").status_code == 410

@@ -25,13 +25,16 @@ from tests.conftest import (
     make_image,
     make_settings,
 )
+from tests.test_history import open_db
 
 
 def ledger(settings: Settings) -> list[tuple[str, str, int | None]]:
-    db = sqlite3.connect(settings.database)
-    return db.execute(
-        "SELECT relative_path, outcome, job_id FROM inbox_files ORDER BY id"
-    ).fetchall()
+    db = open_db(settings)
+    try:
+        rows = db.execute("SELECT relative_path, outcome, job_id FROM inbox_files ORDER BY id")
+        return [tuple(row) for row in rows.fetchall()]
+    finally:
+        db.close()
 
 
 def until(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
@@ -119,9 +122,9 @@ def test_a_burst_of_500_files_gives_500_jobs_and_no_duplicates(
 
 
 def test_same_content_under_two_names_is_one_job_and_one_duplicate(
-    inbox_service: Callable[..., RunningService],
+    inbox_service: Callable[..., RunningService], database_url: str | None
 ) -> None:
-    service = inbox_service()
+    service = inbox_service(database_url=database_url)
     inbox = service.settings.inbox_dir
     data = make_image(50, 50)
     (inbox / "a.jpg").write_bytes(data)
@@ -450,9 +453,9 @@ def test_two_services_cannot_watch_one_inbox(
 
 
 def test_a_duplicate_is_processed_again_through_the_api(
-    inbox_service: Callable[..., RunningService],
+    inbox_service: Callable[..., RunningService], database_url: str | None
 ) -> None:
-    service = inbox_service()
+    service = inbox_service(database_url=database_url)
     inbox = service.settings.inbox_dir
     data = make_image(54, 54)
     (inbox / "a.jpg").write_bytes(data)

@@ -226,8 +226,8 @@ def test_redaction_choices() -> None:
 # -- the HTTP routes --------------------------------------------------------------------------
 
 
-def test_routes(tmp_path: Path, serve: Serve) -> None:
-    service = serve(make_settings(tmp_path))
+def test_routes(tmp_path: Path, serve: Serve, database_url: str | None) -> None:
+    service = serve(make_settings(tmp_path, database_url=database_url))
     http = service.client
     listed = http.get("/v1/profiles").json()
     assert {p["name"] for p in listed["profiles"]} == set(BUILTINS)
@@ -383,10 +383,10 @@ def test_cli(tmp_path: Path, serve: Serve, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_jobs_take_the_named_profile_else_the_default(
-    tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch, database_url: str | None
 ) -> None:
     monkeypatch.setattr(Worker, "start", lambda self: None)  # jobs stay queued: no inference
-    service = serve(make_settings(tmp_path))
+    service = serve(make_settings(tmp_path, database_url=database_url))
     http = service.client
     harbour = {"params": {"queries": ["boat"], "prompt": "Boats?", "redact": ["person"]}}
     assert http.put("/v1/profiles/harbour", json=harbour).status_code == 201

@@ -319,9 +319,13 @@ def test_an_attempt_that_fails_is_retried_later_then_failed_past_the_window(
 
 
 def test_each_finished_job_reaches_the_receiver_once_signed(
-    tmp_path: Path, serve: Serve, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    serve: Serve,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str | None,
 ) -> None:
-    service = serve(make_settings(tmp_path, webhook_secret=SECRET))
+    service = serve(make_settings(tmp_path, webhook_secret=SECRET, database_url=database_url))
     http = service.client
     url = f"{receiver.url}/done"
     gate = gate_detector(service, monkeypatch)
@@ -354,9 +358,14 @@ def test_each_finished_job_reaches_the_receiver_once_signed(
 
 
 def test_a_failing_receiver_is_retried_until_it_answers(
-    tmp_path: Path, serve: Serve, receiver: Receiver
+    tmp_path: Path, serve: Serve, receiver: Receiver, database_url: str | None
 ) -> None:
-    settings = make_settings(tmp_path, webhook_secret=SECRET, webhook_retry_base_seconds=0.05)
+    settings = make_settings(
+        tmp_path,
+        webhook_secret=SECRET,
+        webhook_retry_base_seconds=0.05,
+        database_url=database_url,
+    )
     service = serve(settings)
     receiver.script["/flaky"] = [500, 503, 200]
     job_id = service.submit(webhook=f"{receiver.url}/flaky").json()["id"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from functools import partial
 from typing import Annotated, Any
 
@@ -79,8 +80,12 @@ async def annotated(request: Request, job_id: JobId) -> Response:
     job = await svc.reads.job(job_id)
     image_row = await svc.reads.image_of(job_id)
     # A job that redacts is drawn on its redacted copy, never on the original.
+    wanted = image_row.redacted_path if image_row.redact else image_row.path
+    if wanted is not None and (image_row.redact or image_row.pruned_at is None):
+        with contextlib.suppress(FileNotFoundError):  # said below, as for a local file
+            await svc.files.local(wanted)  # written by another node, perhaps
     copy = redacted_copy(
-        svc.settings.data_dir,
+        svc.files.root,
         job_id,
         image_row.redact,
         image_row.redacted_path,
@@ -92,7 +97,7 @@ async def annotated(request: Request, job_id: JobId) -> Response:
     detections = (job.get("result") or {}).get("detections") or []
 
     def render() -> bytes:
-        return to_jpeg(annotate(open_stored(svc.settings.data_dir, source), detections))
+        return to_jpeg(annotate(open_stored(svc.files.root, source), detections))
 
     try:
         return Response(await asyncio.to_thread(render), media_type="image/jpeg")
@@ -127,5 +132,6 @@ async def prune_history(request: Request, body: PruneRequest) -> Any:
         older_than_seconds=age,
         keep_results=body.keep_results,
         dry_run=body.dry_run,
+        files=svc.files,
     )
     return {"dry_run": body.dry_run, **report.to_dict()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ from service.api.filters import Sort, job_filter, takes_only
 from service.api.schemas import Job, JobId, JobPage, errors, refuse_unencodable, typed
 from service.confine import read_confined
 from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.intake import inspect_image, store_image
+from service.intake import inspect_image
 from service.jobspec import parse_options, resolve
 from service.params import TOKEN_LIMITS, token_limit
 from service.redact import redacted_copy
@@ -305,7 +306,7 @@ async def submit(
     max_attempts = _max_attempts(options["max_attempts"], settings.max_attempts)
     async with svc.intake_slots:
         record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
-        await asyncio.to_thread(store_image, data, record, settings.data_dir)
+        await svc.files.put(record.path, data)
     request_hash = hashlib.sha256(
         json.dumps([record.sha256, params.to_dict(), max_attempts]).encode()
     ).hexdigest()
@@ -412,12 +413,15 @@ async def retry_job(request: Request, job_id: JobId) -> Response:
 async def job_image(request: Request, job_id: JobId) -> FileResponse:
     svc = services(request)
     image = await svc.reads.image_of(job_id)
-    copy = redacted_copy(
-        svc.settings.data_dir, job_id, image.redact, image.redacted_path, image.job_status
-    )
+    files = svc.files
+    wanted = image.redacted_path if image.redact else image.path
+    if wanted is not None and (image.redact or image.pruned_at is None):
+        with contextlib.suppress(FileNotFoundError):  # said below, as for a local file
+            await files.local(wanted)  # written by another node, perhaps
+    copy = redacted_copy(files.root, job_id, image.redact, image.redacted_path, image.job_status)
     if copy is not None:
         return FileResponse(copy, media_type=_MEDIA["PNG" if copy.suffix == ".png" else "JPEG"])
-    path = svc.settings.data_dir / image.path
+    path = files.path(image.path)
     if image.pruned_at is not None or not path.is_file():
         raise Gone(
             f"job {job_id}'s stored image is no longer in the data directory", code="image_gone"

@@ -32,7 +32,7 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-cache",
 }
-PAGES = ("/", "/submit", "/models", "/inbox", "/stats", "/map")
+PAGES = ("/", "/submit", "/models", "/inbox", "/stats", "/map", "/nodes")
 # Misses under these are an API's, whatever the client accepts: they answer JSON.
 NOT_PAGES = ("/v1", "/static", "/metrics", "/docs", "/openapi.json")
 

@@ -378,6 +378,28 @@ class CpuBlas(Body):
     gflops: float | None = Field(None, description="float32 GEMM 256x256, null until measured")
 
 
+class Node(Body):
+    id: str = Field(description="host:pid:random; the owner on the leases it holds")
+    host: str
+    pid: int
+    role: Literal["serve", "worker"] = Field(description="serve: API (and worker); worker: no API")
+    state: Literal["alive", "lost", "stopped"] = Field(
+        description="lost: three heartbeats late, by the database's clock"
+    )
+    models: dict[str, ModelIdentity]
+    profiles: list[str] | None = Field(None, description="the profiles it takes; null: all")
+    current_job: int | None
+    jobs_done: int
+    started_at: str
+    last_heartbeat: str
+    stopped_at: str | None
+    seconds_since_heartbeat: float
+
+
+class NodeList(Body):
+    nodes: list[Node]
+
+
 class Health(Body):
     """Without the token (when one is set), only `status`."""
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = sys.argv[1:] if argv is None else argv
         # Top-level options take no value, so the first other word is the command.
-        serving = next((a for a in args if not a.startswith("-")), None) == "serve"
+        serving = next((a for a in args if not a.startswith("-")), None) in ("serve", "worker")
         if serving:
             stop_during_startup()
         from service.cli.commands import run

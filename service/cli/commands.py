@@ -10,7 +10,17 @@ from collections.abc import Sequence
 from typing import cast
 
 from service import __version__, deploy
-from service.cli import followups, history, inbox, jobs, models, profiles, serve
+from service.cli import (
+    db,
+    followups,
+    history,
+    inbox,
+    jobs,
+    models,
+    profiles,
+    serve,
+    worker,
+)
 from service.client import ClientError
 
 
@@ -47,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
     )
     serve.register(commands)
+    worker.register(commands)
     jobs.register(commands)
     followups.register(commands)
     history.register(commands)
@@ -54,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     profiles.register(commands)
     models.register(commands)
     deploy.register(commands)
+    db.register(commands)
     return parser
 
 

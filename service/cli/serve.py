@@ -18,7 +18,7 @@ from service.cli.startup import (
     StartupError,
     listen_socket,
 )
-from service.client import port_number, settings_from
+from service.client import database_url, port_number, settings_from
 from service.config import Settings
 from service.errors import AipError
 from service.logs import configure_logging
@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Refused here, before the demo models are written into a directory in use; the
     # app's start-up takes both locks again for as long as it runs.
     probes: list[DataDirLock | InboxLock] = [DataDirLock(settings.data_dir)]
-    if settings.inbox_enabled:
+    if settings.inbox_enabled and settings.database_url is None:  # PostgreSQL: app.py
         probes.append(InboxLock(settings.inbox_dir, settings.data_dir))
     try:
         with contextlib.ExitStack() as held:
@@ -135,6 +135,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     serve.add_argument(
         "--data-dir", type=Path, help="database, stored images, demo checkpoints (AIP_DATA_DIR)"
+    )
+    serve.add_argument(
+        "--database",
+        type=database_url,
+        help="a PostgreSQL URL shared with other nodes (AIP_DATABASE_URL; default: the "
+        "embedded SQLite file in the data directory)",
+    )
+    serve.add_argument(
+        "--image-store",
+        type=Path,
+        help="with --database: a folder every node mounts for stored images, instead of the "
+        "database (AIP_IMAGE_STORE)",
     )
     serve.add_argument("--inbox", type=Path, help="the watched folder (AIP_INBOX)")
     serve.add_argument(

@@ -1,5 +1,6 @@
 """One inbox, one service: an exclusive lock on a hidden file inside the inbox, held while the
-service runs (the watcher ignores hidden files, so the lock never becomes a job)."""
+service runs (the watcher ignores hidden files, so the lock never becomes a job); among nodes
+sharing a PostgreSQL database, an advisory lock keyed by the folder's path as well."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.errors import StartupRefused
+
+if TYPE_CHECKING:
+    from service.store.postgres.advisory import AdvisoryLock
 
 log = logging.getLogger("aip.inbox")
 
@@ -77,3 +82,18 @@ def _describe(fd: int) -> str:
         return f"pid {int(holder['pid'])}, data directory {holder['data_dir']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "its pid is unknown"
+
+
+def advisory_key(inbox: Path) -> int:
+    """The PostgreSQL advisory lock key of an inbox folder: a hash of its resolved path, the
+    same on every node that mounts it at that path."""
+    from service.store.postgres.advisory import lock_key
+
+    return lock_key(f"aip inbox {inbox.resolve()}")
+
+
+def shared_inbox_lock(url: str, inbox: Path) -> AdvisoryLock:
+    """One inbox among nodes sharing a PostgreSQL database: held while this node watches."""
+    from service.store.postgres.advisory import AdvisoryLock
+
+    return AdvisoryLock(url, advisory_key(inbox))

@@ -12,8 +12,9 @@ from service.config import Settings
 from service.confine import read_confined
 from service.errors import AipError, Forbidden
 from service.inbox.rules import ParamsError, params_for, sidecar_of, unfiled_path
-from service.intake import inspect_image, store_image
+from service.intake import inspect_image
 from service.jobspec import Profiles, resolve
+from service.store.files import StoredFiles
 from service.store.ledger import FileSeen, Ledger
 
 
@@ -41,7 +42,11 @@ def _read(inbox: Path, raw: str, max_bytes: int) -> tuple[bytes, str, int]:
 
 
 async def reprocess_file(
-    settings: Settings, ledger: Ledger, raw: str, profiles: Profiles | None = None
+    settings: Settings,
+    ledger: Ledger,
+    raw: str,
+    profiles: Profiles | None = None,
+    files: StoredFiles | None = None,
 ) -> int:
     """Queue a new job for the inbox file `raw` even when its content was seen before; the
     job id. Folder configs apply from where the file was dropped, its sidecar from beside it."""
@@ -57,7 +62,7 @@ async def reprocess_file(
         raise AipError(str(exc), code="invalid_params") from None
     params = await resolve(found.given, found.folder, profiles, settings)
     image = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
-    await asyncio.to_thread(store_image, data, image, settings.data_dir)
+    await (files or StoredFiles(settings.data_dir)).put(image.path, data)
     entry = await ledger.accept(
         FileSeen(relative, len(data), mtime_ns),
         image,

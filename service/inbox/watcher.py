@@ -25,8 +25,9 @@ from service.inbox.filing import file_away, write_duplicate, write_error
 from service.inbox.repair import repair_unfiled
 from service.inbox.reprocess import reprocess_file
 from service.inbox.rules import ParamsError, ignored_folder, kind_of, params_for, sidecar_of
-from service.intake import inspect_image, store_image
+from service.intake import inspect_image
 from service.jobspec import Profiles, resolve
+from service.store.files import StoredFiles
 from service.store.ledger import Entry, FileSeen, Ledger
 
 log = logging.getLogger("aip.inbox")
@@ -61,6 +62,7 @@ class InboxWatcher:
     notify: Callable[[], None]
     profiles: Profiles | None = None  # named job parameters a folder or sidecar may choose
     events: EventBus = field(default_factory=EventBus)
+    files: StoredFiles | None = None  # where stored copies go; None: the data directory
     root: Path = field(init=False)
     mode: str = "starting"
     pending: dict[str, Pending] = field(default_factory=dict)
@@ -71,9 +73,11 @@ class InboxWatcher:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _rescan_now: asyncio.Event = field(default_factory=asyncio.Event)
     _early: EarlyReads = field(init=False)
+    _files: StoredFiles = field(init=False)
 
     def __post_init__(self) -> None:
         self.root = self.settings.inbox_dir.resolve()
+        self._files = self.files or StoredFiles(self.settings.data_dir)
         self._early = EarlyReads(self.settings.max_pixels)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -365,7 +369,7 @@ class InboxWatcher:
                 return False
             await self._reject(file, exc.code, exc.message)
             return True
-        await asyncio.to_thread(store_image, data, image, settings.data_dir)
+        await self._files.put(image.path, data)
         max_attempts = found.max_attempts or settings.max_attempts
         entry = await self.ledger.accept(
             file, image, params.to_dict(), max_attempts=max_attempts, reprocess=found.reprocess
@@ -435,7 +439,9 @@ class InboxWatcher:
     async def reprocess(self, raw_path: str) -> int:
         """A new job for the inbox file `raw_path` (filed or not), even for content seen
         before; the job id."""
-        job_id = await reprocess_file(self.settings, self.ledger, raw_path, self.profiles)
+        job_id = await reprocess_file(
+            self.settings, self.ledger, raw_path, self.profiles, self._files
+        )
         self.counts.reprocessed += 1
         self._created(raw_path, job_id)
         self.notify()

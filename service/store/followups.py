@@ -11,7 +11,6 @@ Every transition is one transaction on the queue's writer thread."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from service.errors import AipError, Conflict, NotFound
+from service.store.db import Db
+from service.store.dialect import skip_locked_sql
 from service.store.queue import Queue
 
 STATES = ("queued", "running", "succeeded", "failed")
@@ -49,11 +50,15 @@ class Ask:
     detections: list[tuple[str, float, float, float, float]]
     redacted_path: str | None = None  # the job's redacted copy, when it redacts
 
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.job_id, self.n
+
 
 async def ask(queue: Queue, job_id: int, question: str, max_tokens: int) -> int:
     """Record a question on a succeeded job; returns its number, once durable."""
 
-    def insert(db: sqlite3.Connection) -> int:
+    def insert(db: Db) -> int:
         row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} does not exist", code="job_not_found")
@@ -112,16 +117,21 @@ def read_one(conn: Connection, job_id: int, n: int) -> dict[str, Any]:
     return view(job_id, tuple(row))
 
 
-async def claim(queue: Queue) -> Ask | None:
-    """Take the oldest queued follow-up whose job still has its result, or None."""
+async def claim(queue: Queue, owner: str, lease_seconds: float) -> Ask | None:
+    """Take the oldest queued follow-up whose job still has its result, or None; `owner`
+    holds it for `lease_seconds` (no heartbeat: as long as an answer may take)."""
 
-    def take(db: sqlite3.Connection) -> Ask | None:
+    skip_locked = skip_locked_sql(queue.dialect)
+
+    def take(db: Db) -> Ask | None:
+        now = queue.now(db)
         row = db.execute(
-            "UPDATE followups SET status = 'running', started_at = ?"
-            " WHERE rowid = (SELECT rowid FROM followups WHERE status = 'queued'"
-            "                ORDER BY created_at, job_id, n LIMIT 1)"
+            "UPDATE followups SET status = 'running', started_at = ?, lease_owner = ?,"
+            " lease_until = ?"
+            " WHERE (job_id, n) = (SELECT job_id, n FROM followups WHERE status = 'queued'"
+            f"                     ORDER BY created_at, job_id, n LIMIT 1{skip_locked})"
             " RETURNING job_id, n, question, max_tokens",
-            (time.time(),),
+            (now, owner, now + lease_seconds),
         ).fetchone()
         if row is None:
             return None
@@ -157,60 +167,82 @@ def _identity(reasoner: dict[str, Any] | None) -> str | None:
     return json.dumps(reasoner) if reasoner else None
 
 
+# An attempt's end is written only while its owner still holds it: once another node queued
+# it again, a late answer is dropped.
+_HELD = " WHERE job_id = ? AND n = ? AND status = 'running' AND lease_owner = ?"
+_UNLEASED = "lease_owner = NULL, lease_until = NULL"
+
+
 async def finish(
     queue: Queue,
-    job_id: int,
-    n: int,
+    ask: Ask,
+    owner: str,
     answer: str,
     timings: dict[str, float],
     reasoner: dict[str, Any] | None = None,
-) -> None:
-    """`reasoner`: the identity of the model that answered (a job's `models.reasoner`)."""
-    await queue.write(
-        lambda db: db.execute(
-            "UPDATE followups SET status = 'succeeded', answer = ?, timings = ?, reasoner = ?,"
-            " finished_at = ? WHERE job_id = ? AND n = ? AND status = 'running'",
-            (answer, json.dumps(timings), _identity(reasoner), time.time(), job_id, n),
-        )
-    )
+) -> bool:
+    """`reasoner`: the identity of the model that answered (a job's `models.reasoner`).
+    False when `owner` no longer held it."""
+    ended = "status = 'succeeded', answer = ?"
+    return await _end(queue, ask, owner, ended, (answer,), timings, reasoner)
 
 
 async def fail(
     queue: Queue,
-    job_id: int,
-    n: int,
+    ask: Ask,
+    owner: str,
     code: str,
     message: str,
     timings: dict[str, float],
     reasoner: dict[str, Any] | None = None,
-) -> None:
-    await queue.write(
-        lambda db: db.execute(
-            "UPDATE followups SET status = 'failed', error_code = ?, error_message = ?,"
-            " timings = ?, reasoner = ?, finished_at = ? WHERE job_id = ? AND n = ?"
-            " AND status = 'running'",
-            (code, message, json.dumps(timings), _identity(reasoner), time.time(), job_id, n),
-        )
-    )
+) -> bool:
+    ended = "status = 'failed', error_code = ?, error_message = ?"
+    return await _end(queue, ask, owner, ended, (code, message), timings, reasoner)
 
 
-async def release(queue: Queue, job_id: int, n: int) -> None:
-    """At a stop: a follow-up still being answered is queued again, answered at the next start."""
-    await queue.write(
-        lambda db: db.execute(
-            "UPDATE followups SET status = 'queued', started_at = NULL"
-            " WHERE job_id = ? AND n = ? AND status = 'running'",
-            (job_id, n),
-        )
-    )
-
-
-async def recover(queue: Queue) -> int:
-    """At start: follow-ups a stopped service was answering are queued again."""
-
-    def requeue(db: sqlite3.Connection) -> int:
+async def _end(
+    queue: Queue,
+    ask: Ask,
+    owner: str,
+    ended: str,
+    values: tuple[Any, ...],
+    timings: dict[str, float],
+    reasoner: dict[str, Any] | None,
+) -> bool:
+    def write(db: Db) -> bool:
         cursor = db.execute(
-            "UPDATE followups SET status = 'queued', started_at = NULL WHERE status = 'running'"
+            f"UPDATE followups SET {ended}, timings = ?, reasoner = ?, finished_at = ?,"
+            f" {_UNLEASED}" + _HELD,
+            (*values, json.dumps(timings), _identity(reasoner), queue.now(db), *ask.key, owner),
+        )
+        return cursor.rowcount > 0
+
+    return await queue.write(write)
+
+
+async def release(queue: Queue, job_id: int, n: int, owner: str) -> None:
+    """At a stop: a follow-up still being answered is queued again, answered at the next start
+    (here or on another node)."""
+    await queue.write(
+        lambda db: db.execute(
+            f"UPDATE followups SET status = 'queued', started_at = NULL, {_UNLEASED}" + _HELD,
+            (job_id, n, owner),
+        )
+    )
+
+
+async def recover(queue: Queue, *, expired_only: bool) -> int:
+    """Follow-ups whose answering node is gone are queued again: at start-up every running
+    one where this process is the database's only user (SQLite), else those whose lease is
+    up (the database's clock)."""
+    expired_only = expired_only or not queue.sole_owner
+
+    def requeue(db: Db) -> int:
+        lease = " AND lease_until < ?" if expired_only else ""
+        cursor = db.execute(
+            f"UPDATE followups SET status = 'queued', started_at = NULL, {_UNLEASED}"
+            " WHERE status = 'running'" + lease,
+            (queue.now(db),) if expired_only else (),
         )
         return cursor.rowcount
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, text
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlmodel import col
 
 from service.errors import InvalidInput
+from service.store.dialect import bytewise, fts5_query, full_text
 from service.store.queue import STATUSES
 from service.store.tables import DetectionRow, ImageRow, JobRow
 
@@ -59,14 +60,23 @@ def parse_local_time(value: str, name: str) -> str:
 
 
 def fts_query(words: str) -> str:
-    """Every word must appear (quoted, so user text can never be FTS syntax). Control
-    characters separate words: SQLite's FTS parser ends a query at NUL."""
+    """Every word must appear (quoted, so user text can never be FTS syntax): SQLite's FTS5
+    query, which JobFilter keeps as `q`. Control characters separate words: SQLite's FTS
+    parser ends a query at NUL."""
     if len(words) > MAX_TEXT:
         raise InvalidInput(f"q is longer than {MAX_TEXT} characters", code="invalid_filter")
-    terms = [w.replace('"', '""') for w in _CONTROL.sub(" ", words).split() if w.strip()]
+    terms = [w for w in _CONTROL.sub(" ", words).split() if w.strip()]
     if not terms:
         raise InvalidInput("q must contain at least one word", code="invalid_filter")
-    return " ".join(f'"{t}"' for t in terms)
+    return fts5_query(terms)
+
+
+_QUOTED = re.compile(r'"((?:[^"]|"")*)"')
+
+
+def fts_terms(query: str) -> list[str]:
+    """The words of an `fts_query`, for the other backend's full text."""
+    return [t.replace('""', '"') for t in _QUOTED.findall(query)]
 
 
 @dataclass(frozen=True)
@@ -133,8 +143,9 @@ class JobFilter:
     def as_query(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
 
-    def conditions(self) -> list[ColumnElement[bool]]:
-        """Conditions over JobRow (ImageRow joined when capture time is asked for)."""
+    def conditions(self, dialect: str) -> list[ColumnElement[bool]]:
+        """Conditions over JobRow (ImageRow joined when capture time is asked for), in the SQL
+        of `dialect` (service/store/dialect.py)."""
         where: list[ColumnElement[bool]] = []
         if self.status:
             where.append(col(JobRow.status) == self.status)
@@ -146,18 +157,15 @@ class JobFilter:
             where.append(col(JobRow.created_at) < self.created_before)
         if self.folder:
             # A range on the indexed column rather than LIKE: no escaping, uses the index.
-            where.append(
-                and_(
-                    col(JobRow.source_path) >= self.folder,
-                    col(JobRow.source_path) < self.folder[:-1] + "0",
-                )
-            )
+            path = bytewise(dialect, col(JobRow.source_path))
+            where.append(and_(path >= self.folder, path < self.folder[:-1] + "0"))
         if self.captured_after or self.captured_before:
+            captured_at = bytewise(dialect, col(ImageRow.captured_at))
             captured = select(col(ImageRow.sha256)).where(col(ImageRow.captured_at).is_not(None))
             if self.captured_after:
-                captured = captured.where(col(ImageRow.captured_at) >= self.captured_after)
+                captured = captured.where(captured_at >= self.captured_after)
             if self.captured_before:
-                captured = captured.where(col(ImageRow.captured_at) < self.captured_before)
+                captured = captured.where(captured_at < self.captured_before)
             where.append(col(JobRow.image_sha256).in_(captured))
         if self.label and self.min_count:
             count = (
@@ -174,10 +182,7 @@ class JobFilter:
                 .where(col(DetectionRow.label) == self.label)
             )
         if self.q:
-            matches = text("SELECT rowid FROM jobs_fts WHERE jobs_fts MATCH :fts").bindparams(
-                fts=self.q
-            )
-            where.append(col(JobRow.id).in_(matches))
+            where.append(full_text(dialect, fts_terms(self.q)))
         return where
 
 

@@ -6,11 +6,12 @@ own job; only a plain duplicate points at the job that claimed the content (the 
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from service.store.db import Db
+from service.store.dialect import distinct_from_sql
 from service.store.queue import ImageRecord, Queue
 
 
@@ -45,25 +46,28 @@ class Filing:
     at: float  # Unix seconds the file was handled
 
 
-# A duplicate row holding a job other than the content's claim was processed again on purpose.
-_ENTRY_COLUMNS = (
-    "f.id, CASE WHEN f.outcome = 'duplicate' AND f.job_id IS NOT (SELECT c.job_id"
-    " FROM inbox_files c WHERE c.sha256 = f.sha256 AND c.outcome = 'queued')"
-    " THEN 'reprocessed' ELSE f.outcome END,"
-    " f.job_id, f.filed_to, f.error_code, f.error_message"
-)
+def _entry_columns(dialect: str) -> str:
+    """An entry's columns: a duplicate row holding a job other than the content's claim was
+    processed again on purpose."""
+    return (
+        f"f.id, CASE WHEN f.outcome = 'duplicate' AND f.job_id {distinct_from_sql(dialect)}"
+        " (SELECT c.job_id FROM inbox_files c WHERE c.sha256 = f.sha256"
+        " AND c.outcome = 'queued') THEN 'reprocessed' ELSE f.outcome END,"
+        " f.job_id, f.filed_to, f.error_code, f.error_message"
+    )
 
 
 class Ledger:
     def __init__(self, queue: Queue) -> None:
         self._queue = queue
+        self._columns = _entry_columns(queue.dialect)
 
     async def known(self, file: FileSeen) -> Entry | None:
         """This very file (same path, size and mtime) was handled before but not filed away:
         moving is off, or the service stopped between queueing and filing."""
         row = await self._queue.read(
             lambda db: db.execute(
-                f"SELECT {_ENTRY_COLUMNS} FROM inbox_files f WHERE f.relative_path = ?"
+                f"SELECT {self._columns} FROM inbox_files f WHERE f.relative_path = ?"
                 " AND f.size = ? AND f.mtime_ns = ? AND f.filed_to IS NULL"
                 " ORDER BY f.id DESC LIMIT 1",
                 (file.relative_path, file.size, file.mtime_ns),
@@ -75,7 +79,7 @@ class Ledger:
         """Every row whose file was never recorded as filed away, oldest first."""
         rows = await self._queue.read(
             lambda db: db.execute(
-                f"SELECT {_ENTRY_COLUMNS}, f.relative_path, f.size, f.mtime_ns"
+                f"SELECT {self._columns}, f.relative_path, f.size, f.mtime_ns"
                 " FROM inbox_files f WHERE f.filed_to IS NULL ORDER BY f.id"
             ).fetchall()
         )
@@ -85,7 +89,7 @@ class Ledger:
         """The last `limit` files handled, newest first, with a rejection's reason."""
         rows = await self._queue.read(
             lambda db: db.execute(
-                f"SELECT f.relative_path, {_ENTRY_COLUMNS}, f.seen_at FROM inbox_files f"
+                f"SELECT f.relative_path, {self._columns}, f.seen_at FROM inbox_files f"
                 " ORDER BY f.id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
@@ -116,7 +120,7 @@ class Ledger:
         `Queue.enqueue`). `filed_to` records a file that stays where it is."""
         queue = self._queue
 
-        def accept(db: sqlite3.Connection) -> Entry:
+        def accept(db: Db) -> Entry:
             row = db.execute(
                 "SELECT job_id FROM inbox_files WHERE sha256 = ? AND outcome = 'queued'",
                 (image.sha256,),
@@ -134,9 +138,9 @@ class Ledger:
                     source_path=file.relative_path,
                     max_attempts=max_attempts,
                 )
-            cursor = db.execute(
+            entry_id = db.execute(
                 "INSERT INTO inbox_files (relative_path, sha256, size, mtime_ns, outcome, job_id,"
-                " filed_to, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " filed_to, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     file.relative_path,
                     image.sha256,
@@ -147,28 +151,27 @@ class Ledger:
                     filed_to,
                     time.time(),
                 ),
-            )
-            assert cursor.lastrowid is not None
+            ).fetchone()[0]
             if reprocess and row is not None:
                 outcome = "reprocessed"
-            return Entry(cursor.lastrowid, outcome, job_id, filed_to)
+            return Entry(int(entry_id), outcome, job_id, filed_to)
 
         return await queue.write(accept, group=True)
 
     async def reject(self, file: FileSeen, code: str, message: str) -> Entry:
-        def reject(db: sqlite3.Connection) -> Entry:
-            cursor = db.execute(
+        def reject(db: Db) -> Entry:
+            entry_id = db.execute(
                 "INSERT INTO inbox_files (relative_path, size, mtime_ns, outcome,"
-                " error_code, error_message, seen_at) VALUES (?, ?, ?, 'rejected', ?, ?, ?)",
+                " error_code, error_message, seen_at) VALUES (?, ?, ?, 'rejected', ?, ?, ?)"
+                " RETURNING id",
                 (file.relative_path, file.size, file.mtime_ns, code, message, time.time()),
-            )
-            assert cursor.lastrowid is not None
-            return Entry(cursor.lastrowid, "rejected", None, None, code, message)
+            ).fetchone()[0]
+            return Entry(int(entry_id), "rejected", None, None, code, message)
 
         return await self._queue.write(reject)
 
     async def filed(self, entry: Entry, filed_to: str) -> None:
-        def filed(db: sqlite3.Connection) -> None:
+        def filed(db: Db) -> None:
             db.execute("UPDATE inbox_files SET filed_to = ? WHERE id = ?", (filed_to, entry.id))
 
         await self._queue.write(filed)

@@ -9,7 +9,6 @@ At most one profile is the default (a unique partial index holds the database to
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import unicodedata
 from collections.abc import Mapping
@@ -20,6 +19,8 @@ from sqlalchemy import Connection, text
 
 from service.errors import Conflict, InvalidInput, NotFound
 from service.profiles import Shipped, check_name
+from service.store.db import Db
+from service.store.dialect import bytewise_sql
 from service.store.queue import Queue
 from service.store.reads import Reads, iso
 
@@ -94,7 +95,7 @@ def _encode(params: Mapping[str, Any]) -> str:
     return json.dumps(params, separators=(",", ":"))
 
 
-def _one(db: sqlite3.Connection, name: str) -> Profile | None:
+def _one(db: Db, name: str) -> Profile | None:
     row = db.execute(f"SELECT {_COLUMNS} FROM profiles WHERE name = ?", (name,)).fetchone()
     return Profile.from_row(tuple(row)) if row is not None else None
 
@@ -132,7 +133,9 @@ class Profiles:
         """Every profile, by name."""
 
         def read(conn: Connection) -> list[Any]:
-            return list(conn.execute(text(f"SELECT {_COLUMNS} FROM profiles ORDER BY name")))
+            order = f"name{bytewise_sql(conn.dialect.name)}"
+            query = text(f"SELECT {_COLUMNS} FROM profiles ORDER BY {order}")
+            return list(conn.execute(query))
 
         return [Profile.from_row(tuple(row)) for row in await self._reads.run(read)]
 
@@ -147,7 +150,7 @@ class Profiles:
         description = check_description(description)
         encoded = _encode(params)
 
-        def write(db: sqlite3.Connection) -> tuple[Profile, bool]:
+        def write(db: Db) -> tuple[Profile, bool]:
             now = time.time()
             old = _one(db, name)
             if old is not None and old.builtin:
@@ -169,7 +172,7 @@ class Profiles:
         """Remove the user's profile `name` (and with it the default, if it was)."""
         check_name(name)
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Db) -> None:
             old = _one(db, name)
             if old is None:
                 raise unknown(name)
@@ -185,7 +188,7 @@ class Profiles:
         if name is not None:
             check_name(name)
 
-        def write(db: sqlite3.Connection) -> Profile | None:
+        def write(db: Db) -> Profile | None:
             if name is not None and _one(db, name) is None:
                 raise unknown(name)
             # Cleared first: the unique index allows one row with is_default = 1 at any time.
@@ -202,7 +205,7 @@ class Profiles:
         default set meanwhile stays); whether it was."""
         check_name(name)
 
-        def write(db: sqlite3.Connection) -> bool:
+        def write(db: Db) -> bool:
             if _one(db, name) is None:
                 raise unknown(name)
             cursor = db.execute(
@@ -217,15 +220,15 @@ class Profiles:
         kept); a shipped profile no longer shipped becomes the user's own, kept and editable.
         Returns the shipped names a user's own profile already holds (left as they are)."""
 
-        def write(db: sqlite3.Connection) -> Names:
+        def write(db: Db) -> Names:
             now = time.time()
             taken = []
             for name, profile in shipped.items():
                 encoded = _encode(profile.params)
                 db.execute(
-                    "INSERT OR IGNORE INTO profiles"
+                    "INSERT INTO profiles"
                     " (name, description, params, builtin, created_at, updated_at)"
-                    " VALUES (?, ?, ?, 1, ?, ?)",
+                    " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (name) DO NOTHING",
                     (name, profile.description, encoded, now, now),
                 )
                 db.execute(

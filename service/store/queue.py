@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any, NamedTuple, TypeVar
 from service.detection import Detection
 from service.diskspace import DiskState, is_disk_full, watch
 from service.errors import Conflict, DiskFull, JobFailure, NotFound
+from service.profiles import NO_PROFILE
+from service.store.db import Db
 from service.store.sqlite import connect_writer
 from service.store.writer import Writer
 
@@ -98,9 +99,39 @@ class ClaimNext(NamedTuple):
 
     owner: str
     lease_seconds: float
+    profiles: Sequence[str] = ()  # only jobs of these profiles (NO_PROFILE: none); (): any
+
+
+WRITE_TRIES = 3  # a write aborted for another writer's sake is run at most this many times
 
 
 class Queue:
+    """The job state machine on SQLite (one writer connection; the process's clock)."""
+
+    # The oldest runnable job, taken. Queued since: creation, or the last explicit retry (the
+    # queue wait's start).
+    _CLAIM = (
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
+        " lease_owner = ?, lease_until = ?, started_at = coalesce(started_at, ?)"
+        " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_after <= ?{only}"
+        "             ORDER BY run_after, id LIMIT 1)"
+        " RETURNING id, attempts, image_sha256, params,"
+        " coalesce(queued_at, created_at) AS created_at, started_at,"
+        " attempts - max_attempts + coalesce(attempt_budget, max_attempts)"
+        " AS round_attempt"
+    )
+    # The profile a job's params name (absent or null: none), for a node limited to some.
+    _PROFILE = "json_extract(params, '$.profile')"
+    # Running jobs a recovery looks at.
+    _RUNNING = "SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE status = 'running'"
+    _LOCK_ROWS = ""  # the writer's transaction already excludes every other writer
+    # A fenced or status-checked transition's read, holding the row until its write.
+    _LOCK_ROW = ""
+    # Whether every running job is orphaned when this process starts: true where the data
+    # directory's lock makes this process the only one on the database.
+    sole_owner = True
+    dialect = "sqlite"  # its SQL's dialect (service/store/dialect.py)
+
     def __init__(
         self,
         writer: Writer,
@@ -125,22 +156,40 @@ class Queue:
     async def close(self) -> None:
         await self.writer.close()
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T], *, group: bool = False) -> T:
+    async def write(self, fn: Callable[[Db], T], *, group: bool = False) -> T:
         """`fn(conn)` as one write transaction on the writer thread (BEGIN IMMEDIATE ...
         COMMIT; with `group`, possibly sharing its COMMIT with other group writes waiting at
         the same time). A write refused for want of space raises DiskFull (507), whether a
         statement or the COMMIT (where WAL frames are written) hit it; nothing of it is kept.
-        A cancelled caller does not stop it: it lands whole or not at all."""
-        try:
-            return await self.writer.run(fn, group=group)
-        except Exception as exc:
-            if is_disk_full(exc) and not isinstance(exc, DiskFull):
-                raise self._disk_full() from exc
-            raise
+        A cancelled caller does not stop it: it lands whole or not at all. One the database
+        aborted to break a deadlock with another writer is run again."""
+        for tries_left in reversed(range(WRITE_TRIES)):
+            try:
+                return await self.writer.run(fn, group=group)
+            except Exception as exc:
+                if is_disk_full(exc) and not isinstance(exc, DiskFull):
+                    raise self._disk_full() from exc
+                if not (tries_left and self._aborted_for_another(exc)):
+                    raise
+        raise AssertionError("unreachable")
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    @staticmethod
+    def _aborted_for_another(exc: Exception) -> bool:
+        """Whether the database undid a write to let another writer's go through (never
+        here: this process is the database's only writer)."""
+        return False
+
+    async def read(self, fn: Callable[[Db], T]) -> T:
         """`fn(conn)` on the writer connection, for a read that must see the latest commits."""
         return await self.writer.read(fn)
+
+    def _now(self, db: Db) -> float:
+        """The time that leases, run-after times and timestamps are written in."""
+        return self._clock()
+
+    def now(self, db: Db) -> float:
+        """`_now` for store code outside the state machine (service/store/nodes.py)."""
+        return self._now(db)
 
     def _disk_full(self) -> DiskFull:
         return self.disk.note_full("writing to the database")
@@ -163,7 +212,7 @@ class Queue:
         An idempotency key seen before returns the original job when the request matches,
         and is a conflict when it does not. Enqueues arriving together share one commit."""
 
-        def enqueue(db: sqlite3.Connection) -> tuple[int, bool]:
+        def enqueue(db: Db) -> tuple[int, bool]:
             if idempotency_key is not None:
                 row = db.execute(
                     "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?",
@@ -190,11 +239,23 @@ class Queue:
             )
             return job_id, True
 
+        try:
+            return await self.write(enqueue, group=True)
+        except Exception as exc:
+            if idempotency_key is None or not self._duplicate_key(exc):
+                raise
+        # Another node inserted the same key in the meantime: its job is the answer now.
         return await self.write(enqueue, group=True)
+
+    @staticmethod
+    def _duplicate_key(exc: Exception) -> bool:
+        """Whether a write failed on a unique key another writer took first (never here:
+        this process is the database's only writer)."""
+        return False
 
     def insert_job(
         self,
-        db: sqlite3.Connection,
+        db: Db,
         image: ImageRecord,
         params: dict[str, Any],
         *,
@@ -207,7 +268,7 @@ class Queue:
     ) -> int:
         """Insert a queued job (and its image, once) inside the caller's transaction (on the
         writer thread)."""
-        now = self._clock()
+        now = self._now(db)
         db.execute(
             "INSERT INTO images (sha256, bytes, width, height, format, path, exif,"
             " created_at, captured_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -225,10 +286,10 @@ class Queue:
                 image.captured_at,
             ),
         )
-        cursor = db.execute(
+        row = db.execute(
             "INSERT INTO jobs (source, source_path, image_sha256, input_name, params,"
             " max_attempts, run_after, created_at, idempotency_key, request_hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 source,
                 source_path,
@@ -241,30 +302,36 @@ class Queue:
                 idempotency_key,
                 request_hash,
             ),
-        )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        ).fetchone()
+        return int(row["id"])
 
     # -- the worker's side ----------------------------------------------------------------
 
-    async def claim(self, owner: str, lease_seconds: float) -> Claim | None:
+    async def claim(
+        self, owner: str, lease_seconds: float, *, profiles: Sequence[str] = ()
+    ) -> Claim | None:
         """Atomically take the oldest runnable queued job, or None. Order is by `run_after`,
-        which a job handed back or interrupted keeps: it runs before anything newer. It may
-        share its commit with intake writes waiting at the same time."""
+        which a job handed back or interrupted keeps: it runs before anything newer. With
+        `profiles`, only a job of one of them (NO_PROFILE: a job without one). It may share
+        its commit with intake writes waiting at the same time."""
         await self._write_hand_backs()
-        return await self.write(lambda db: self._claim(db, owner, lease_seconds), group=True)
+        return await self.write(
+            lambda db: self._claim(db, owner, lease_seconds, profiles), group=True
+        )
 
-    async def claim_many(self, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
+    async def claim_many(
+        self, owner: str, lease_seconds: float, limit: int, *, profiles: Sequence[str] = ()
+    ) -> list[Claim]:
         """Up to `limit` runnable queued jobs, oldest first, taken in one transaction (each
         claimed as `claim` takes one: its own attempt, lease and fence)."""
         if limit < 1:
             raise ValueError("claim at least one job")
         await self._write_hand_backs()
 
-        def claim_up_to(db: sqlite3.Connection) -> list[Claim]:
+        def claim_up_to(db: Db) -> list[Claim]:
             claims: list[Claim] = []
             while len(claims) < limit:
-                claim = self._claim(db, owner, lease_seconds)
+                claim = self._claim(db, owner, lease_seconds, profiles)
                 if claim is None:
                     break
                 claims.append(claim)
@@ -272,19 +339,16 @@ class Queue:
 
         return await self.write(claim_up_to, group=True)
 
-    def _claim(self, db: sqlite3.Connection, owner: str, lease_seconds: float) -> Claim | None:
-        now = self._clock()  # read in the transaction: a long wait must not shorten the lease
+    def _claim(
+        self, db: Db, owner: str, lease_seconds: float, profiles: Sequence[str] = ()
+    ) -> Claim | None:
+        now = self._now(db)  # read in the transaction: a long wait must not shorten the lease
+        only = ""
+        if profiles:
+            only = f" AND coalesce({self._PROFILE}, ?) IN ({', '.join('?' * len(profiles))})"
         row = db.execute(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
-            " lease_owner = ?, lease_until = ?, started_at = coalesce(started_at, ?)"
-            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_after <= ?"
-            "             ORDER BY run_after, id LIMIT 1)"
-            # Queued since: creation, or the last explicit retry (the queue wait's start).
-            " RETURNING id, attempts, image_sha256, params,"
-            " coalesce(queued_at, created_at) AS created_at, started_at,"
-            " attempts - max_attempts + coalesce(attempt_budget, max_attempts)"
-            " AS round_attempt",
-            (owner, now + lease_seconds, now, now),
+            self._CLAIM.format(only=only),
+            (owner, now + lease_seconds, now, now, *((NO_PROFILE, *profiles) if profiles else ())),
         ).fetchone()
         if row is None:
             return None
@@ -311,11 +375,11 @@ class Queue:
         """Extend the lease. On a full disk it raises DiskFull, and until a beat gets through
         `recover` leaves the job to its worker instead of calling it lost."""
 
-        def beat(db: sqlite3.Connection) -> sqlite3.Row | None:
-            row: sqlite3.Row | None = db.execute(
+        def beat(db: Db) -> Any:
+            row: Any = db.execute(
                 "UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running'"
                 " AND lease_owner = ? AND attempts = ? RETURNING cancel_requested",
-                (self._clock() + lease_seconds, claim.job_id, claim.owner, claim.attempt),
+                (self._now(db) + lease_seconds, claim.job_id, claim.owner, claim.attempt),
             ).fetchone()
             return row
 
@@ -329,26 +393,24 @@ class Queue:
             return Heartbeat(owned=False, cancel_requested=False)
         return Heartbeat(owned=True, cancel_requested=bool(row["cancel_requested"]))
 
-    @staticmethod
-    def _owns(db: sqlite3.Connection, claim: Claim) -> bool:
+    @classmethod
+    def _owns(cls, db: Db, claim: Claim) -> bool:
         return (
             db.execute(
                 "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?"
-                " AND attempts = ?",
+                " AND attempts = ?" + cls._LOCK_ROW,
                 (claim.job_id, claim.owner, claim.attempt),
             ).fetchone()
             is not None
         )
 
-    def _end_attempt(
-        self, db: sqlite3.Connection, claim: Claim, outcome: str, error: JobFailure | None
-    ) -> None:
+    def _end_attempt(self, db: Db, claim: Claim, outcome: str, error: JobFailure | None) -> None:
         db.execute(
             "UPDATE job_attempts SET finished_at = ?, outcome = ?, error_code = ?,"
             " error_message = ? WHERE job_id = ? AND attempt = ? AND worker = ?"
             " AND finished_at IS NULL",
             (
-                self._clock(),
+                self._now(db),
                 outcome,
                 error.code if error else None,
                 error.message if error else None,
@@ -359,7 +421,7 @@ class Queue:
         )
 
     @staticmethod
-    def _honour_cancel(db: sqlite3.Connection, job_id: int, now: float) -> bool:
+    def _honour_cancel(db: Db, job_id: int, now: float) -> bool:
         """A job sent back to the queue whose cancellation was requested meanwhile ends
         `cancelled` instead of running again."""
         cursor = db.execute(
@@ -371,7 +433,7 @@ class Queue:
         return cursor.rowcount > 0
 
     async def _end(
-        self, end: Callable[[sqlite3.Connection], T], claim_next: ClaimNext | None
+        self, end: Callable[[Db], T], claim_next: ClaimNext | None
     ) -> tuple[T, Claim | None]:
         """`end(db)` (an attempt's last write) and, when asked, the claim of the next job, in
         one transaction: both land or neither. The claim is made even when `end` finds the
@@ -380,11 +442,11 @@ class Queue:
         if self._unreleased:  # a held-up hand-back is written before any claim: `claim` does it
             wanted = None
 
-        def end_and_claim(db: sqlite3.Connection) -> tuple[T, Claim | None]:
+        def end_and_claim(db: Db) -> tuple[T, Claim | None]:
             ended = end(db)
             if wanted is None:
                 return ended, None
-            return ended, self._claim(db, wanted.owner, wanted.lease_seconds)
+            return ended, self._claim(db, wanted.owner, wanted.lease_seconds, wanted.profiles)
 
         # Grouped: a worker's commit may carry intake writes waiting at the same time.
         return await self.write(end_and_claim, group=True)
@@ -399,11 +461,11 @@ class Queue:
         """`complete`, and in the same transaction the claim of the next job (`claim_next`;
         None claims nothing): (done, the job claimed or None)."""
 
-        def complete(db: sqlite3.Connection) -> bool:
+        def complete(db: Db) -> bool:
             began = time.perf_counter()
             if not self._owns(db, claim):
                 return False
-            now = self._clock()
+            now = self._now(db)
             db.execute(
                 "INSERT INTO results (job_id, reasoning, created_at, answer, citations,"
                 " planned_queries, tiling, redacted_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -476,7 +538,7 @@ class Queue:
         """`fail`, and in the same transaction the claim of the next job (`claim_next`; None
         claims nothing): (the new status, the job claimed or None)."""
 
-        def fail(db: sqlite3.Connection) -> str | None:
+        def fail(db: Db) -> str | None:
             if not self._owns(db, claim):
                 return None
             row = db.execute(
@@ -484,7 +546,7 @@ class Queue:
             ).fetchone()
             assert row is not None
             retry = retry_in is not None and row["attempts"] < row["max_attempts"]
-            now = self._clock()
+            now = self._now(db)
             self._end_attempt(db, claim, "retrying" if retry else "failed", failure)
             db.execute(
                 "UPDATE jobs SET status = ?, run_after = ?, finished_at = ?, lease_owner = NULL,"
@@ -520,7 +582,7 @@ class Queue:
         """`finish_cancelled`, and in the same transaction the claim of the next job
         (`claim_next`; None claims nothing): (done, the job claimed or None)."""
 
-        def finish(db: sqlite3.Connection) -> bool:
+        def finish(db: Db) -> bool:
             if not self._owns(db, claim):
                 return False
             failure = JobFailure("cancelled", reason, transient=False)
@@ -528,7 +590,7 @@ class Queue:
             db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_owner = NULL,"
                 " lease_until = NULL, error_code = ?, error_message = ? WHERE id = ?",
-                (self._clock(), failure.code, failure.message, claim.job_id),
+                (self._now(db), failure.code, failure.message, claim.job_id),
             )
             return True
 
@@ -551,11 +613,11 @@ class Queue:
         self._unreleased.pop(claim.job_id, None)
         return released
 
-    def _release(self, db: sqlite3.Connection, claim: Claim, why: JobFailure | None) -> bool:
+    def _release(self, db: Db, claim: Claim, why: JobFailure | None) -> bool:
         if not self._owns(db, claim):
             return False
         self._end_attempt(db, claim, "released", why)
-        now = self._clock()
+        now = self._now(db)
         # run_after stays as it was: the job goes back to its place in line, not the end. The
         # attempt keeps its number (numbers are never reused) and is not spent: the job gets
         # one more, while the budget a later retry grants stays the one it was submitted with.
@@ -582,17 +644,14 @@ class Queue:
         A requeued job keeps its `run_after`, so it runs next, ahead of everything that
         arrived while it was running. A job whose lease a full disk kept this process from
         extending or handing back is not lost: its worker is alive and finishes it."""
+        expired_only = expired_only or not self.sole_owner
         lease_filter = " AND lease_until < ?" if expired_only else ""
         held_offline: dict[int, tuple[str, int]] = {}
 
-        def recover(db: sqlite3.Connection) -> tuple[int, int]:
-            now = self._clock()
+        def recover(db: Db) -> tuple[int, int]:
+            now = self._now(db)
             args: tuple[Any, ...] = (now,) if expired_only else ()
-            rows = db.execute(
-                "SELECT id, attempts, max_attempts, lease_owner FROM jobs"
-                " WHERE status = 'running'" + lease_filter,
-                args,
-            ).fetchall()
+            rows = db.execute(self._RUNNING + lease_filter + self._LOCK_ROWS, args).fetchall()
             requeued = failed = 0
             for row in rows:
                 if held_offline.get(row["id"]) == (row["lease_owner"], row["attempts"]):
@@ -636,13 +695,13 @@ class Queue:
     async def request_cancel(self, job_id: int) -> str:
         """Cancel a queued job now; ask a running one to stop at its next stage boundary."""
 
-        def cancel(db: sqlite3.Connection) -> str:
+        def cancel(db: Db) -> str:
             status = self._status(db, job_id)
             if status == "queued":
                 db.execute(
                     "UPDATE jobs SET status = 'cancelled', finished_at = ?, error_code = ?,"
                     " error_message = ? WHERE id = ?",
-                    (self._clock(), "cancelled", "cancelled before it started", job_id),
+                    (self._now(db), "cancelled", "cancelled before it started", job_id),
                 )
                 return "cancelled"
             if status == "running":
@@ -657,14 +716,14 @@ class Queue:
         attempts as it was submitted with, numbered on from the last (never reused, so the
         attempt history and the lease fence stay unambiguous)."""
 
-        def retry(db: sqlite3.Connection) -> None:
+        def retry(db: Db) -> None:
             status = self._status(db, job_id)
             if status not in ("failed", "cancelled"):
                 raise Conflict(
                     f"job {job_id} is {status}; only failed or cancelled jobs can be retried",
                     code="job_not_retryable",
                 )
-            now = self._clock()
+            now = self._now(db)
             db.execute(
                 "UPDATE jobs SET status = 'queued', run_after = ?, queued_at = ?,"
                 " attempt_budget = coalesce(attempt_budget, max_attempts),"
@@ -676,9 +735,11 @@ class Queue:
 
         await self.write(retry)
 
-    @staticmethod
-    def _status(db: sqlite3.Connection, job_id: int) -> str:
-        row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    @classmethod
+    def _status(cls, db: Db, job_id: int) -> str:
+        row = db.execute(
+            "SELECT status FROM jobs WHERE id = ?" + cls._LOCK_ROW, (job_id,)
+        ).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} does not exist", code="job_not_found")
         return str(row["status"])
@@ -692,11 +753,13 @@ class Queue:
         found = {row["status"]: row["n"] for row in rows}
         return {status: int(found.get(status, 0)) for status in STATUSES}
 
-    async def next_run_after(self) -> float | None:
-        """When the earliest queued job becomes runnable (for the worker's sleep)."""
-        row = await self.read(
-            lambda db: db.execute(
-                "SELECT min(run_after) AS t FROM jobs WHERE status = 'queued'"
-            ).fetchone()
-        )
-        return None if row is None or row["t"] is None else float(row["t"])
+    async def seconds_until_runnable(self) -> float | None:
+        """How long until the earliest queued job becomes runnable, by the clock run-after
+        times are written in (for the worker's sleep); None when nothing is queued."""
+
+        def read(db: Db) -> float | None:
+            row = db.execute("SELECT min(run_after) AS t FROM jobs WHERE status = 'queued'")
+            t = row.fetchone()["t"]
+            return None if t is None else float(t) - self._now(db)
+
+        return await self.read(read)

@@ -26,7 +26,6 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
-    func,
     join,
     select,
     text,
@@ -37,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from service.errors import InvalidInput, NotFound
+from service.store.dialect import object_keys
 from service.store.followups import FOLLOWUP_COLUMNS
 from service.store.followups import view as followup_view
 from service.store.history import Cursor, JobFilter, after_cursor, sort_column
@@ -395,8 +395,7 @@ T = TypeVar("T")
 JobRows = tuple[Any, Sequence[Any], Sequence[Any], Sequence[Any], Sequence[Any]]
 _ITS_FOLLOWUPS = text(f"SELECT {FOLLOWUP_COLUMNS} FROM followups WHERE job_id = :id ORDER BY n")
 _ITS_WEBHOOKS = text(
-    f"SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE job_id = :id"
-    " ORDER BY created_at, rowid"
+    f"SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE job_id = :id ORDER BY created_at, id"
 )
 _THEIR_FOLLOWUPS = text(
     f"SELECT job_id, {FOLLOWUP_COLUMNS} FROM followups WHERE job_id IN :ids ORDER BY job_id, n"
@@ -409,9 +408,11 @@ def blocking_twin(engine: AsyncEngine, *, pool_size: int = READ_THREADS) -> Engi
     reads run whole on a read thread. On SQLite the driver begins no transaction before a
     SELECT, so the engine sends BEGIN itself (SQLAlchemy's documented pysqlite recipe): a
     read of several statements is one snapshot, which WAL mode does not give otherwise."""
-    url = engine.url.set(drivername=engine.url.get_backend_name())
-    twin = create_engine(url, pool_size=pool_size)
-    if url.get_backend_name() == "sqlite":
+    backend = engine.url.get_backend_name()
+    # SQLite's async driver wraps the blocking one; psycopg 3 is both (its name stays).
+    url = engine.url.set(drivername=backend) if backend == "sqlite" else engine.url
+    twin = create_engine(url, pool_size=pool_size, pool_pre_ping=backend != "sqlite")
+    if backend == "sqlite":
 
         @event.listens_for(twin, "connect")
         def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -533,7 +534,7 @@ class Reads:
             raise InvalidInput(f"limit must be 1..{largest}", code="invalid_filter")
         key = sort_column(sort)
         query = _PLAIN_VIEWS if project in _PLAIN else _ALL_VIEWS
-        for condition in (where or JobFilter()).conditions():
+        for condition in (where or JobFilter()).conditions(self.engine.dialect.name):
             query = query.where(condition)
         if sort == "finished":
             query = query.where(key.is_not(None))
@@ -576,8 +577,9 @@ class Reads:
         stored, and those the schemas of jobs not finished yet name, which an export that
         runs while they finish may meet. One snapshot; JSON parsed only for jobs with an
         answer and for unfinished ones."""
-        conditions = where.conditions()
-        answers = func.json_each(col(ResultRow.answer)).table_valued("key")
+        dialect = self.engine.dialect.name
+        conditions = where.conditions(dialect)
+        answers = object_keys(dialect, col(ResultRow.answer))
         stored = (
             select(answers.c.key)
             .select_from(
@@ -585,11 +587,9 @@ class Reads:
                     answers, true()
                 )
             )
-            .where(col(ResultRow.answer).is_not(None))
-            .where(func.json_type(col(ResultRow.answer)) == "object", *conditions)
+            .where(col(ResultRow.answer).is_not(None), *conditions)
         )
-        named = func.json_each(col(JobRow.params), "$.response_schema.properties")
-        pending = named.table_valued("key")
+        pending = object_keys(dialect, col(JobRow.params), ("response_schema", "properties"))
         promised = (
             select(pending.c.key)
             .select_from(join(JobRow, pending, true()))
@@ -598,7 +598,7 @@ class Reads:
         query = union(stored, promised)
 
         def read(conn: Connection) -> list[str]:
-            return sorted(str(key) for key in conn.execute(query).scalars())
+            return sorted(str(key) for key in conn.execute(query).scalars())  # code points
 
         return await self._reader.run(read)
 

@@ -4,14 +4,16 @@ work. Deletes run as one transaction on the queue's writer thread."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from service.store.db import Db
+from service.store.dialect import is_false_sql
+from service.store.files import StoredFiles
 from service.store.queue import TERMINAL, Queue
 
 
@@ -32,23 +34,26 @@ async def prune(
     older_than_seconds: float,
     keep_results: bool,
     dry_run: bool = False,
+    files: StoredFiles | None = None,
 ) -> Pruned:
     """Finished jobs whose finish is older than the cutoff lose their stored image; without
     `keep_results` their rows go too. An image still used by any other job is kept. With
-    `dry_run` it only reports what it would remove."""
+    `dry_run` it only reports what it would remove. `files`: where they are stored (default:
+    files under `data_dir`)."""
+    files = files or StoredFiles(data_dir)
     terminal = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
     old = f"SELECT id FROM jobs WHERE status IN ({terminal}) AND finished_at < :cutoff"
     began = time.time()
     args = {"cutoff": began - older_than_seconds, "now": began}
     report = Pruned()
 
-    def prune_rows(db: sqlite3.Connection) -> list[tuple[str, str, int]]:
-        count = db.execute(f"SELECT count(*) FROM ({old})", args).fetchone()
+    def prune_rows(db: Db) -> list[tuple[str, str, int]]:
+        count = db.execute(f"SELECT count(*) FROM ({old}) AS old", args).fetchone()
         if not count or not count[0]:
             return []
         # Redacted copies go with their jobs' images, and are counted in the bytes freed.
         copies = [
-            (str(row[0]), _bytes_of(data_dir / str(row[0])))
+            (str(row[0]), _bytes_of(files.path(str(row[0]))))
             for row in db.execute(
                 "SELECT redacted_path FROM results WHERE redacted_path IS NOT NULL"
                 f" AND job_id IN ({old})",
@@ -94,20 +99,17 @@ async def prune(
     # Files go after the rows are committed: a crash in between leaves a stray file, never a
     # row pointing at a missing one.
     for _sha, path, _size in images:
-        file = data_dir / path
-        with contextlib.suppress(FileNotFoundError):
-            # A submission of the same bytes since the prune began touched the file: keep it.
-            if file.stat().st_mtime < began:
-                file.unlink()
+        # A submission of the same bytes since the prune began touched the file: keep it.
+        await files.delete(path, unless_touched_since=began)
     if not dry_run:
         # The jobs just removed may have been all that kept a redacting job's original.
-        for job_id in await queue.write(_waiting_to_drop):
-            if await drop_original(queue, data_dir, job_id):
+        for job_id in await queue.write(partial(_waiting_to_drop, dialect=queue.dialect)):
+            if await drop_original(queue, data_dir, job_id, files=files):
                 report.images_removed += 1
     return report
 
 
-def _waiting_to_drop(db: sqlite3.Connection) -> list[int]:
+def _waiting_to_drop(db: Db, dialect: str) -> list[int]:
     """Redacting jobs, not keeping their original, whose original is still stored."""
     return [
         int(row[0])
@@ -115,7 +117,7 @@ def _waiting_to_drop(db: sqlite3.Connection) -> list[int]:
             "SELECT jobs.id FROM jobs JOIN images ON images.sha256 = jobs.image_sha256"
             " JOIN results ON results.job_id = jobs.id"
             " WHERE images.pruned_at IS NULL AND results.redacted_path IS NOT NULL"
-            " AND json_extract(jobs.params, '$.keep_original') = 0"
+            f" AND {is_false_sql(dialect, 'jobs.params', 'keep_original')}"
         )
     ]
 
@@ -137,14 +139,17 @@ def _needs_original(status: str, params: dict[str, Any]) -> bool:
     )
 
 
-async def drop_original(queue: Queue, data_dir: Path, job_id: int) -> bool:
+async def drop_original(
+    queue: Queue, data_dir: Path, job_id: int, *, files: StoredFiles | None = None
+) -> bool:
     """Once job `job_id` (redacting, not keeping its original) has its redacted copy, delete
     the stored original unless another job with the same image still needs it (see
     `_needs_original`), and mark the image pruned. True when the file was removed; calling it
     for any other job does nothing."""
     began = time.time()
+    files = files or StoredFiles(data_dir)
 
-    def mark(db: sqlite3.Connection) -> str | None:
+    def mark(db: Db) -> str | None:
         row = db.execute(
             "SELECT jobs.image_sha256, jobs.params, results.redacted_path, images.path"
             " FROM jobs JOIN images ON images.sha256 = jobs.image_sha256"
@@ -152,7 +157,7 @@ async def drop_original(queue: Queue, data_dir: Path, job_id: int) -> bool:
             " WHERE jobs.id = ? AND images.pruned_at IS NULL",
             (job_id,),
         ).fetchone()
-        if row is None or row[2] is None or not (data_dir / str(row[2])).is_file():
+        if row is None or row[2] is None or not files.path(str(row[2])).is_file():
             return None
         sha, own = str(row[0]), json.loads(row[1])
         if not own.get("redact") or own.get("keep_original", True):
@@ -168,12 +173,5 @@ async def drop_original(queue: Queue, data_dir: Path, job_id: int) -> bool:
     path = await queue.write(mark)
     if path is None:
         return False
-    file = data_dir / path
-    try:
-        # A submission of the same bytes since this began touched the file: keep it.
-        if file.stat().st_mtime >= began:
-            return False
-        file.unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    # A submission of the same bytes since this began touched the file: keep it.
+    return await files.delete(path, unless_touched_since=began)

@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
+from service.store.dialect import bytewise, json_number, utc_day
 from service.store.history import JobFilter
 from service.store.tables import DetectionRow, JobRow
 
@@ -15,14 +16,14 @@ STAGES = ("queue_wait", "decode", "detect", "reason", "persist", "total")
 
 
 async def job_stats(engine: AsyncEngine, where: JobFilter) -> dict[str, Any]:
+    dialect = engine.dialect.name
     chosen = select(col(JobRow.id))
-    for condition in where.conditions():
+    for condition in where.conditions(dialect):
         chosen = chosen.where(condition)
     in_chosen = col(JobRow.id).in_(chosen)
-    day = func.date(col(JobRow.created_at), "unixepoch")
+    day = utc_day(dialect, col(JobRow.created_at))
     timing_columns = [
-        func.avg(func.json_extract(col(JobRow.timings), f"$.{stage}")).label(stage)
-        for stage in STAGES
+        func.avg(json_number(dialect, col(JobRow.timings), stage)).label(stage) for stage in STAGES
     ]
     async with engine.connect() as conn:
         by_status = (
@@ -46,7 +47,7 @@ async def job_stats(engine: AsyncEngine, where: JobFilter) -> dict[str, Any]:
                 )
                 .where(col(DetectionRow.job_id).in_(chosen))
                 .group_by(col(DetectionRow.label))
-                .order_by(func.count().desc())
+                .order_by(func.count().desc(), bytewise(dialect, col(DetectionRow.label)))
             )
         ).all()
         timings = (

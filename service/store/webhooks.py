@@ -9,13 +9,13 @@ transaction that ends its job, so it knows nothing of how jobs end or of HTTP.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, text
 
+from service.store.db import Db
 from service.store.queue import Queue
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ COLUMNS = (
 _DUE = text(
     "SELECT id, job_id, event, url, attempts, created_at FROM webhook_deliveries"
     " WHERE status = 'pending' AND next_attempt_at <= :now"
-    " ORDER BY next_attempt_at, created_at LIMIT :limit"
+    " ORDER BY next_attempt_at, created_at, id LIMIT :limit"
 )
 _NEXT = text(
     "SELECT min(next_attempt_at) FROM webhook_deliveries"
@@ -108,7 +108,7 @@ async def record(
     it is gone (its job was pruned) or no longer pending."""
     status = "delivered" if error is None else "pending" if retry_at is not None else "failed"
 
-    def write(db: sqlite3.Connection) -> str | None:
+    def write(db: Db) -> str | None:
         cursor = db.execute(
             "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1,"
             " last_status = ?, last_error = ?, next_attempt_at = ?, delivered_at = ?"

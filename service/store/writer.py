@@ -1,4 +1,4 @@
-"""The writer: one long-lived sqlite3 connection owned by one thread, which runs each whole
+"""The writer: one long-lived database connection owned by one thread, which runs each whole
 transaction as one function (one hop from the event loop per transaction); it knows SQL
 transactions, not jobs.
 
@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from service.store.db import Db
 
 T = TypeVar("T")
 
@@ -32,14 +33,14 @@ _Settled = list[tuple["asyncio.Future[Any]", Any, BaseException | None]]
 
 @dataclass
 class _Call:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[[Db], Any]
     future: asyncio.Future[Any]
     transaction: bool
     group: bool
 
 
 class Writer:
-    def __init__(self, conn: sqlite3.Connection, *, name: str = "aip-db-writer") -> None:
+    def __init__(self, conn: Db, *, name: str = "aip-db-writer") -> None:
         """`conn` must be in autocommit mode (isolation_level=None) and usable from the
         writer thread (check_same_thread=False); from here on only that thread uses it."""
         self._conn = conn
@@ -54,21 +55,19 @@ class Writer:
         """Whether the connection is inside a transaction (between calls: never)."""
         return self._conn.in_transaction
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T], *, group: bool = False) -> T:
+    async def run(self, fn: Callable[[Db], T], *, group: bool = False) -> T:
         """`fn(conn)` inside BEGIN IMMEDIATE ... COMMIT on the writer thread; its result once
         committed. Any error rolls the whole transaction back and is raised here. With
         `group`, it may share its transaction and COMMIT with other group calls waiting at
         the same time (in its own SAVEPOINT); a failed COMMIT fails every one of them."""
         return await self._submit(fn, transaction=True, group=group)
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def read(self, fn: Callable[[Db], T]) -> T:
         """`fn(conn)` on the writer thread outside any transaction: a read that sees every
         commit so far (or a single autocommit statement)."""
         return await self._submit(fn, transaction=False, group=False)
 
-    async def _submit(
-        self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool, group: bool
-    ) -> T:
+    async def _submit(self, fn: Callable[[Db], T], *, transaction: bool, group: bool) -> T:
         if self._closed:
             raise RuntimeError("the database writer is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -143,7 +142,7 @@ class Writer:
                 result = call.fn(conn)
                 conn.execute("RELEASE member")
             except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(Exception):
                     conn.execute("ROLLBACK TO member")
                     conn.execute("RELEASE member")
                 settled.append((call.future, None, exc))
@@ -168,7 +167,7 @@ class Writer:
 
     def _rollback(self) -> None:
         if self._conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(Exception):
                 self._conn.execute("ROLLBACK")
 
     @staticmethod

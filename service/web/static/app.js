@@ -12,6 +12,7 @@ const ROUTES = [
   [/^\/inbox$/, "inbox", () => import("./pages/inbox.js")],
   [/^\/stats$/, "stats", () => import("./pages/stats.js")],
   [/^\/map$/, "map", () => import("./pages/map.js")],
+  [/^\/nodes$/, "nodes", () => import("./pages/nodes.js")],
 ];
 
 function decoded(part) {

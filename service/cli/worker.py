@@ -1,0 +1,147 @@
+"""`aip worker`: a node that runs the models and works the shared queue, with no HTTP API and
+no inbox: the app's own lifespan, without uvicorn, until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from service import config
+from service.client import settings_from
+from service.config import Settings
+from service.errors import AipError
+from service.logs import configure_logging
+
+log = logging.getLogger("aip")
+
+NEEDS_DATABASE = (
+    "a worker node works a queue shared with `aip serve`: give its PostgreSQL database with "
+    "--database or AIP_DATABASE_URL (the embedded SQLite file is one process's alone)"
+)
+
+
+def database_url(text: str) -> str:
+    """argparse type for --database: a usage error for anything but a postgresql:// URL."""
+    try:
+        return config.database_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def profile_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+async def run_node(settings: Settings) -> int:
+    """Start the app's lifespan, wait for a stop signal, shut down as `aip serve` does: the
+    first signal lets the running job finish within the grace period, a second hands it
+    back now (exit status 130 after a second Ctrl-C)."""
+    from service.app import create_app
+    from service.serving import INTERRUPTED
+
+    app = create_app(settings)
+    stop = asyncio.Event()
+    interrupted_twice = False
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal interrupted_twice
+        again = stop.is_set()
+        interrupted_twice |= again and sig == signal.SIGINT
+        worker = getattr(getattr(app.state, "services", None), "worker", None)
+        if worker is not None:
+            worker.stop_signalled(again)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    async with app.router.lifespan_context(app):
+        log.info(
+            "worker node %s working the queue (profiles: %s)",
+            app.state.services.worker.id,
+            ", ".join(settings.worker_profiles) or "all",
+        )
+        await stop.wait()
+    return INTERRUPTED if interrupted_twice else 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.database is not None:
+        settings = settings.replace(database_url=args.database)
+    if args.profiles is not None:
+        settings = settings.replace(worker_profiles=args.profiles)
+    if settings.database_url is None:
+        print(f"aip: {NEEDS_DATABASE}", file=sys.stderr)
+        return 2
+    settings = settings.replace(serve_api=False, inbox_enabled=False)
+    from service.app import DataDirLock
+    from service.cli.serve import _exit_now, prepare_models
+
+    # Refused here, before the demo models are written into a directory in use.
+    probe = DataDirLock(settings.data_dir)
+    try:
+        probe.acquire()
+        probe.release()
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"aip: cannot use the data directory ({exc}): set --data-dir or AIP_DATA_DIR",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(args.log_level, settings.logs_dir, stderr=settings.log_stderr)
+    try:
+        settings = prepare_models(settings)
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        status = asyncio.run(run_node(settings))
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        _exit_now(1)
+    except Exception as exc:  # the database cannot be reached, say: one line, not a traceback
+        log.debug("start-up failed", exc_info=exc)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"aip: the worker could not start: {first}", file=sys.stderr)
+        _exit_now(1)
+    # As `aip serve`: skip interpreter teardown, which an abandoned inference can abort.
+    _exit_now(status)
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `aip worker`."""
+    text = "run a worker node: models and the shared queue's jobs, no API, no inbox"
+    worker = commands.add_parser("worker", help=text, description=text)
+    worker.add_argument(
+        "--database",
+        type=database_url,
+        help="the PostgreSQL URL the API nodes use (AIP_DATABASE_URL; required)",
+    )
+    worker.add_argument(
+        "--data-dir", type=Path, help="this node's models, logs and file cache (AIP_DATA_DIR)"
+    )
+    worker.add_argument(
+        "--profiles",
+        type=profile_list,
+        help="comma-separated profiles whose jobs it takes (AIP_WORKER_PROFILES; default all)",
+    )
+    worker.add_argument(
+        "--demo", action="store_true", help="run offline on tiny random-weight checkpoints"
+    )
+    worker.add_argument("--detector", help="hub id or local folder (AIP_DETECTOR)")
+    worker.add_argument("--reasoner", help="hub id or local folder (AIP_REASONER)")
+    worker.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the log says (default info)",
+    )
+    worker.set_defaults(func=cmd_worker)

@@ -1,0 +1,1 @@
+"""The PostgreSQL store: the shared alternative to the embedded SQLite file, for several nodes."""
