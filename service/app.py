@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +36,7 @@ from service.diskspace import is_disk_full, watch
 from service.errors import AipError, DiskFull, PayloadTooLarge, StartupRefused
 from service.events import EventBus
 from service.followups import FollowUps
-from service.inbox.lock import InboxLock, shared_inbox_lock
+from service.inbox.standby import InboxSupervisor
 from service.inbox.watcher import InboxWatcher
 from service.leftovers import remove_unfinished_images
 from service.metrics import Metrics
@@ -44,10 +44,10 @@ from service.models.host import ModelHost
 from service.nodes import NodeHeartbeat
 from service.periodic import every
 from service.private import enter_private_umask, leave_private_umask, tighten
-from service.profiles import BUILTINS
+from service.profiles import BUILTINS, NO_PROFILE
 from service.services import Services
 from service.store import followups as followup_store
-from service.store.backend import Store, open_store
+from service.store.backend import Store, database_errors, database_unreachable, open_store
 from service.store.files import StoredFiles
 from service.store.ledger import Ledger
 from service.store.profiles import Profiles
@@ -56,9 +56,6 @@ from service.store.reads import Reads
 from service.store.retention import prune
 from service.webhooks import Webhooks
 from service.worker import Worker
-
-if TYPE_CHECKING:
-    from service.store.postgres.advisory import AdvisoryLock
 
 log = logging.getLogger("aip")
 
@@ -193,6 +190,24 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"code": code, "message": str(exc.detail)}, status_code=exc.status_code)
 
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+        # A shared database restarting or out of reach: the client's to retry, not a bug.
+        # Any other database error is unexpected (500).
+        if not database_unreachable(exc):
+            raise exc
+        log.warning("%s %s: the database is unreachable", request.method, request.url.path)
+        return JSONResponse(
+            {
+                "code": "database_unavailable",
+                "message": "the database cannot be reached just now; try again shortly",
+            },
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    for error in database_errors():
+        app.add_exception_handler(error, _database_down)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The exception's text can hold SQL, paths or the user's data: it goes to the log
@@ -257,7 +272,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         started = time.monotonic()
         lock = DataDirLock(settings.data_dir)
         lock.acquire()
-        inbox_lock = InboxLock(settings.inbox_dir, settings.data_dir)
+        inbox = InboxSupervisor(settings)
         tasks: list[asyncio.Task[Any]] = []
         owned_host = host is None
         models = host or ModelHost.from_settings(settings)
@@ -269,29 +284,15 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
         asked: FollowUps | None = None
         hooks: Webhooks | None = None
         node: NodeHeartbeat | None = None
-        # A worker node (`aip worker`) watches no inbox; on PostgreSQL, whether this node
-        # watches is settled once the store is open (shared_inbox_lock below).
-        watch_inbox = settings.inbox_enabled and settings.serve_api
-        shared_inbox: AdvisoryLock | None = None
         try:
-            if watch_inbox and settings.database_url is None:
-                inbox_lock.acquire()
+            inbox.claim_local()
             await asyncio.to_thread(tighten, settings)
             await asyncio.to_thread(remove_unfinished_images, settings.images_dir)
             store = await open_store(settings)
             queue = store.queue
-            if watch_inbox and store.url is not None:
-                # Nodes started from one configuration share an inbox path: one watches it,
-                # the others serve without it rather than refuse to start.
-                shared_inbox = shared_inbox_lock(store.url, settings.inbox_dir)
-                if await asyncio.to_thread(shared_inbox.acquire):
-                    inbox_lock.acquire()  # a service on another store may watch it too
-                else:
-                    log.warning(
-                        "not watching %s: another node on this database watches it",
-                        settings.inbox_dir,
-                    )
-                    watch_inbox = False
+            # Nodes started from one configuration share an inbox path: one watches it, the
+            # others serve without it (standby) rather than refuse to start.
+            await inbox.claim_shared(store.url)
             requeued, failed = await queue.recover(expired_only=False)
             if requeued or failed:
                 log.warning(
@@ -305,6 +306,14 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             profiles = Profiles(queue, reads)
             for name in await profiles.seed(BUILTINS):
                 log.warning("profile %r is yours: the shipped one is not installed", name)
+            known = {profile.name for profile in await profiles.list()}
+            for name in sorted(set(settings.worker_profiles) - known - {NO_PROFILE}):
+                log.warning(
+                    "this node takes jobs of profile %r, which does not exist (yet); the "
+                    "profiles are: %s",
+                    name,
+                    ", ".join(sorted(known)) or "none",
+                )
             if await followup_store.recover(queue, expired_only=False):
                 log.warning("follow-up questions interrupted by the last stop are queued again")
             asked = app.state.followups = FollowUps(
@@ -327,11 +336,6 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             models.events = bus
             worker = Worker(settings, queue, models, bus, files=store.files)
             store.on_job_queued(worker.notify)
-            watcher = None
-            if watch_inbox:
-                watcher = InboxWatcher(
-                    settings, Ledger(queue), worker.notify, profiles, bus, files=store.files
-                )
             app.state.services = Services(
                 settings,
                 queue,
@@ -340,7 +344,6 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 worker,
                 started,
                 profiles,
-                watcher,
                 events=bus,
                 stored_files=store.files,
             )
@@ -385,14 +388,18 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                     at_start=True,
                 )
                 tasks.append(asyncio.create_task(retention))
-            if watcher is not None:
-                watcher.start()
-                log.info("watching %s for images", watcher.root)
+            inbox.start(
+                lambda: InboxWatcher(
+                    settings, Ledger(queue), worker.notify, profiles, bus, files=store.files
+                ),
+                app.state.services,
+            )
+            if (supervisor := inbox.supervise()) is not None:
+                tasks.append(supervisor)
             yield
             asked.stop_claiming()  # at once: the grace is for the running job and follow-up
             try:
-                if watcher is not None:
-                    await watcher.stop()
+                await inbox.stop()
             finally:
                 await worker.stop()
             log.info("aip stopped; queue %s", await queue.counts())
@@ -412,9 +419,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
                 await store.close()
             if owned_host:
                 await models.close()
-            inbox_lock.release()
-            if shared_inbox is not None:
-                shared_inbox.release()
+            inbox.release()
             lock.release()
 
     app = FastAPI(

@@ -182,6 +182,12 @@ def _cpu_blas(value: str) -> str:
     return parse_setting(value)
 
 
+def _worker_profiles(value: str) -> tuple[str, ...]:
+    from service.profiles import worker_profiles
+
+    return worker_profiles(value)
+
+
 def _batch(value: str) -> int | str:
     from service.batching import parse_setting
 
@@ -194,7 +200,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIP_DB": ("db_path", _path),
     "AIP_DATABASE_URL": ("database_url", database_url),
     "AIP_IMAGE_STORE": ("image_store", _path),
-    "AIP_WORKER_PROFILES": ("worker_profiles", lambda v: _split_list(v, ",")),
+    "AIP_WORKER_PROFILES": ("worker_profiles", _worker_profiles),
     "AIP_INBOX": ("inbox", _path),
     "AIP_LOG_DIR": ("log_dir", _path),
     "AIP_DETECTOR": ("detector", str),

@@ -28,6 +28,19 @@ class Shipped:
 NO_PROFILE = "none"
 
 
+def worker_profiles(text: str) -> tuple[str, ...]:
+    """AIP_WORKER_PROFILES / --profiles: comma-separated profile names, NO_PROFILE for jobs
+    without one. Raises ValueError naming the first that is not a profile name."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in names:
+        if name != NO_PROFILE and not NAME.fullmatch(name):
+            raise ValueError(
+                f"{name[:80]!r} is not a profile name (lowercase letters, digits and hyphens; "
+                f"{NO_PROFILE!r} for jobs without a profile)"
+            )
+    return names
+
+
 def check_name(name: str) -> str:
     if name == NO_PROFILE:
         raise InvalidInput(

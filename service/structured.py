@@ -66,6 +66,16 @@ def _validator(schema: dict[str, Any]) -> Any:
     return jsonschema_rs.validator_for(schema, retriever=_no_remote)
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
 def check_schema(raw: Any) -> dict[str, Any]:
     """`raw` (a dict, or its JSON text) as a JSON Schema object: at most MAX_SCHEMA_BYTES,
     valid against its draft's meta-schema, and compilable (patterns are regexes, every $ref
@@ -92,6 +102,8 @@ def check_schema(raw: Any) -> dict[str, Any]:
         _refuse(f"is larger than {MAX_SCHEMA_BYTES} bytes")
     if _depth(raw) > MAX_SCHEMA_DEPTH:
         _refuse(f"is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    if _holds_nul(raw):
+        _refuse("holds a NUL character (\\u0000), which no stored text may hold")
     draft = raw.get("$schema")
     if draft is not None and not (isinstance(draft, str) and _DRAFTS.fullmatch(draft)):
         _refuse(

@@ -260,14 +260,17 @@ def postgres() -> Iterator[Any]:
     from tests.postgres_server import PostgresServer, find_bindir
 
     bindir = find_bindir()
+    if bindir is None and os.environ.get("CI"):
+        failed = apt_install("postgresql")
+        bindir = find_bindir()
+        if bindir is None:
+            pytest.fail(f"CI: could not install PostgreSQL's server: {failed}")
     if bindir is None:
-        how = (
-            "PostgreSQL tests: install PostgreSQL 15 server binaries (Debian: apt-get install "
-            "postgresql-15) or set AIP_PG_BIN to their folder"
+        pytest.skip(
+            "PostgreSQL tests skipped: install PostgreSQL 15 server binaries (Debian: apt-get "
+            "install postgresql) or set AIP_PG_BIN to their folder; with CI set they install it "
+            "and must run"
         )
-        if os.environ.get("CI"):
-            pytest.fail(f"CI: {how}")
-        pytest.skip(how)
     from service.store.postgres.migrate import migrate as migrate_postgres
 
     server = PostgresServer(bindir)
@@ -323,14 +326,21 @@ def _chromium() -> Path | None:
     found = Path(os.environ.get("AIP_TEST_CHROMIUM", "/usr/bin/chromium"))
     if found.is_file() or not os.environ.get("CI"):
         return found if found.is_file() else None
+    failed = apt_install("chromium")
+    if failed or not found.is_file():
+        pytest.fail(f"CI: could not install chromium: {failed}")
+    return found
+
+
+def apt_install(package: str) -> str | None:
+    """Install a Debian package the tests need (CI runs them on a fresh machine); None once
+    done, else what went wrong."""
     import subprocess
 
-    install = "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium"
+    install = f"apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}"
     command = ["sh", "-c", install if os.geteuid() == 0 else f"sudo -n sh -c '{install}'"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not found.is_file():
-        pytest.fail(f"CI: could not install chromium ({install}): {done.stderr[-500:]}")
-    return found
+    return None if done.returncode == 0 else f"{install}: {done.stderr[-500:]}"
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """`aip db copy --to`: a data directory the real app filled on SQLite, copied into PostgreSQL,
 reads back the same through the real app; an interrupted copy finishes on a second run; a
-copy that differs from its source fails verification."""
+copy that differs from its source fails verification; a copy that cannot start says why in one
+line and writes nothing."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +16,10 @@ import pytest
 from service.cli.commands import run
 from service.config import Settings
 from service.store import copy
+from service.store.migrate import migrate
 from service.store.postgres.connection import PgConnection
 from tests.conftest import RunningService, make_image, make_settings
+from tests.test_postgres_app import insert_jobs
 
 Serve = Callable[..., RunningService]
 HOOK = "http://127.0.0.1:9/hook"  # nothing listens: deliveries stay pending, then fail
@@ -106,7 +110,7 @@ def test_a_copied_data_dir_reads_back_the_same_on_postgresql(
         pg_url,
         "SELECT count(*) FROM results JOIN job_search USING (job_id)"
         " WHERE job_search.reasoning = results.reasoning AND results.reasoning != ''"
-        " AND tsvector_to_array(to_tsvector('simple', results.reasoning))"
+        " AND tsvector_to_array(to_tsvector('aip_search', results.reasoning))"
         " <@ tsvector_to_array(job_search.document)",
     )
     assert reasoning == pg_rows(pg_url, "SELECT count(*) FROM results WHERE reasoning != ''")
@@ -168,5 +172,79 @@ def test_the_copy_refuses_a_data_dir_in_use(
     settings = make_settings(tmp_path)
     serve(settings)
     assert aip("db", "copy", "--to", pg_url, "--data-dir", str(settings.data_dir)) == 2
-    assert "already using the data directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"is already using the data directory {settings.data_dir}; stop it, then copy" in err
+    assert "--data-dir or AIP_DATA_DIR" not in err  # `aip serve`'s advice, not a copy's
     assert pg_rows(pg_url, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+def small_source(tmp_path: Path) -> Settings:
+    """A data directory whose SQLite store holds one job and its stored image."""
+    settings = make_settings(tmp_path / "src")
+    settings.data_dir.mkdir(parents=True)
+    migrate(settings.database)
+    insert_jobs(settings, {1: "count the cars"})
+    image = settings.data_dir / f"images/{1:064x}.jpg"
+    image.parent.mkdir()
+    image.write_bytes(make_image(20, 20))
+    return settings
+
+
+def one_line_refusal(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert aip("db", "copy", *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_the_copy_refuses_a_database_other_nodes_use(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = small_source(tmp_path)
+    other = make_settings(tmp_path / "other", database_url=pg_url)
+    insert_jobs(other, {1: "a job of the fleet", 7: "another"})
+    store = tmp_path / "share"
+    store.mkdir()
+    data_dir = str(settings.data_dir)
+    err = one_line_refusal(
+        capsys, "--to", pg_url, "--data-dir", data_dir, "--image-store", str(store)
+    )
+    assert "already holds 2 jobs that did not come from this data directory" in err
+    assert "copy into an empty database" in err
+    assert list(store.iterdir()) == []  # nothing written: no files, no rows
+    assert pg_rows(pg_url, "SELECT id FROM jobs ORDER BY id") == [(1,), (7,)]
+    assert pg_rows(pg_url, "SELECT count(*) FROM stored_files") == [(0,)]
+
+
+def test_an_unreachable_database_is_one_line(
+    tmp_path: Path, postgres: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = str(small_source(tmp_path).data_dir)
+    for url in (postgres.url("no_such_database"), "postgresql://aip@127.0.0.1:1/aip"):
+        err = one_line_refusal(capsys, "--to", url, "--data-dir", data_dir)
+        assert err.startswith(f"aip: cannot reach the database {url} ("), err
+        assert "run it again" not in err
+
+
+def test_a_missing_image_store_is_refused_not_created(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = str(small_source(tmp_path).data_dir)
+    store = tmp_path / "mnt/share"
+    err = one_line_refusal(
+        capsys, "--to", pg_url, "--data-dir", data_dir, "--image-store", str(store)
+    )
+    assert f"{store} does not exist (is the share mounted?)" in err
+    assert not store.parent.exists()
+    assert pg_rows(pg_url, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+def test_without_the_driver_the_copy_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
+    monkeypatch.delitem(sys.modules, "service.store.copy")
+    err = one_line_refusal(capsys, "--to", "postgresql://aip@db/aip", "--data-dir", "x")
+    assert err == (
+        "aip: PostgreSQL needs its driver: pip install 'aerial-intelligence-pipeline[postgres]'\n"
+    )

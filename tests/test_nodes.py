@@ -107,9 +107,13 @@ def test_one_inbox_is_watched_by_one_node_of_a_database(
     assert first.services.inbox is not None
     assert second.services.inbox is None  # started, serving, without the inbox
     assert second.client.get("/v1/health").status_code == 200
+    assert second.client.get("/v1/inbox").json() == {"enabled": False, "standby": True}
+    refused = second.client.post("/v1/inbox/reprocess", json={"path": "x.jpg"})
+    assert refused.status_code == 409 and refused.json()["code"] == "inbox_elsewhere"
     first.stop()
     third = serve(make_settings(tmp_path / "c", database_url=pg_url, inbox=inbox))
-    assert third.services.inbox is not None
+    # The standby took over, or the newcomer did: one of them watches, never both.
+    assert (second.services.inbox is None) != (third.services.inbox is None)
 
 
 def test_worker_without_a_database_refuses_in_one_line(

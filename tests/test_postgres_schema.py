@@ -35,7 +35,8 @@ def _job(conn: psycopg.Connection[Any], params: dict[str, Any]) -> int:
 
 def _search(conn: psycopg.Connection[Any], word: str) -> list[int]:
     rows = conn.execute(
-        "SELECT job_id FROM job_search WHERE document @@ to_tsquery('simple', %s) ORDER BY job_id",
+        "SELECT job_id FROM job_search WHERE document @@ to_tsquery('aip_search', %s)"
+        " ORDER BY job_id",
         (f"{word}:*",),
     ).fetchall()
     return [row[0] for row in rows]

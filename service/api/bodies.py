@@ -1,4 +1,5 @@
-"""Reads a small JSON request body, refusing it past a size limit before it is all in memory."""
+"""Reads a small JSON request body, refusing it past a size limit before it is all in memory,
+and text no store can hold."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
+from service.api.schemas import refuse_unencodable
 from service.errors import InvalidInput, PayloadTooLarge
 
 
@@ -22,6 +24,8 @@ async def json_body(request: Request, max_bytes: int, hint: str) -> Any:
         if len(raw) > max_bytes:
             raise too_large
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, RecursionError):
         raise InvalidInput("the body is not valid JSON", code="invalid_json") from None
+    refuse_unencodable(body)
+    return body

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.deps import require_token, services
 from service.api.jobs import job_after_commit
 from service.api.schemas import InboxStatus, Job, errors, refuse_unencodable
+from service.config import Settings
 from service.errors import Conflict
 
 RECENT = 20  # ledger rows shown: enough to see what happened to the last batch dropped in
@@ -28,9 +29,10 @@ router = APIRouter(tags=["inbox"], dependencies=[Depends(require_token)], respon
     response_model_exclude_unset=True,
 )
 async def inbox_status(request: Request) -> Any:
-    watcher = services(request).inbox
+    svc = services(request)
+    watcher = svc.inbox
     if watcher is None:
-        return {"enabled": False}
+        return {"enabled": False, "standby": True} if _standby(svc.settings) else {"enabled": False}
     recent = await watcher.ledger.recent(RECENT)
     return {"enabled": True, **watcher.status(), "recent": [asdict(f) for f in recent]}
 
@@ -52,6 +54,12 @@ class ReprocessRequest(BaseModel):
 async def reprocess(request: Request, body: ReprocessRequest) -> Response:
     refuse_unencodable(body.path, "`path`")
     svc = services(request)
+    if svc.inbox is None and _standby(svc.settings):
+        raise Conflict(
+            "another node on this database watches the inbox: ask that node (GET /v1/nodes "
+            "lists them), or submit the file with `aip submit`",
+            code="inbox_elsewhere",
+        )
     if svc.inbox is None:
         raise Conflict(
             "this service's inbox is off (AIP_INBOX_ENABLED=0), so it does not process inbox "
@@ -61,3 +69,9 @@ async def reprocess(request: Request, body: ReprocessRequest) -> Response:
     async with svc.intake_slots:
         job_id = await svc.inbox.reprocess(body.path)
     return await job_after_commit(svc, job_id, "queued", 202, {"Location": f"/v1/jobs/{job_id}"})
+
+
+def _standby(settings: Settings) -> bool:
+    """The inbox is on, and this node is an API node on a shared database: another node
+    watches it (service/inbox/standby.py)."""
+    return settings.inbox_enabled and settings.serve_api and settings.database_url is not None

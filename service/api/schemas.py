@@ -19,9 +19,14 @@ JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="a job id, as `id` in a
 
 
 def refuse_unencodable(value: Any, where: str = "the body") -> None:
-    """Text that cannot be UTF-8 (a lone surrogate, `"\\ud800"` in JSON) is the request's
-    fault: refuse it here rather than fail later in the database or the file system."""
+    """Text that cannot be UTF-8 (a lone surrogate, `"\\ud800"` in JSON) or that holds a NUL
+    (which PostgreSQL's text refuses, and C strings end at) is the request's fault: refuse it
+    here rather than fail later in the database or the file system."""
     if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput(
+                f"{where} holds a NUL character; send text without it", code="invalid_text"
+            )
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -335,9 +340,12 @@ class InboxFiling(Body):
 
 
 class InboxStatus(Body):
-    """Only `enabled` when the inbox is off."""
+    """Only `enabled` (and `standby`) when this node does not watch the inbox."""
 
     enabled: bool
+    standby: bool | None = Field(
+        None, description="true: another node on this database watches it; this one takes over"
+    )
     path: str | None = None
     mode: str | None = Field(None, description="starting|events|polling")
     moving: bool | None = Field(None, description="files are filed to processed/ or failed/")

@@ -11,13 +11,28 @@ from service.client import database_url, settings_from
 
 EXIT_MISMATCH = 1
 EXIT_REFUSED = 2
+# As `aip serve --database` says it (service/store/backend.py).
+NO_DRIVER = "PostgreSQL needs its driver: pip install 'aerial-intelligence-pipeline[postgres]'"
+
+
+def _holder(data_dir: Path) -> str:
+    """' (pid N)' of the service holding the data directory, when its lock file names it."""
+    try:
+        pid = (data_dir / "aip.lock").read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
+    try:
+        from service.store.copy import CopyRefused, copy_data_dir, summary
+    except ImportError:
+        print(f"aip: {NO_DRIVER}", file=sys.stderr)
+        return EXIT_REFUSED
     from service.app import DataDirLock
     from service.errors import AipError
     from service.store.backend import shown
-    from service.store.copy import copy_data_dir, summary
 
     settings = settings_from(args)
     if not settings.database.is_file():
@@ -27,8 +42,12 @@ def cmd_copy(args: argparse.Namespace) -> int:
     lock = DataDirLock(settings.data_dir)
     try:
         lock.acquire()
-    except AipError as exc:
-        print(f"aip: {exc.message}; stop it before copying", file=sys.stderr)
+    except AipError:
+        print(
+            f"aip: an aip service{_holder(settings.data_dir)} is already using the data "
+            f"directory {settings.data_dir}; stop it, then copy",
+            file=sys.stderr,
+        )
         return EXIT_REFUSED
     try:
         print(f"copying {settings.database} into {shown(args.to)}", flush=True)
@@ -39,8 +58,12 @@ def cmd_copy(args: argparse.Namespace) -> int:
             image_store=args.image_store,
             progress=lambda line: print(f"  {line}", flush=True),
         )
+    except CopyRefused as exc:
+        print(f"aip: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except Exception as exc:
-        print(f"aip: the copy stopped ({exc}); run it again to go on", file=sys.stderr)
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        print(f"aip: the copy stopped ({reason}); run it again to go on", file=sys.stderr)
         return EXIT_MISMATCH
     finally:
         lock.release()

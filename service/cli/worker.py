@@ -15,6 +15,7 @@ from service.client import settings_from
 from service.config import Settings
 from service.errors import AipError
 from service.logs import configure_logging
+from service.profiles import worker_profiles
 
 log = logging.getLogger("aip")
 
@@ -33,7 +34,11 @@ def database_url(text: str) -> str:
 
 
 def profile_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    """argparse type for --profiles: a usage error for a name no profile can have."""
+    try:
+        return worker_profiles(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def run_node(settings: Settings) -> int:

@@ -66,6 +66,35 @@ class Store:
         await self.queue.close()
 
 
+def database_errors() -> tuple[type[Exception], ...]:
+    """The exception types a database error reaches a route as (the driver's own, or
+    SQLAlchemy's wrapping of it)."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        import psycopg
+    except ImportError:
+        return (DBAPIError,)
+    return (DBAPIError, psycopg.Error)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is the shared database being out of reach: refused,
+    dropped or restarting connections, as opposed to a bug."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, psycopg.OperationalError):
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__
+    return False
+
+
 def _engine(url: str) -> AsyncEngine:
     return create_async_engine(sqlalchemy_url(url), pool_pre_ping=True)
 
@@ -73,6 +102,17 @@ def _engine(url: str) -> AsyncEngine:
 async def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) -> Store:
     """Migrate (under an advisory lock on PostgreSQL: nodes may start together) and open."""
     url = settings.database_url
+    if settings.image_store is not None:
+        if url is None:
+            raise StartupRefused(
+                "AIP_IMAGE_STORE is for nodes sharing a PostgreSQL database (AIP_DATABASE_URL);"
+                " alone, the service keeps its images in the data directory"
+            )
+        if not settings.image_store.is_dir():
+            raise StartupRefused(
+                f"the image store {settings.image_store} does not exist (is the share "
+                "mounted?); mount or create it, or fix AIP_IMAGE_STORE / --image-store"
+            )
     if url is None:
         applied = await asyncio.to_thread(migrate, settings.database)
         where = str(settings.database)

@@ -15,6 +15,7 @@ from typing import IO, Any
 import psycopg
 
 from service.atomic import write_atomically
+from service.store.backend import shown
 from service.store.migrate import migrate as migrate_sqlite
 
 BATCH = 500
@@ -34,6 +35,10 @@ ORDER = (
 # Not copied: the migration ledger (each store keeps its own), full text (PostgreSQL's triggers
 # fill job_search as jobs, results and follow-ups land) and the nodes of a running fleet.
 SKIPPED = ("schema_migrations", "nodes", "sqlite_sequence")
+
+
+class CopyRefused(Exception):
+    """The copy cannot start; nothing was written to the target. Its text is one line."""
 
 
 @dataclass
@@ -269,6 +274,45 @@ def check_files(
     return bad, missing
 
 
+def connect(url: str) -> psycopg.Connection[Any]:
+    """The target, in autocommit; CopyRefused when it cannot be reached (no such database,
+    wrong password, server down), with the driver's reason on one line."""
+    try:
+        return psycopg.connect(url, autocommit=True)
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CopyRefused(f"cannot reach the database {shown(url)} ({reason})") from None
+
+
+def foreign_jobs(source: sqlite3.Connection, target: psycopg.Connection[Any]) -> int:
+    """Jobs in the target that are not this source's (same id, image and creation time): a
+    database other nodes already use, or another data directory's copy. An earlier run of
+    this copy leaves none."""
+    if target.execute("SELECT to_regclass('jobs')").fetchone() == (None,):
+        return 0
+    ours = {
+        row[0]: (row[1], row[2])
+        for row in source.execute("SELECT id, image_sha256, created_at FROM jobs")
+    }
+    foreign = 0
+    with target.transaction(), target.cursor(name="aip_foreign_jobs") as cursor:
+        cursor.itersize = BATCH
+        cursor.execute("SELECT id, image_sha256, created_at FROM jobs")
+        for job_id, sha, created_at in cursor:
+            foreign += ours.get(job_id) != (sha, created_at)
+    return foreign
+
+
+def _check_image_store(image_store: Path | None) -> None:
+    # Not created here: a missing folder is most often a share that is not mounted, and
+    # files written under the bare mount point would be hidden once it is.
+    if image_store is None or image_store.is_dir():
+        return
+    if image_store.exists():
+        raise CopyRefused(f"the image store {image_store} is not a folder")
+    raise CopyRefused(f"the image store {image_store} does not exist (is the share mounted?)")
+
+
 def unsearchable(target: psycopg.Connection[Any]) -> int:
     """Results whose reasoning did not reach the full-text row (the triggers fill it)."""
     row = target.execute(
@@ -288,14 +332,22 @@ def copy_data_dir(
     after_batch: AfterBatch | None = None,
 ) -> Report:
     """Migrate both stores, copy every table's rows and the stored files, then verify. The
-    caller holds the data directory (no service may write it meanwhile)."""
+    caller holds the data directory (no service may write it meanwhile). CopyRefused, before
+    anything is written to the target, when it cannot be reached, already holds jobs that are
+    not this source's, or `image_store` is not an existing folder."""
     from service.store.postgres.migrate import migrate as migrate_postgres
 
+    _check_image_store(image_store)
     migrate_sqlite(database)
-    migrate_postgres(url)
     source = sqlite3.connect(database)
     try:
-        with psycopg.connect(url, autocommit=True) as target:
+        with connect(url) as target:
+            if foreign := foreign_jobs(source, target):
+                raise CopyRefused(
+                    f"the target already holds {foreign} jobs that did not come from this data "
+                    "directory; copy into an empty database"
+                )
+            migrate_postgres(url)
             names = tables(source)
             for table in names:
                 seen, inserted = copy_rows(source, target, table, after_batch=after_batch)

@@ -36,15 +36,21 @@ def tsquery(terms: Sequence[str]) -> str:
     return " & ".join(quoted)
 
 
+# PostgreSQL's text search configuration (migrations/postgres/0004): case and diacritics folded
+# as FTS5's unicode61 folds them; documents and queries must both go through it.
+SEARCH_CONFIG = "aip_search"
+
+
 def full_text(dialect: str, terms: Sequence[str]) -> ColumnElement[bool]:
-    """Jobs whose prompt, reasoning or follow-ups hold every term."""
+    """Jobs whose prompt, reasoning or follow-ups hold every term, case and diacritics
+    ignored on both backends."""
     if _check(dialect) == SQLITE:
         matches = text("SELECT rowid FROM jobs_fts WHERE jobs_fts MATCH :fts").bindparams(
             fts=fts5_query(terms)
         )
     else:
         matches = text(
-            "SELECT job_id FROM job_search WHERE document @@ to_tsquery('simple', :tsq)"
+            f"SELECT job_id FROM job_search WHERE document @@ to_tsquery('{SEARCH_CONFIG}', :tsq)"
         ).bindparams(tsq=tsquery(terms))
     return col(JobRow.id).in_(matches)
 

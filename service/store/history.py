@@ -108,6 +108,9 @@ class JobFilter:
                 f"unknown source {str(source)[:100]!r}; use one of {', '.join(SOURCES)}",
                 code="invalid_filter",
             )
+        for name, value in given.items():  # q's control characters separate its words
+            if name != "q" and isinstance(value, str) and "\x00" in value:
+                raise InvalidInput(f"{name} holds a NUL character", code="invalid_filter")
         for name in ("folder", "label"):
             if len(str(given.get(name, ""))) > MAX_TEXT:
                 raise InvalidInput(

@@ -69,7 +69,13 @@ def placeholders(sql: str) -> str:
 
 def _value(value: Any) -> Any:
     # Flags are integer columns on both backends; psycopg would send a bool as boolean.
-    return int(value) if isinstance(value, bool) else value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and ("\x00" in value or "\\u0000" in value):
+        # PostgreSQL's text holds no NUL, nor its JSON one written as an escape: what a model
+        # generated keeps its place as U+FFFD (requests with a NUL are refused at the edge).
+        return value.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd")
+    return value
 
 
 def _values(parameters: Sequence[Any] | Mapping[str, Any]) -> Any:
