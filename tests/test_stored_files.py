@@ -78,7 +78,8 @@ def test_the_same_bytes_twice_are_stored_once(serve: Serve, tmp_path: Path, pg_u
 def test_nodes_sharing_an_image_store_keep_files_out_of_the_database(
     serve: Serve, tmp_path: Path, pg_url: str
 ) -> None:
-    shared = tmp_path / "shared"
+    shared = tmp_path / "shared"  # the share every node mounts
+    shared.mkdir()
     image = make_image(56, 40)
     api = serve(
         make_settings(

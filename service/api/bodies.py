@@ -1,5 +1,4 @@
-"""Reads a small JSON request body, refusing it past a size limit before it is all in memory,
-and text no store can hold."""
+"""Reads a small JSON request body, refusing it past a size limit before it is all in memory."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ from typing import Any
 
 from fastapi import Request
 
-from service.api.schemas import refuse_unencodable
 from service.errors import InvalidInput, PayloadTooLarge
 
 
@@ -24,8 +22,6 @@ async def json_body(request: Request, max_bytes: int, hint: str) -> Any:
         if len(raw) > max_bytes:
             raise too_large
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, RecursionError):
         raise InvalidInput("the body is not valid JSON", code="invalid_json") from None
-    refuse_unencodable(body)
-    return body

@@ -69,8 +69,8 @@ def _question(body: Any, max_chars: int) -> str:
     raw = body.get("question")
     if not isinstance(raw, str):
         raise InvalidInput("`question` (a string) is required", code="invalid_question")
-    refuse_unencodable(raw, "`question`")
-    question = _clean(raw).strip()
+    question = _clean(raw).strip()  # control characters (NUL among them) go first
+    refuse_unencodable(question, "`question`")
     if not question:
         raise InvalidInput("`question` is empty", code="invalid_question")
     if len(question) > max_chars:

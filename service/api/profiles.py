@@ -177,6 +177,7 @@ async def show(request: Request, name: ProfileName) -> Response:
 async def put(request: Request, name: ProfileName) -> Response:
     check_name(name)
     body = await json_body(request, MAX_BODY, "a profile is a few options and a short schema")
+    refuse_unencodable(body)
     description, params = _profile_input(body, name, services(request).settings)
     stored, created = await services(request).profiles.put(name, description, params)
     view = stored.view()
