@@ -218,6 +218,16 @@ def start_process(
     raise RuntimeError("service did not become healthy")
 
 
+def until(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """`check()`'s first true value, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not {what} after {timeout} s")
+        time.sleep(0.05)
+    return value
+
+
 def make_settings(tmp_path: Path, **changes: Any) -> Settings:
     """Settings for a service under test: its own data dir, short generations, QUERIES."""
     defaults: dict[str, Any] = {

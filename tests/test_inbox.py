@@ -24,6 +24,7 @@ from tests.conftest import (
     RunningService,
     make_image,
     make_settings,
+    until,
 )
 from tests.test_history import open_db
 
@@ -35,17 +36,6 @@ def ledger(settings: Settings) -> list[tuple[str, str, int | None]]:
         return [tuple(row) for row in rows.fetchall()]
     finally:
         db.close()
-
-
-def until(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def inbox_jobs(service: RunningService) -> list[dict[str, Any]]:

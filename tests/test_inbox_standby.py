@@ -12,23 +12,12 @@ import pytest
 
 from service.inbox import standby
 from service.inbox.lock import advisory_key
-from tests.conftest import RunningService, make_image, make_settings, psycopg_connect
+from tests.conftest import RunningService, make_image, make_settings, psycopg_connect, until
 
 
 @pytest.fixture(autouse=True)
 def quick_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(standby, "CHECK_SECONDS", 0.3)
-
-
-def until(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not {what} after {timeout} s")
-        time.sleep(0.05)
 
 
 def inbox_status(service: RunningService) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port, make_image, psycopg_connect, subprocess_env
+from tests.conftest import free_port, make_image, psycopg_connect, subprocess_env, until
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +111,7 @@ class Cluster:
         self.api = f"http://127.0.0.1:{self.port}"
         self.current: dict[str, Life] = {}
         self.lives: list[Life] = []
+        self.lock = threading.Lock()  # the killer and the restarts change `current` together
         (root / "stderr").mkdir(parents=True)
 
     def start(self, node: str, offset: float = 0.0) -> Life:
@@ -143,12 +144,18 @@ class Cluster:
                 stderr=log,
             )
         life = Life(node, process, offset, time.time())
-        self.current[node] = life
-        self.lives.append(life)
+        with self.lock:
+            self.current[node] = life
+            self.lives.append(life)
         return life
 
+    def up(self, node: str) -> Life | None:
+        with self.lock:
+            return self.current.get(node)
+
     def kill(self, node: str, db: Db) -> Life:
-        life = self.current.pop(node)
+        with self.lock:
+            life = self.current.pop(node)
         life.killed = time.time()
         life.process.send_signal(signal.SIGKILL)
         life.process.wait(timeout=30)
@@ -185,15 +192,6 @@ class Cluster:
             f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
             for path in sorted((self.root / "stderr").iterdir())
         )
-
-
-def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not {what} after {timeout} s")
-        time.sleep(0.05)
-    return value
 
 
 class Submitter(threading.Thread):
@@ -309,57 +307,77 @@ SWITCH = 10  # the kill of the ahead node, after which one an hour behind runs a
 
 
 class Killer:
-    """SIGKILLs KILLS times a random node at a random moment, restarting each once its jobs
-    are rescued: the API node at three random turns, otherwise a random worker node that is
-    running a job; w2 last in each phase (an hour ahead, then behind), once it has run a job."""
+    """SIGKILLs KILLS times a random node at a random moment: the API node at three random
+    turns, otherwise a random worker node that is running a job, while at least one other
+    worker is up to rescue it; w2 last in each phase (an hour ahead, then behind), once it has
+    run a job. A killed node stays down until its jobs are rescued, by another node, not its
+    own restart; the next kills do not wait for that."""
 
     def __init__(self, cluster: Cluster, db: Db, rng: random.Random) -> None:
         self.cluster, self.db, self.rng = cluster, db, rng
-        self.done = 0
+        self.done = 0  # kills whose node is back up
+        self.turn = 0  # the kill under way
         # Waves of jobs the submitter may send: one more each time the killer waits for work
         # and nothing is queued, so jobs last as long as the kills (however fast they run).
         self.fed = 2
         self.rescues: list[Rescue] = []
+        self.failures: list[BaseException] = []
+        self._restarts: list[threading.Thread] = []
+        self._lock = threading.Lock()
         others = [turn for turn in range(KILLS) if turn not in (SWITCH, KILLS - 1)]
         self.api_turns = set(rng.sample(others, 3))
 
     def run(self) -> None:
         for turn in range(KILLS):
-            time.sleep(self.rng.uniform(0.2, 1.5))
+            self.turn = turn
+            time.sleep(self.rng.uniform(0.2, 1.2))
             if turn in (SWITCH, KILLS - 1):
                 node = self._w2_at_work()
             elif turn in self.api_turns:
+                until(lambda: self.cluster.up("api"), 120, "the API node up")
                 node = "api"
             else:
                 node = self._random_worker_at_work()
             dead = self.cluster.kill(node, self.db)
-            # Left down until its jobs are rescued: by another node, not by its own restart.
-            self.rescues += [await_rescue(self.db, dead, job, at) for job, at in dead.held]
-            offset = dead.offset
-            if node == "w2" and turn == SWITCH:
-                offset = -HOUR
-            self.cluster.start(node, offset)
+            offset = -HOUR if node == "w2" and turn == SWITCH else dead.offset
+            restart = threading.Thread(target=self._rescued_then_restart, args=(dead, offset))
+            restart.start()
+            self._restarts.append(restart)
+        for restart in self._restarts:
+            restart.join()
+        assert not self.failures, self.failures
+
+    def _rescued_then_restart(self, dead: Life, offset: float) -> None:
+        try:
+            rescues = [await_rescue(self.db, dead, job, at) for job, at in dead.held]
+            self.cluster.start(dead.node, offset)
+        except BaseException as exc:  # reported by run(), in the test's thread
+            self.failures.append(exc)
+            rescues = []
+        with self._lock:
+            self.rescues += rescues
             self.done += 1
 
     def _random_worker_at_work(self) -> str:
         deadline = time.monotonic() + 120
         while True:
-            working = [
-                node for node in Cluster.WORKERS if self.db.held_by(self.cluster.current[node].pid)
-            ]
-            if working or time.monotonic() > deadline:
-                return self.rng.choice(working or list(Cluster.WORKERS))
+            up = {node: life for node in Cluster.WORKERS if (life := self.cluster.up(node))}
+            working = [node for node, life in up.items() if self.db.held_by(life.pid)]
+            if len(up) >= 2 and (working or time.monotonic() > deadline):
+                return self.rng.choice(working or list(up))
             self._feed()
             time.sleep(0.05)
 
     def _w2_at_work(self) -> str:
-        pid = self.cluster.current["w2"].pid
         deadline = time.monotonic() + 240
-        while not (self.db.held_by(pid) and self.db.succeeded_by(pid)):
+        while True:
+            w2 = self.cluster.up("w2")
+            others = [node for node in Cluster.WORKERS[:2] if self.cluster.up(node)]
+            if w2 and others and self.db.held_by(w2.pid) and self.db.succeeded_by(w2.pid):
+                return "w2"
             assert time.monotonic() < deadline, "w2 never ran a job after finishing one"
             self._feed()
             time.sleep(0.05)
-        return "w2"
 
     def _feed(self) -> None:
         """One more wave once nothing is queued (the workers ran out of jobs)."""
@@ -370,8 +388,10 @@ class Killer:
             self.fed = max(self.fed, total // WAVE + 1)
 
     def may_submit(self, wave: int) -> bool:
-        """The waves the killer asked for, and every wave once the kills are done."""
-        return wave < self.fed or self.done == KILLS
+        """The waves spread over the kills (and one more whenever the workers run dry), and
+        every wave once the kills are done."""
+        spread = wave * KILLS < (self.turn + 1) * (JOBS // WAVE)
+        return spread or wave < self.fed or self.done == KILLS
 
 
 def test_nodes_killed_at_random_lose_nothing_double_nothing_and_ignore_their_clocks(

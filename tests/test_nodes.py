@@ -17,24 +17,13 @@ import pytest
 from service.cli import main
 from service.store import nodes as store
 from service.store.postgres.queue import PgQueue
-from tests.conftest import RunningService, make_settings, psycopg_connect, subprocess_env
+from tests.conftest import RunningService, make_settings, psycopg_connect, subprocess_env, until
 
 
 def nodes(service: RunningService) -> list[dict[str, Any]]:
     answer = service.client.get("/v1/nodes")
     assert answer.status_code == 200, answer.text
     return answer.json()["nodes"]
-
-
-def until(check: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not {what} after {timeout} s")
-        time.sleep(0.1)
 
 
 def test_two_nodes_on_one_database_are_both_alive(
@@ -151,9 +140,9 @@ def test_worker_node_works_jobs_an_api_node_queued(
         stderr=log,
     )
     try:
-        worker = until(lambda: [n for n in nodes(api) if n["role"] == "worker"], what="registered")[
-            0
-        ]
+        worker = until(
+            lambda: [n for n in nodes(api) if n["role"] == "worker"], timeout=120, what="registered"
+        )[0]
         assert worker["state"] == "alive" and worker["pid"] == process.pid
         job_id = api.submit().json()["id"]
         assert api.wait(job_id)["status"] == "succeeded"

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from service.store.tables import (
     ResultRow,
 )
 from tests.conftest import db_rows
+from tests.test_queue_contract import _image, _writer_busy
 
 IMAGE = ImageRecord(
     sha256="ab" * 32, bytes=10, width=100, height=50, format="JPEG", path="images/ab/x.jpg"
@@ -134,26 +134,6 @@ def test_pragmas_wal_full_sync_foreign_keys(tmp_path: Path) -> None:
 
 
 # -- group commit: concurrent intake shares one transaction and one COMMIT -----------------------
-
-
-def _image(n: int) -> ImageRecord:
-    sha = f"{n:064x}"
-    return ImageRecord(sha256=sha, bytes=10, width=8, height=8, format="PNG", path=f"{sha}.png")
-
-
-@contextlib.asynccontextmanager
-async def _writer_busy(queue: Queue) -> AsyncIterator[None]:
-    """Keeps the writer thread busy for the block, so the writes started in it are all waiting
-    together when it is free again (what a burst of submissions does during an fsync)."""
-    gate = threading.Event()
-    blocker = asyncio.create_task(queue.read(lambda _conn: gate.wait(10)))
-    try:
-        yield
-        for _ in range(3):  # every task started in the block reaches the writer's queue
-            await asyncio.sleep(0)
-    finally:
-        gate.set()
-        await blocker
 
 
 def test_concurrent_enqueues_share_commits_and_all_survive_a_reopen(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from service.cli import StopRequested, stops_requested
 from service.cli.startup import (
@@ -22,6 +23,10 @@ from service.client import database_url, port_number, settings_from
 from service.config import Settings
 from service.errors import AipError
 from service.logs import configure_logging
+
+if TYPE_CHECKING:
+    from service.app import DataDirLock
+    from service.inbox.lock import InboxLock
 
 log = logging.getLogger("aip")
 
@@ -43,6 +48,34 @@ def prepare_models(settings: Settings) -> Settings:
     detector = resolve("detector", settings.detector, allow_download=True)
     reasoner = resolve("reasoner", settings.reasoner, allow_download=True)
     return settings.replace(detector=str(detector), reasoner=str(reasoner))
+
+
+def prepare_node(
+    settings: Settings, probes: Sequence[DataDirLock | InboxLock], log_level: str
+) -> Settings | None:
+    """What `serve` and `worker` do before they start: refuse a data directory or inbox in
+    use (before the demo models are written into it), start logging, prepare the models.
+    None once it has said, in one line, why the node cannot start."""
+    try:
+        with contextlib.ExitStack() as held:
+            for probe in probes:
+                probe.acquire()
+                held.callback(probe.release)
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        return None
+    except OSError as exc:
+        print(
+            f"aip: cannot use the data directory ({exc}): set --data-dir or AIP_DATA_DIR",
+            file=sys.stderr,
+        )
+        return None
+    configure_logging(log_level, settings.logs_dir, stderr=settings.log_stderr)
+    try:
+        return prepare_models(settings)
+    except AipError as exc:
+        print(f"aip: {exc.message}", file=sys.stderr)
+        return None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -67,26 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     probes: list[DataDirLock | InboxLock] = [DataDirLock(settings.data_dir)]
     if settings.inbox_enabled and settings.database_url is None:  # PostgreSQL: app.py
         probes.append(InboxLock(settings.inbox_dir, settings.data_dir))
-    try:
-        with contextlib.ExitStack() as held:
-            for probe in probes:
-                probe.acquire()
-                held.callback(probe.release)
-    except AipError as exc:
-        print(f"aip: {exc.message}", file=sys.stderr)
+    prepared = prepare_node(settings, probes, args.log_level)
+    if prepared is None:
         return 2
-    except OSError as exc:
-        print(
-            f"aip: cannot use the data directory ({exc}): set --data-dir or AIP_DATA_DIR",
-            file=sys.stderr,
-        )
-        return 2
-    configure_logging(args.log_level, settings.logs_dir, stderr=settings.log_stderr)
-    try:
-        settings = prepare_models(settings)
-    except AipError as exc:
-        print(f"aip: {exc.message}", file=sys.stderr)
-        return 2
+    settings = prepared
     import uvicorn
 
     app = QuietLifespan(create_app(settings))

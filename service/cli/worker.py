@@ -14,7 +14,6 @@ from service import config
 from service.client import settings_from
 from service.config import Settings
 from service.errors import AipError
-from service.logs import configure_logging
 from service.profiles import worker_profiles
 
 log = logging.getLogger("aip")
@@ -85,28 +84,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     settings = settings.replace(serve_api=False, inbox_enabled=False)
     from service.app import DataDirLock
-    from service.cli.serve import _exit_now, prepare_models
+    from service.cli.serve import _exit_now, prepare_node
 
-    # Refused here, before the demo models are written into a directory in use.
-    probe = DataDirLock(settings.data_dir)
-    try:
-        probe.acquire()
-        probe.release()
-    except AipError as exc:
-        print(f"aip: {exc.message}", file=sys.stderr)
+    prepared = prepare_node(settings, [DataDirLock(settings.data_dir)], args.log_level)
+    if prepared is None:
         return 2
-    except OSError as exc:
-        print(
-            f"aip: cannot use the data directory ({exc}): set --data-dir or AIP_DATA_DIR",
-            file=sys.stderr,
-        )
-        return 2
-    configure_logging(args.log_level, settings.logs_dir, stderr=settings.log_stderr)
-    try:
-        settings = prepare_models(settings)
-    except AipError as exc:
-        print(f"aip: {exc.message}", file=sys.stderr)
-        return 2
+    settings = prepared
     try:
         status = asyncio.run(run_node(settings))
     except AipError as exc:

@@ -61,6 +61,26 @@ def split_statements(sql: str) -> list[str]:
     return statements
 
 
+def to_apply(
+    migrations: list[Migration], applied: dict[int, str], upto: int | None, where: str
+) -> list[Migration]:
+    """The migrations not applied yet (up to `upto`), in order. One applied before whose file
+    has since changed stops start-up: landed migrations are never edited, only followed."""
+    pending = []
+    for migration in migrations:
+        if upto is not None and migration.version > upto:
+            break
+        if migration.version in applied:
+            if applied[migration.version] != migration.checksum:
+                raise RuntimeError(
+                    f"migration {migration.name} changed after it was applied to {where}; "
+                    "add a new migration instead of editing a landed one"
+                )
+            continue
+        pending.append(migration)
+    return pending
+
+
 def migrate(db_path: Path, upto: int | None = None, folder: Path | None = None) -> list[int]:
     """Bring the database at `db_path` up to date; returns the versions applied now.
 
@@ -82,16 +102,7 @@ def migrate(db_path: Path, upto: int | None = None, folder: Path | None = None) 
             for row in conn.execute("SELECT version, checksum FROM schema_migrations")
         }
         done = []
-        for migration in load_migrations(folder):
-            if upto is not None and migration.version > upto:
-                break
-            if migration.version in applied:
-                if applied[migration.version] != migration.checksum:
-                    raise RuntimeError(
-                        f"migration {migration.name} changed after it was applied to "
-                        f"{db_path}; add a new migration instead of editing a landed one"
-                    )
-                continue
+        for migration in to_apply(load_migrations(folder), applied, upto, str(db_path)):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in split_statements(migration.sql):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 
-from service.store.migrate import load_migrations, migrations_dir
+from service.store.migrate import load_migrations, migrations_dir, to_apply
 
 # Session-level advisory lock held for a whole run: "aip_migr" in ASCII. Any fixed key works,
 # as long as every node uses the same one and nothing else in the database takes it.
@@ -39,16 +39,7 @@ def migrate(url: str, upto: int | None = None, folder: Path | None = None) -> li
             conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
         )
         done = []
-        for migration in migrations:
-            if upto is not None and migration.version > upto:
-                break
-            if migration.version in applied:
-                if applied[migration.version] != migration.checksum:
-                    raise RuntimeError(
-                        f"migration {migration.name} changed after it was applied to "
-                        f"{_where(conn)}; add a new migration instead of editing a landed one"
-                    )
-                continue
+        for migration in to_apply(migrations, applied, upto, _where(conn)):
             with conn.transaction():
                 # No parameters: psycopg sends the file as one simple query, so it may
                 # hold many statements and $$-quoted function bodies.
