@@ -143,27 +143,34 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def add_node_flags(parser: argparse.ArgumentParser, *, database: str) -> None:
+    """The flags `serve` and `worker` share: the store, the models, the log."""
+    parser.add_argument("--database", type=database_url, help=database)
+    parser.add_argument(
+        "--image-store",
+        type=Path,
+        help="with --database: a folder every node mounts for stored images, instead of the "
+        "database (AIP_IMAGE_STORE)",
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="run offline on tiny random-weight checkpoints"
+    )
+    parser.add_argument("--detector", help="hub id or local folder (AIP_DETECTOR)")
+    parser.add_argument("--reasoner", help="hub id or local folder (AIP_REASONER)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the log says (default info)",
+    )
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `aip serve`."""
     text = "run the service (API, worker, models)"
     serve = commands.add_parser("serve", help=text, description=text)
     serve.add_argument(
-        "--demo", action="store_true", help="run offline on tiny random-weight checkpoints"
-    )
-    serve.add_argument(
         "--data-dir", type=Path, help="database, stored images, demo checkpoints (AIP_DATA_DIR)"
-    )
-    serve.add_argument(
-        "--database",
-        type=database_url,
-        help="a PostgreSQL URL shared with other nodes (AIP_DATABASE_URL; default: the "
-        "embedded SQLite file in the data directory)",
-    )
-    serve.add_argument(
-        "--image-store",
-        type=Path,
-        help="with --database: a folder every node mounts for stored images, instead of the "
-        "database (AIP_IMAGE_STORE)",
     )
     serve.add_argument("--inbox", type=Path, help="the watched folder (AIP_INBOX)")
     serve.add_argument(
@@ -172,13 +179,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument(
         "--port", type=port_number, help="listening port, 1..65535 (AIP_PORT; default 8765)"
     )
-    serve.add_argument("--detector", help="hub id or local folder (AIP_DETECTOR)")
-    serve.add_argument("--reasoner", help="hub id or local folder (AIP_REASONER)")
     serve.add_argument("--token", help="bearer token clients must send (AIP_TOKEN)")
-    serve.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much the log says (default info)",
+    add_node_flags(
+        serve,
+        database="a PostgreSQL URL shared with other nodes (AIP_DATABASE_URL; default: the "
+        "embedded SQLite file in the data directory)",
     )
     serve.set_defaults(func=cmd_serve)

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from service import config
+from service.cli.serve import add_node_flags
 from service.client import settings_from
 from service.config import Settings
 from service.errors import AipError
@@ -22,14 +22,6 @@ NEEDS_DATABASE = (
     "a worker node works a queue shared with `aip serve`: give its PostgreSQL database with "
     "--database or AIP_DATABASE_URL (the embedded SQLite file is one process's alone)"
 )
-
-
-def database_url(text: str) -> str:
-    """argparse type for --database: a usage error for anything but a postgresql:// URL."""
-    try:
-        return config.database_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def profile_list(text: str) -> tuple[str, ...]:
@@ -75,8 +67,6 @@ async def run_node(settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    if args.database is not None:
-        settings = settings.replace(database_url=args.database)
     if args.profiles is not None:
         settings = settings.replace(worker_profiles=args.profiles)
     if settings.database_url is None:
@@ -109,11 +99,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     text = "run a worker node: models and the shared queue's jobs, no API, no inbox"
     worker = commands.add_parser("worker", help=text, description=text)
     worker.add_argument(
-        "--database",
-        type=database_url,
-        help="the PostgreSQL URL the API nodes use (AIP_DATABASE_URL; required)",
-    )
-    worker.add_argument(
         "--data-dir", type=Path, help="this node's models, logs and file cache (AIP_DATA_DIR)"
     )
     worker.add_argument(
@@ -121,15 +106,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=profile_list,
         help="comma-separated profiles whose jobs it takes (AIP_WORKER_PROFILES; default all)",
     )
-    worker.add_argument(
-        "--demo", action="store_true", help="run offline on tiny random-weight checkpoints"
-    )
-    worker.add_argument("--detector", help="hub id or local folder (AIP_DETECTOR)")
-    worker.add_argument("--reasoner", help="hub id or local folder (AIP_REASONER)")
-    worker.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much the log says (default info)",
+    add_node_flags(
+        worker, database="the PostgreSQL URL the API nodes use (AIP_DATABASE_URL; required)"
     )
     worker.set_defaults(func=cmd_worker)
