@@ -241,6 +241,17 @@ async def _load_models(host: ModelHost, worker: Worker) -> None:
     worker.start()
 
 
+async def _warn_of_unknown_profiles(settings: Settings, profiles: Profiles) -> None:
+    """A node limited to profiles no one has defined yet takes nothing until they are."""
+    known = {profile.name for profile in await profiles.list()}
+    for name in sorted(set(settings.worker_profiles) - known - {NO_PROFILE}):
+        log.warning(
+            "this node takes jobs of profile %r, which does not exist (yet); the profiles are: %s",
+            name,
+            ", ".join(sorted(known)) or "none",
+        )
+
+
 async def _expire_leases(queue: Queue) -> None:
     try:
         requeued, failed = await queue.recover(expired_only=True)
@@ -306,14 +317,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             profiles = Profiles(queue, reads)
             for name in await profiles.seed(BUILTINS):
                 log.warning("profile %r is yours: the shipped one is not installed", name)
-            known = {profile.name for profile in await profiles.list()}
-            for name in sorted(set(settings.worker_profiles) - known - {NO_PROFILE}):
-                log.warning(
-                    "this node takes jobs of profile %r, which does not exist (yet); the "
-                    "profiles are: %s",
-                    name,
-                    ", ".join(sorted(known)) or "none",
-                )
+            await _warn_of_unknown_profiles(settings, profiles)
             if await followup_store.recover(queue, expired_only=False):
                 log.warning("follow-up questions interrupted by the last stop are queued again")
             asked = app.state.followups = FollowUps(
@@ -324,11 +328,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
             # API nodes only, and on PostgreSQL one of them at a time (the sender lock): a
             # delivery is read as due, not claimed, so two senders would send it twice.
             if settings.serve_api:
-                sender_lock = None
-                if store.url is not None:
-                    from service.store.postgres.advisory import AdvisoryLock, lock_key
-
-                    sender_lock = AdvisoryLock(store.url, lock_key("aip webhook sender"))
+                sender_lock = store.one_node_lock("aip webhook sender")
                 hooks = app.state.webhooks = Webhooks(
                     settings, queue, reads, events=bus, sender_lock=sender_lock
                 )

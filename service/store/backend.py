@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -19,6 +19,9 @@ from service.store.migrate import migrate
 from service.store.queue import Queue
 from service.store.reads import Reads
 from service.store.sqlite import read_engine
+
+if TYPE_CHECKING:
+    from service.store.postgres.advisory import AdvisoryLock
 
 log = logging.getLogger("aip")
 
@@ -58,6 +61,15 @@ class Store:
         listener = Listener(self.url, JOBS_CHANNEL, wake)
         listener.start()
         self._closing.append(listener.stop)
+
+    def one_node_lock(self, duty: str) -> AdvisoryLock | None:
+        """On PostgreSQL, the lock whose holder alone does `duty` among the nodes sharing the
+        database; None on SQLite, where this process is the only one."""
+        if self.url is None:
+            return None
+        from service.store.postgres.advisory import AdvisoryLock, lock_key
+
+        return AdvisoryLock(self.url, lock_key(duty))
 
     async def close(self) -> None:
         for stop in reversed(self._closing):
