@@ -42,17 +42,25 @@ def lock_holders(url: str, inbox: Path) -> list[int]:
     return [row[0] for row in rows]
 
 
+def nodes_on(
+    serve: Callable[..., RunningService], tmp_path: Path, pg_url: str, inbox: Path
+) -> Callable[[str], RunningService]:
+    """Starts API nodes on one database and one inbox folder, each with its own data dir."""
+
+    def node(name: str) -> RunningService:
+        settings = make_settings(
+            tmp_path / name, database_url=pg_url, inbox=inbox, inbox_settle_seconds=0.3
+        )
+        return serve(settings)
+
+    return node
+
+
 def test_a_standby_node_takes_over_when_the_watching_node_stops(
     serve: Callable[..., RunningService], tmp_path: Path, pg_url: str
 ) -> None:
     inbox = tmp_path / "inbox"
-
-    def node(name: str) -> RunningService:
-        return serve(
-            make_settings(
-                tmp_path / name, database_url=pg_url, inbox=inbox, inbox_settle_seconds=0.3
-            )
-        )
+    node = nodes_on(serve, tmp_path, pg_url, inbox)
 
     first, second = node("a"), node("b")
     assert inbox_status(first)["enabled"] is True
@@ -70,13 +78,7 @@ def test_a_watching_node_takes_its_lost_lock_again_and_keeps_watching(
     serve: Callable[..., RunningService], tmp_path: Path, pg_url: str
 ) -> None:
     inbox = tmp_path / "inbox"
-
-    def node(name: str) -> RunningService:
-        return serve(
-            make_settings(
-                tmp_path / name, database_url=pg_url, inbox=inbox, inbox_settle_seconds=0.3
-            )
-        )
+    node = nodes_on(serve, tmp_path, pg_url, inbox)
 
     first = node("a")
     watcher = first.services.inbox

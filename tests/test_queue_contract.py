@@ -104,6 +104,16 @@ async def _writer_busy(queue: Queue) -> AsyncIterator[None]:
         await blocker
 
 
+async def _enqueued_together(queue: Queue, n: int) -> list[tuple[int, bool]]:
+    """`n` enqueues waiting for the writer at once (one group): their (id, created)."""
+    async with _writer_busy(queue):
+        tasks = [
+            asyncio.create_task(queue.enqueue(_image(i), PARAMS, input_name=f"{i}.png"))
+            for i in range(n)
+        ]
+    return list(await asyncio.gather(*tasks))
+
+
 # -- the contract: the same behaviour on both backends ---------------------------------------
 
 
@@ -363,12 +373,7 @@ def test_concurrent_enqueues_in_one_group_all_land_and_survive_a_reopen(backend:
 
     async def scenario() -> None:
         queue = await backend.open()
-        async with _writer_busy(queue):
-            tasks = [
-                asyncio.create_task(queue.enqueue(_image(i), PARAMS, input_name=f"{i}.png"))
-                for i in range(n)
-            ]
-        results = await asyncio.gather(*tasks)
+        results = await _enqueued_together(queue, n)
         await queue.close()
         assert all(created for _, created in results)
         ids = sorted(job_id for job_id, _ in results)

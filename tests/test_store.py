@@ -24,7 +24,7 @@ from service.store.tables import (
     ResultRow,
 )
 from tests.conftest import db_rows
-from tests.test_queue_contract import _image, _writer_busy
+from tests.test_queue_contract import _enqueued_together, _image, _writer_busy
 
 IMAGE = ImageRecord(
     sha256="ab" * 32, bytes=10, width=100, height=50, format="JPEG", path="images/ab/x.jpg"
@@ -147,12 +147,7 @@ def test_concurrent_enqueues_share_commits_and_all_survive_a_reopen(tmp_path: Pa
                 lambda sql: commits.append(sql) if sql == "COMMIT" else None
             )
         )
-        async with _writer_busy(queue):
-            tasks = [
-                asyncio.create_task(queue.enqueue(_image(i), PARAMS, input_name=f"{i}.png"))
-                for i in range(n)
-            ]
-        results = await asyncio.gather(*tasks)
+        results = await _enqueued_together(queue, n)
         await queue.close()
         return results, len(commits)
 
