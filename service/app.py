@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api import docs as docs_api
 from service.api import events as events_api
+from service.api import flights as flights_api
 from service.api import followups as followups_api
 from service.api import health, history, inbox, jobs, pages
 from service.api import metrics as metrics_api
@@ -449,6 +450,7 @@ def create_app(settings: Settings, *, host: ModelHost | None = None) -> FastAPI:
     app.include_router(inbox.router, prefix="/v1")
     app.include_router(models_api.router, prefix="/v1")
     app.include_router(nodes_api.router, prefix="/v1")
+    app.include_router(flights_api.router, prefix="/v1")
     app.include_router(history.router, prefix="/v1")
     app.include_router(followups_api.router, prefix="/v1")
     app.include_router(profiles_api.router, prefix="/v1")

@@ -80,6 +80,12 @@ class ModelUnavailable(AipError):
     code = "model_unavailable"
 
 
+class Unavailable(AipError):
+    """This machine lacks what the request needs (a PDF converter)."""
+
+    status = 503
+
+
 class JobFailure(Exception):
     """Why one attempt at a job failed; `transient` ones are retried with backoff."""
 

@@ -1,4 +1,4 @@
-"""Exports of job history in formats other tools read: CSV, JSON Lines, GeoJSON, COCO. Each
+"""Exports of job history in formats other tools read: CSV, JSON Lines, GeoJSON, KML, COCO. Each
 is a stream of text chunks over a stream of pages of job views, one chunk per page, so memory
 stays flat at any size and the response is written in few, large pieces. A format that
 writes only part of a view reads pages of just that part (PROJECTIONS): the same values,
@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import math
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from service import __version__
 from service.detection import decode_mask
+from service.geo import kml
 from service.store.reads import Projection, annotated_view, listed_view, located_view
 
 # Pages of job views, or of the PROJECTIONS of jobs, as Reads.stream gives them.
@@ -23,13 +26,20 @@ FORMATS = {
     "csv": "text/csv; charset=utf-8",
     "jsonl": "application/x-ndjson",
     "geojson": "application/geo+json",
+    "kml": kml.MEDIA_TYPE,
     "coco": "application/json",
 }
 CSV_COLUMNS = [
     "job_id", "status", "source", "source_path", "input_name", "created_at", "finished_at",
     "width", "height", "captured_at", "latitude", "longitude", "altitude",
-    "detection", "label", "x1", "y1", "x2", "y2", "reasoning",
+    "detection", "label", "x1", "y1", "x2", "y2",
+    "detection_lat", "detection_lon", "width_m", "height_m", "area_m2", "uncertainty_m",
+    "reasoning",
 ]  # fmt: skip
+# A detection's place and real size, from its `geo` (empty cells when it was not located).
+_GEO_CELLS = ("lat", "lon", "width_m", "height_m", "area_m2", "uncertainty_m")
+# A located detection's measures in the GeoJSON and KML properties.
+_SIZES = ("width_m", "height_m", "area_m2", "uncertainty_m", "distance_m")
 
 
 # Strict JSON: a non-finite number that slipped through fails loudly instead of writing NaN.
@@ -91,9 +101,11 @@ async def to_csv(pages: Pages, answer_fields: Sequence[str] = ()) -> AsyncIterat
             detections = result.get("detections") or []
             answer = _answer_cells(result.get("answer"), fields) if fields else []
             if not detections:
-                rows.append([*base, "", "", "", "", "", "", reasoning, *answer])
+                rows.append([*base, *[""] * 12, reasoning, *answer])
             for d in detections:
-                rows.append([*base, d["number"], d["label"], *d["box"], reasoning, *answer])
+                geo = _located(d.get("geo"))
+                place = [_cell_or_empty(geo.get(k)) for k in _GEO_CELLS] if geo else [""] * 6
+                rows.append([*base, d["number"], d["label"], *d["box"], *place, reasoning, *answer])
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\r\n").writerows(rows)
         yield buffer.getvalue()
@@ -111,8 +123,72 @@ def _counts(job: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
-def _feature(job: dict[str, Any]) -> dict[str, Any] | None:
-    """The job as a Point (longitude, latitude[, altitude]); None when it has no position."""
+def _finite(value: Any) -> float | None:
+    """A number as it is; None for anything else, and for NaN or infinity (strict JSON)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def _cell_or_empty(value: Any) -> Any:
+    number = _finite(value)
+    return "" if number is None else number
+
+
+def _located(geo: Any) -> dict[str, Any] | None:
+    """A frame's or detection's `geo` when it holds a place; None when it says why not."""
+    if isinstance(geo, dict) and "reason" not in geo:
+        return geo
+    return None
+
+
+def _ring(points: Any) -> list[list[float]] | None:
+    """A footprint as an RFC 7946 exterior ring: closed, counter-clockwise (right-hand rule)
+    in longitude/latitude; None when it is not a ring of finite [lon, lat] pairs that
+    encloses an area."""
+    if not isinstance(points, list):
+        return None
+    ring: list[list[float]] = []
+    for point in points:
+        if not (isinstance(point, list | tuple) and len(point) >= 2):
+            return None
+        lon, lat = _finite(point[0]), _finite(point[1])
+        if lon is None or lat is None:
+            return None
+        ring.append([lon, lat])
+    if ring and ring[0] != ring[-1]:
+        ring.append(ring[0])
+    if len(ring) < 4:
+        return None
+    # Shoelace about the first corner: a box of a few metres is ~1e-9 square degrees.
+    x0, y0 = ring[0]
+    twice_area = sum(
+        (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+        for (x1, y1), (x2, y2) in itertools.pairwise(ring)
+    )
+    if twice_area == 0:
+        return None
+    return ring if twice_area > 0 else ring[::-1]
+
+
+def _point(geo: dict[str, Any]) -> list[float] | None:
+    lon, lat = _finite(geo.get("lon")), _finite(geo.get("lat"))
+    return None if lon is None or lat is None else [lon, lat]
+
+
+def _shape(geo: dict[str, Any]) -> dict[str, Any] | None:
+    """A located detection's ground footprint as a Polygon; a Point at its centre when the
+    footprint is unknown (a corner above the horizon); None without a usable place."""
+    ring = _ring(geo.get("footprint"))
+    if ring is not None:
+        return {"type": "Polygon", "coordinates": [ring]}
+    centre = _point(geo)
+    return None if centre is None else {"type": "Point", "coordinates": centre}
+
+
+def _frame(job: dict[str, Any], frame: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job as a Point where the camera was (longitude, latitude[, altitude]); None when
+    it has no position."""
     gps = _gps(job)
     if "latitude" not in gps or "longitude" not in gps:
         return None
@@ -123,31 +199,85 @@ def _feature(job: dict[str, Any]) -> dict[str, Any] | None:
         "type": "Feature",
         "geometry": {"type": "Point", "coordinates": position},
         "properties": {
+            "kind": "frame",
             "job_id": job["id"],
             "name": job["input"]["name"],
             "status": job["status"],
             "captured_at": job["input"].get("captured_at"),
             "counts": _counts(job),
             "reasoning": (job.get("result") or {}).get("reasoning"),
+            "flight": job.get("flight"),
+            "gsd_cm": _finite((frame or {}).get("gsd_cm")),
         },
     }
 
 
+def _features(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A job's features: the camera's Point, the frame's ground footprint, and one feature per
+    located detection. `confidence` is always null: the detector gives boxes no score, and
+    the key is kept so every detection has the same fields."""
+    result = job.get("result") or {}
+    frame = _located(result.get("geo"))
+    features = []
+    if (point := _frame(job, frame)) is not None:
+        features.append(point)
+    captured_at, flight = job["input"].get("captured_at"), job.get("flight")
+    if frame is not None and (ring := _ring(frame.get("footprint"))) is not None:
+        properties = {
+            "kind": "footprint",
+            "job_id": job["id"],
+            "name": job["input"]["name"],
+            "captured_at": captured_at,
+            "flight": flight,
+            "gsd_cm": _finite(frame.get("gsd_cm")),
+            "uncertainty_m": _finite(frame.get("uncertainty_m")),
+        }
+        polygon = {"type": "Polygon", "coordinates": [ring]}
+        features.append({"type": "Feature", "geometry": polygon, "properties": properties})
+    for d in result.get("detections") or []:
+        geo = _located(d.get("geo"))
+        shape = None if geo is None else _shape(geo)
+        if geo is None or shape is None:
+            continue
+        properties = {
+            "kind": "detection",
+            "job_id": job["id"],
+            "number": d["number"],
+            "label": d["label"],
+            "confidence": None,
+            **{k: _finite(geo.get(k)) for k in _SIZES},
+            "flight": flight,
+            "captured_at": captured_at,
+        }
+        features.append({"type": "Feature", "geometry": shape, "properties": properties})
+    return features
+
+
 async def to_geojson(pages: Pages) -> AsyncIterator[str]:
-    """A FeatureCollection with one Point per geotagged job."""
+    """A FeatureCollection: for each geotagged job a Point where the camera was (`kind`
+    "frame"), its ground footprint (`kind` "footprint") and its located detections (`kind`
+    "detection": ground footprint Polygons, or Points where the footprint is unknown)."""
     yield '{"type": "FeatureCollection", "features": ['
     first = True
     async for page in pages:
         chunk = []
         for job in page:
-            feature = _feature(job)
-            if feature is None:
-                continue
-            chunk.append(("" if first else ",") + "\n" + _dumps_text(feature))
-            first = False
+            for feature in _features(job):
+                chunk.append(("" if first else ",") + "\n" + _dumps_text(feature))
+                first = False
         if chunk:
             yield "".join(chunk)
     yield "\n]}\n"
+
+
+async def _feature_pages(pages: Pages) -> AsyncIterator[list[dict[str, Any]]]:
+    async for page in pages:
+        yield [feature for job in page for feature in _features(job)]
+
+
+def to_kml(pages: Pages) -> AsyncIterator[str]:
+    """KML 2.2: the GeoJSON export's features in a Folder per kind."""
+    return kml.document(_feature_pages(pages))
 
 
 def _coco_rle(mask: dict[str, Any], width: int, height: int) -> dict[str, Any]:
@@ -247,6 +377,7 @@ WRITERS: dict[str, Callable[[Pages], AsyncIterator[str]]] = {
     "csv": to_csv,
     "jsonl": to_jsonl,
     "geojson": to_geojson,
+    "kml": to_kml,
     "coco": to_coco,
 }
 # What each writer reads of a job (None: the full view). Each projection holds every field
@@ -255,5 +386,6 @@ PROJECTIONS: dict[str, Projection | None] = {
     "csv": listed_view,
     "jsonl": None,
     "geojson": located_view,
+    "kml": located_view,
     "coco": annotated_view,
 }

@@ -89,16 +89,22 @@ def read_exif(image: Image.Image) -> dict[str, Any] | None:
             value = value.strip("\x00 ").strip()
         if value not in (None, ""):
             out[key] = value
+    for key, tag in (
+        ("focal_length", ExifTags.Base.FocalLength),
+        ("focal_length_35mm", ExifTags.Base.FocalLengthIn35mmFilm),
+    ):
+        try:
+            focal = _rational(ifd[tag])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError, IndexError):
+            continue
+        if focal > 0:
+            out[key] = round(focal, 4)
     gps = _gps(dict(exif.get_ifd(ExifTags.IFD.GPSInfo)))
     if gps:
         out["gps"] = gps
     return out or None
 
 
-_DJI = re.compile(
-    rb"drone-dji:(RelativeAltitude|AbsoluteAltitude|GimbalPitchDegree|GimbalYawDegree|"
-    rb'GimbalRollDegree|FlightYawDegree)\s*=\s*"([-+0-9.]+)"'
-)
 _DJI_NAMES = {
     b"RelativeAltitude": "relative_altitude",
     b"AbsoluteAltitude": "absolute_altitude",
@@ -106,19 +112,30 @@ _DJI_NAMES = {
     b"GimbalYawDegree": "gimbal_yaw",
     b"GimbalRollDegree": "gimbal_roll",
     b"FlightYawDegree": "flight_yaw",
+    b"CalibratedFocalLength": "calibrated_focal_length",
+    b"CalibratedOpticalCenterX": "calibrated_optical_center_x",
+    b"CalibratedOpticalCenterY": "calibrated_optical_center_y",
+    b"RtkFlag": "rtk_flag",
 }
+# Most models write `drone-dji:Name="+80.00"` attributes; some write `<drone-dji:Name>` elements.
+_DJI = re.compile(
+    rb"drone-dji:(" + b"|".join(_DJI_NAMES) + rb')\s*=\s*"\s*([-+0-9.]+)\s*"'
+    rb"|<drone-dji:(" + b"|".join(_DJI_NAMES) + rb")>\s*([-+0-9.]+)\s*</drone-dji:"
+)
 
 
 def read_dji_xmp(data: bytes) -> dict[str, float] | None:
     """DJI drones write flight and gimbal attitude into an XMP packet near the file's start."""
     found = {}
-    for name, value in _DJI.findall(data[: 512 * 1024]):
+    for attribute, attribute_value, element, element_value in _DJI.findall(data[: 512 * 1024]):
+        name, value = (attribute, attribute_value) if attribute else (element, element_value)
         try:
             number = float(value)
         except ValueError:
             continue
         if math.isfinite(number):
-            found[_DJI_NAMES[name]] = number
+            key = _DJI_NAMES[name]
+            found[key] = int(number) if key == "rtk_flag" and number.is_integer() else number
     return found or None
 
 

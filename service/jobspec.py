@@ -5,6 +5,7 @@ normalized here, then merged in that order; knows no transport (form, JSON body,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -27,11 +28,15 @@ OPTION_KEYS = (
     "detect_max_tokens",
     "reason_max_tokens",
     "webhook",
+    "ground_elevation",
+    "flight",
 )
 MAX_REDACT = 16
 MAX_REDACT_CHARS = 200
 MAX_PROFILE_NAME = 64
+MAX_FLIGHT_NAME = 200
 _TRUE, _FALSE = {"true", "1"}, {"false", "0"}
+AUTO_FLIGHT = "auto"  # a flight option that leaves the job to be grouped by capture time
 
 
 class Profile(Protocol):
@@ -117,6 +122,35 @@ def _webhook(raw: Any, what: str) -> str:
         ) from None
 
 
+def _elevation(raw: Any, what: str) -> float:
+    """Metres above sea level, from the Dead Sea shore to above any summit."""
+    try:
+        if isinstance(raw, bool):
+            raise TypeError
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if not -500 <= value <= 9000:
+        raise InvalidInput(
+            f"{what} must be the ground's height in metres above sea level, -500 to 9000",
+            code="invalid_option",
+        )
+    return value
+
+
+def _flight(raw: Any, what: str) -> str:
+    """A flight's name: printable text (it is shown and used in URLs), no leading `/`;
+    `auto` asks for grouping by capture time even in an inbox folder."""
+    name = raw.strip() if isinstance(raw, str) else ""
+    if not 1 <= len(name) <= MAX_FLIGHT_NAME or not name.isprintable() or name.startswith("/"):
+        raise InvalidInput(
+            f"{what} must name a flight: 1 to {MAX_FLIGHT_NAME} printable characters, "
+            "not starting with /",
+            code="invalid_flight",
+        )
+    return name
+
+
 def _one(key: str, raw: Any, what: str) -> Any:
     """One option normalized, or None when it says nothing (blank text, no queries)."""
     if key == "queries":
@@ -137,6 +171,10 @@ def _one(key: str, raw: Any, what: str) -> Any:
         return _profile_name(raw, what)
     if key == "webhook":
         return _webhook(raw, what)
+    if key == "ground_elevation":
+        return _elevation(raw, what)
+    if key == "flight":
+        return _flight(raw, what)
     return _whole(raw, what)  # the token limits
 
 
@@ -228,4 +266,6 @@ async def resolve(
         keep_original=merged.get("keep_original", True),
         profile=profile.name if profile is not None else None,
         webhook=merged.get("webhook", settings.webhook_url),
+        ground_elevation=merged.get("ground_elevation"),
+        flight=None if merged.get("flight") == AUTO_FLIGHT else merged.get("flight"),
     )

@@ -30,6 +30,10 @@ class JobParams:
     profile: str | None = None  # the profile the job's parameters were resolved with
     plan: bool = False  # no queries from anywhere: the reasoner proposes what to look for
     webhook: str | None = None  # where the finished job is POSTed (service/webhooks.py)
+    # The ground (service/geo): its height in metres above sea level, None for flat ground
+    # at take-off height; and the flight the job belongs to, None to be grouped by time.
+    ground_elevation: float | None = None
+    flight: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -51,6 +55,10 @@ class JobParams:
         out["plan"] = self.plan
         if self.webhook is not None:
             out["webhook"] = self.webhook
+        if self.ground_elevation is not None:
+            out["ground_elevation"] = self.ground_elevation
+        if self.flight is not None:
+            out["flight"] = self.flight
         return out
 
     @classmethod
@@ -69,6 +77,8 @@ class JobParams:
             profile=raw.get("profile"),
             plan=bool(raw.get("plan", False)),
             webhook=raw.get("webhook"),
+            ground_elevation=raw.get("ground_elevation"),
+            flight=raw.get("flight"),
         )
 
     @property

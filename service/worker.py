@@ -19,6 +19,7 @@ from service import batching, redact
 from service.config import Settings
 from service.errors import DiskFull, JobFailure
 from service.events import EventBus
+from service.geo.georef import georeference
 from service.intake import open_stored
 from service.models.host import ModelHost
 from service.nodes import new_node_id
@@ -472,6 +473,15 @@ class Worker:
                 self._failed(claim, status, failure, retry_in)
                 return following
         timings.update(result.timings)
+        located = time.perf_counter()
+        geo, detection_geo = await asyncio.to_thread(
+            georeference,
+            claim.image_exif,
+            *claim.image_size,
+            [d.box for d in result.detections],
+            params.ground_elevation,
+        )
+        timings["geo"] = (time.perf_counter() - located) * 1000
         timings["total"] = (time.perf_counter() - began) * 1000 + timings["queue_wait"]
         outcome = Outcome(
             result.detections,
@@ -483,6 +493,8 @@ class Worker:
             planned_queries=result.planned_queries,
             tiling=result.tiling,
             redacted_path=redacted,
+            geo=geo,
+            detection_geo=detection_geo,
         )
         self._set_stage(claim, "persist")
         done, following = await self.queue.complete_and_claim(

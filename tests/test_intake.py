@@ -30,6 +30,7 @@ from service.intake import (
 )
 from service.pipeline import to_original
 from tests.conftest import RunningService, make_image
+from tests.geo_frames import dji_jpeg
 
 LIMIT = 50_000_000
 
@@ -413,3 +414,45 @@ def test_coco_masks_are_scaled_to_the_original_image(
     expected = small[rows][:, cols]
     decoded = coco_mask.decode(coco_mask.frPyObjects(rle, height, width)).astype(bool)
     assert decoded.shape == (height, width) and np.array_equal(decoded, expected)
+
+
+# -- camera metadata for georeferencing (issue 16) ---------------------------------------------
+
+
+def test_focal_lengths_are_read_only_when_they_are_numbers() -> None:
+    frame = {"lat": 46.5, "lon": 7.25, "relative_altitude": 80.0}
+    exif = inspect_image(dji_jpeg(**frame), max_pixels=LIMIT).exif
+    assert exif is not None
+    assert (exif["focal_length"], exif["focal_length_35mm"]) == (8.8, 24.0)
+    bare = inspect_image(
+        dji_jpeg(**frame, focal_length=None, focal_length_35mm=0), max_pixels=LIMIT
+    ).exif
+    assert bare is not None and "focal_length" not in bare and "focal_length_35mm" not in bare
+
+
+@pytest.mark.parametrize("element_form", [False, True], ids=["attributes", "elements"])
+def test_dji_calibration_and_rtk_are_read_in_either_xmp_form(element_form: bool) -> None:
+    data = dji_jpeg(
+        lat=46.5,
+        lon=7.25,
+        relative_altitude=80.0,
+        absolute_altitude=433.79,
+        gimbal_pitch=-89.9,
+        gimbal_yaw=-3.4,
+        flight_yaw=-1.1,
+        calibrated=(3666.666504, 2736.0, 1824.0),
+        rtk_flag=50,
+        element_form=element_form,
+    )
+    assert read_dji_xmp(data) == {
+        "absolute_altitude": 433.79,
+        "relative_altitude": 80.0,
+        "gimbal_roll": 0.0,
+        "gimbal_yaw": -3.4,
+        "gimbal_pitch": -89.9,
+        "flight_yaw": -1.1,
+        "calibrated_focal_length": 3666.666504,
+        "calibrated_optical_center_x": 2736.0,
+        "calibrated_optical_center_y": 1824.0,
+        "rtk_flag": 50,
+    }

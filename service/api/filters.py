@@ -7,9 +7,11 @@ import inspect
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Query, Request
+from fastapi import Depends, Query, Request
 from pydantic import WithJsonSchema
 
+from service import flights
+from service.api.deps import services
 from service.errors import InvalidInput
 from service.store.history import SORTS, SOURCES, JobFilter
 from service.store.queue import STATUSES
@@ -38,6 +40,15 @@ def job_filter(
     label: str | None = Query(None, description="jobs with a detection of this label"),
     min_count: int | None = Query(None, description="... at least this many of them"),
     q: str | None = Query(None, description="words that must all appear in prompt or reasoning"),
+    bbox: str | None = Query(
+        None,
+        description="minlon,minlat,maxlon,maxlat (WGS84 degrees): jobs whose frame on the "
+        "ground overlaps the box",
+    ),
+    min_size_m: str | None = Query(
+        None, description="jobs with a detection (of label, if given) this many metres across"
+    ),
+    flight: str | None = Query(None, description="jobs of this flight (GET /v1/flights)"),
 ) -> JobFilter:
     return JobFilter.parse(
         status=status,
@@ -50,10 +61,20 @@ def job_filter(
         label=label,
         min_count=min_count,
         q=q,
+        bbox=bbox,
+        min_size_m=min_size_m,
+        flight=flight,
     )
 
 
 FILTERS = tuple(inspect.signature(job_filter).parameters)
+
+
+async def resolved_filter(
+    request: Request, where: Annotated[JobFilter, Depends(job_filter)]
+) -> JobFilter:
+    """The filters, with a flight grouped by capture time resolved to its jobs."""
+    return await flights.resolve(services(request), where)
 
 
 def takes_only(*own: str) -> Callable[[Request], Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from functools import partial
 from typing import Annotated, Any
 
@@ -11,15 +9,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from service.annotate import annotate, to_jpeg
+from service.annotated import annotated_jpeg
 from service.api.deps import require_token, services
-from service.api.filters import Sort, job_filter, takes_only
+from service.api.filters import Sort, resolved_filter, takes_only
 from service.api.schemas import JobId, PruneReport, Stats, errors, typed
 from service.config import parse_age
-from service.errors import Gone, InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound
 from service.exports import FORMATS, PROJECTIONS, WRITERS, to_csv
-from service.intake import open_stored
-from service.redact import redacted_copy
 from service.store.history import JobFilter
 from service.store.retention import prune
 from service.store.stats import job_stats
@@ -27,7 +23,7 @@ from service.store.stats import job_stats
 router = APIRouter(
     tags=["history"], dependencies=[Depends(require_token)], responses=errors(401, 422)
 )
-Filter = Annotated[JobFilter, Depends(job_filter)]
+Filter = Annotated[JobFilter, Depends(resolved_filter)]
 
 
 @router.get(
@@ -42,7 +38,7 @@ async def stats(request: Request, where: Filter) -> Response:
 
 @router.get(
     "/exports/jobs.{fmt}",
-    summary="Stream the filtered jobs as csv|jsonl|geojson|coco",
+    summary="Stream the filtered jobs as csv|jsonl|geojson|kml|coco",
     response_class=StreamingResponse,
     responses={200: {"content": {media: {} for media in FORMATS.values()}}, **errors(404)},
     # Every matching job in one body: `cursor` and `limit` would mean nothing here.
@@ -78,33 +74,7 @@ async def export(
 async def annotated(request: Request, job_id: JobId) -> Response:
     svc = services(request)
     job = await svc.reads.job(job_id)
-    image_row = await svc.reads.image_of(job_id)
-    # A job that redacts is drawn on its redacted copy, never on the original.
-    wanted = image_row.redacted_path if image_row.redact else image_row.path
-    if wanted is not None and (image_row.redact or image_row.pruned_at is None):
-        with contextlib.suppress(FileNotFoundError):  # said below, as for a local file
-            await svc.files.local(wanted)  # written by another node, perhaps
-    copy = redacted_copy(
-        svc.files.root,
-        job_id,
-        image_row.redact,
-        image_row.redacted_path,
-        image_row.job_status,
-    )
-    if copy is None and image_row.pruned_at is not None:
-        raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_gone")
-    source = image_row.path if copy is None else str(image_row.redacted_path)
-    detections = (job.get("result") or {}).get("detections") or []
-
-    def render() -> bytes:
-        return to_jpeg(annotate(open_stored(svc.files.root, source), detections))
-
-    try:
-        return Response(await asyncio.to_thread(render), media_type="image/jpeg")
-    except FileNotFoundError:
-        raise Gone(
-            f"job {job_id}'s stored image is no longer in the data directory", code="image_gone"
-        ) from None
+    return Response(await annotated_jpeg(svc, job), media_type="image/jpeg")
 
 
 class PruneRequest(BaseModel):

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from service.api.deps import require_token, services
-from service.api.filters import Sort, job_filter, takes_only
+from service.api.filters import Sort, resolved_filter, takes_only
 from service.api.schemas import Job, JobId, JobPage, errors, refuse_unencodable, typed
 from service.confine import read_confined
 from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -39,6 +39,8 @@ _SPEC = (
     "redact",
     "keep_original",
     "webhook",
+    "ground_elevation",
+    "flight",
 )
 _OPTIONS = ("max_attempts", "detect_max_tokens", "reason_max_tokens", *_SPEC)
 _FORM_FIELDS = {"image", "queries", "query", "prompt", *_OPTIONS}
@@ -89,6 +91,17 @@ def _spec_doc(form: bool) -> dict[str, Any]:
             "maxLength": 2000,
             "description": "http(s) URL the finished job is POSTed to, signed "
             "(default: its profile's, else AIP_WEBHOOK_URL)",
+        },
+        "ground_elevation": {
+            "type": "string" if form else "number",
+            "description": "the ground's height in metres above sea level, for where "
+            "detections are (default: flat ground at the take-off point's height)",
+        },
+        "flight": {
+            "type": "string",
+            "maxLength": 200,
+            "description": "the flight this frame belongs to (default: its inbox folder, "
+            "else grouped by capture time)",
         },
     }
 
@@ -337,7 +350,7 @@ async def submit(
 )
 async def list_jobs(
     request: Request,
-    where: Annotated[JobFilter, Depends(job_filter)],
+    where: Annotated[JobFilter, Depends(resolved_filter)],
     sort: Sort = "created",
     cursor: str | None = Query(
         default=None, max_length=1000, description="next_cursor from the previous page"

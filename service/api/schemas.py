@@ -108,6 +108,10 @@ class JobParams(Body):
         None, description="no queries were given: the reasoner proposed them (planned_queries)"
     )
     webhook: str | None = Field(None, description="where the finished job is POSTed")
+    ground_elevation: float | None = Field(
+        None, description="metres above sea level; absent: flat ground at take-off height"
+    )
+    flight: str | None = Field(None, description="the flight it was given")
 
 
 class ModelIdentity(Body):
@@ -116,12 +120,63 @@ class ModelIdentity(Body):
     quantize: int | None = Field(None, description="bits, when a quantised copy served")
 
 
+Ring = list[list[float]]
+
+
+class GroundObject(Body):
+    """Where a detection is on the ground (WGS84), or why it has no place there."""
+
+    lat: float | None = Field(None, description="the box centre on the ground, degrees")
+    lon: float | None = None
+    footprint: Ring | None = Field(
+        None, description="the box's corners on the ground, a closed [lon, lat] ring"
+    )
+    width_m: float | None = Field(None, description="ground length of its top and bottom edges")
+    height_m: float | None = Field(None, description="ground length of its left and right edges")
+    area_m2: float | None = None
+    distance_m: float | None = Field(None, description="from the camera to the centre point")
+    uncertainty_m: float | None = Field(None, description="1 sigma, horizontal")
+    reason: str | None = Field(None, description="why it has no place on the ground")
+
+
+class CameraPose(Body):
+    lat: float
+    lon: float
+    height_m: float = Field(description="above the ground")
+    yaw: float = Field(description="degrees clockwise from true north")
+    pitch: float = Field(description="degrees; -90 looks straight down")
+    roll: float
+    focal_px: float
+    sensor_width_mm: float | None
+    model: str | None
+
+
+class GroundPoint(Body):
+    lat: float
+    lon: float
+
+
+class GroundFrame(Body):
+    """The frame on the ground, from the camera pose in its EXIF and XMP (service/geo)."""
+
+    camera: CameraPose | None = None
+    assumptions: list[str] = Field(description="what the geometry takes for granted")
+    centre: GroundPoint | None = Field(None, description="the image centre on the ground")
+    footprint: Ring | None = Field(
+        None, description="the image on the ground (below the horizon, within range)"
+    )
+    gsd_cm: float | None = Field(None, description="ground sample distance at the centre")
+    uncertainty_m: float | None = Field(None, description="1 sigma at the centre")
+    reason: str | None = Field(None, description="why the frame has no place on the ground")
+
+
 class Detection(Body):
     number: int = Field(description="1-based; the number the reasoning refers to")
     label: str
     box: list[float] = Field(description="[x1, y1, x2, y2] in pixels")
     box_normalized: list[float] = Field(description="the box divided by width and height")
     mask: dict[str, Any] | None = Field(None, description="run lengths, when segmenting")
+    geo: GroundObject | None = Field(None, description="absent on jobs from before geometry")
 
 
 class TilingReport(Body):
@@ -143,6 +198,7 @@ class JobResult(Body):
         description="proposed by the reasoner when the job gave no queries; else null"
     )
     tiling: TilingReport | None = Field(description="null when the frame was not tiled")
+    geo: GroundFrame | None = Field(description="null on jobs from before geometry")
 
 
 class JobLinks(Body):
@@ -204,6 +260,9 @@ class Job(Body):
     created_at: str
     started_at: str | None
     finished_at: str | None
+    flight: str | None = Field(
+        description="named on submission or by its inbox folder; null: grouped by capture time"
+    )
     input: JobInput
     params: JobParams
     timings_ms: dict[str, float] = Field(description="queue_wait, decode, detect, reason, ...")
@@ -248,6 +307,9 @@ class StatsFilter(Body):
     label: str | None = None
     min_count: int | None = None
     q: str | None = Field(None, description="the words, as the full-text query quotes them")
+    bbox: list[float] | None = Field(None, description="[west, south, east, north], degrees")
+    min_size_m: float | None = None
+    flight: str | None = None
 
 
 class Stats(Body):
@@ -406,6 +468,64 @@ class Node(Body):
 
 class NodeList(Body):
     nodes: list[Node]
+
+
+class LabelSizes(Body):
+    min: float
+    median: float
+    max: float
+
+
+class Flight(Body):
+    id: str = Field(description="its name, or auto-YYYYMMDD-HHMMSS when grouped by time")
+    explicit: bool = Field(description="named on submission or by its inbox folder")
+    started: str | None = Field(description="the first frame's capture time (camera local)")
+    ended: str | None
+    frames: int
+    located: int = Field(description="frames with a ground footprint")
+    area_m2: float = Field(description="the ground the located frames cover, overlaps once")
+    bbox: list[float] | None = Field(description="[west, south, east, north], degrees")
+    counts: dict[str, int] = Field(description="detections per label")
+    sizes: dict[str, LabelSizes] = Field(description="real sizes per label, metres across")
+    job_ids: list[int] = Field(description="its jobs, in capture order")
+
+
+class FlightList(Body):
+    flights: list[Flight] = Field(description="newest first")
+
+
+class ChangedObject(Body):
+    job_id: int
+    number: int = Field(description="the detection's number in its job")
+    lat: float
+    lon: float
+    uncertainty_m: float
+
+
+class Change(Body):
+    kind: Literal["new", "gone", "moved", "same", "unseen", "unseen_before"]
+    label: str
+    before: ChangedObject | None
+    after: ChangedObject | None
+    distance_m: float | None = None
+    tolerance_m: float | None = Field(None, description="two sigma of both uncertainties")
+    covered_by: list[int] | None = Field(
+        None, description="the other flight's frames that saw the spot"
+    )
+
+
+class FlightChanges(Body):
+    before: str
+    after: str
+    counts: dict[str, int]
+    new: list[Change]
+    gone: list[Change]
+    moved: list[Change]
+    same: list[Change]
+    unseen: list[Change] = Field(description="before-objects the after flight did not see")
+    unseen_before: list[Change] = Field(
+        description="after-objects outside the before flight's ground"
+    )
 
 
 class Health(Body):

@@ -12,6 +12,7 @@ from typing import cast
 from service import __version__, deploy
 from service.cli import (
     db,
+    flights,
     followups,
     history,
     inbox,
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.register(commands)
     followups.register(commands)
     history.register(commands)
+    flights.register(commands)
     inbox.register(commands)
     profiles.register(commands)
     models.register(commands)

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 FILTERS = ("status", "source", "created_after", "created_before", "captured_after",
-           "captured_before", "folder", "label", "min_count", "q")  # fmt: skip
+           "captured_before", "folder", "label", "min_count", "q", "bbox", "min_size_m",
+           "flight")  # fmt: skip
 
 
 HELP = {
@@ -18,8 +19,11 @@ HELP = {
     "captured_before": "EXIF capture time, ISO 8601",
     "folder": "inbox subfolder",
     "label": "jobs that detected this label",
-    "min_count": "with --label: at least this many of it",
+    "min_count": "with --label or --min-size-m: at least this many of them",
     "q": "words that must all appear in the prompt or the reasoning",
+    "bbox": "MINLON,MINLAT,MAXLON,MAXLAT: frames whose ground footprint overlaps the box",
+    "min_size_m": "jobs with a detection (of --label) at least this many metres across",
+    "flight": "jobs of this flight (aip flights)",
 }
 
 

@@ -10,7 +10,7 @@ from service.cli.filters import add_filters, filters
 from service.cli.output import print_json
 from service.client import Client, add_client_command, settings_from
 
-FORMATS = ("csv", "jsonl", "geojson", "coco")
+FORMATS = ("csv", "jsonl", "geojson", "kml", "coco")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -82,7 +82,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     export = add_client_command(commands, "export", "write the filtered jobs to stdout")
     export.add_argument(
         "--format", choices=FORMATS, help="csv (the default; a row per detection), jsonl, "
-        "geojson (geotagged frames) or coco; --json means jsonl"
+        "geojson or kml (frames, footprints and located detections) or coco; --json means jsonl"
     )  # fmt: skip
     add_filters(export)
     export.set_defaults(func=cmd_export)

@@ -115,6 +115,10 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
         data["set_of_marks"] = "true"
     if args.no_keep_original:
         data["keep_original"] = "false"
+    if args.flight:
+        data["flight"] = args.flight
+    if args.ground_elevation is not None:
+        data["ground_elevation"] = args.ground_elevation
     return data
 
 
@@ -311,6 +315,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--no-keep-original",
         action="store_true",
         help="delete the stored original once its redacted copy exists (with --redact)",
+    )
+    submit.add_argument("--flight", metavar="NAME", help="the flight these frames belong to")
+    submit.add_argument(
+        "--ground-elevation",
+        metavar="METRES",
+        help="the ground's height above sea level (default: flat at the take-off height)",
     )
     submit.add_argument("--wait", action="store_true", help="wait for the results")
     submit.add_argument(

@@ -88,7 +88,32 @@ def _options(params: dict[str, Any]) -> list[str]:
         out.append("redact " + ", ".join(params["redact"]))
     if params.get("keep_original") is False:
         out.append("original not kept")
+    if params.get("ground_elevation") is not None:
+        out.append(f"ground {params['ground_elevation']:g} m above sea level")
     return out
+
+
+def _ground(geo: dict[str, Any] | None) -> str | None:
+    """The frame on the ground in a line: its centre, ground sample distance and accuracy."""
+    if not geo:
+        return None
+    if geo.get("reason"):
+        return f"not located: {geo['reason']}"
+    centre = geo.get("centre")
+    where = f"centre {centre['lat']:.6f}, {centre['lon']:.6f}" if centre else "centre unseen"
+    gsd = f", {geo['gsd_cm']:.1f} cm/px" if geo.get("gsd_cm") else ""
+    sigma = f", ±{geo['uncertainty_m']:.1f} m" if geo.get("uncertainty_m") else ""
+    return where + gsd + sigma
+
+
+def _placed(geo: dict[str, Any] | None) -> str:
+    """A detection's place and real size after its box, when it has them."""
+    if not geo or geo.get("lat") is None:
+        return ""
+    size = ""
+    if geo.get("width_m") is not None:
+        size = f", {geo['width_m']:.1f} x {geo['height_m']:.1f} m"
+    return f"  at {geo['lat']:.6f}, {geo['lon']:.6f}{size}"
 
 
 def _delivery(d: dict[str, Any]) -> str:
@@ -139,6 +164,8 @@ def _write_job(job: dict[str, Any], out: TextIO) -> None:
     rows.append(("input", f"{image['name']}  {size}, {image['bytes']:,} bytes{pruned}"))
     if job.get("source_path"):
         rows.append(("from", f"{job['source']}: {job['source_path']}"))
+    rows.append(("flight", job.get("flight")))
+    rows.append(("ground", _ground((job.get("result") or {}).get("geo"))))
     exif = image.get("exif") or {}
     rows.append(("captured", exif.get("captured_at")))
     camera = " ".join(str(exif[k]) for k in ("make", "model") if exif.get(k))
@@ -188,7 +215,8 @@ def _write_job(job: dict[str, Any], out: TextIO) -> None:
     for d in detections:
         box = ", ".join(f"{v:g}" for v in d["box"])
         mark = "  (cited)" if d["number"] in cited else ""
-        print(f"    {d['number']:>3}. {d['label']:<{label_width}}  [{box}]{mark}", file=out)
+        place = _placed(d.get("geo"))
+        print(f"    {d['number']:>3}. {d['label']:<{label_width}}  [{box}]{place}{mark}", file=out)
     if result.get("answer") is not None:
         print("  answer", file=out)
         for line in json.dumps(result["answer"], indent=2, ensure_ascii=False).splitlines():

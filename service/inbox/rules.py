@@ -3,6 +3,7 @@ folder configs above it and its sidecar."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from service.errors import InvalidInput
-from service.jobspec import OPTION_KEYS, parse_options
+from service.jobspec import MAX_FLIGHT_NAME, OPTION_KEYS, parse_options
 
 FILING_FOLDERS = ("processed", "failed")
 FOLDER_CONFIG = "aip.json"
@@ -115,6 +116,11 @@ def params_for(root: Path, relative_path: str, sidecar_path: str | None = None) 
         if config.is_file():
             where = str(folder / FOLDER_CONFIG)
             merged.update(_check(_read_json(config, _FOLDER_KEYS), where))
+    if folder.parts and "flight" not in merged:
+        # A subfolder is a flight, unless its config names one (or `auto`); a folder name
+        # that is no flight name (unprintable characters) leaves the file to its capture time.
+        with contextlib.suppress(InvalidInput):
+            merged.update(parse_options({"flight": folder.as_posix()[:MAX_FLIGHT_NAME]}, ""))
     sidecar = sidecar_path or sidecar_of(relative_path)
     if sidecar is not None and (root / sidecar).is_file():
         own = _check(_read_json(root / sidecar, _SIDECAR_KEYS), sidecar)

@@ -17,7 +17,7 @@ from sqlmodel import col
 from service.errors import InvalidInput
 from service.store.dialect import bytewise, fts5_query, full_text
 from service.store.queue import STATUSES
-from service.store.tables import DetectionRow, ImageRow, JobRow
+from service.store.tables import DetectionRow, ImageRow, JobRow, ResultRow
 
 SORTS = ("created", "finished")
 SOURCES = ("api", "path", "inbox")
@@ -79,6 +79,47 @@ def fts_terms(query: str) -> list[str]:
     return [t.replace('""', '"') for t in _QUOTED.findall(query)]
 
 
+def parse_bbox(value: str) -> tuple[float, float, float, float]:
+    """`minlon,minlat,maxlon,maxlat` in degrees (WGS84); a box across the antimeridian has
+    minlon > maxlon."""
+    try:
+        west, south, east, north = (float(part) for part in value.split(","))
+    except ValueError:
+        west = math.nan
+    if not (
+        -180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= north <= 90
+    ):  # NaN fails every comparison
+        raise InvalidInput(
+            f"bbox={value[:100]!r} is not minlon,minlat,maxlon,maxlat in degrees "
+            "(e.g. bbox=-0.13,51.50,-0.11,51.51)",
+            code="invalid_filter",
+        )
+    return (west, south, east, north)
+
+
+def parse_size(value: str) -> float:
+    try:
+        size = float(value)
+    except ValueError:
+        size = math.nan
+    if not 0 <= size <= 100_000:
+        raise InvalidInput(
+            f"min_size_m={value[:100]!r} must be a size in metres, 0..100000",
+            code="invalid_filter",
+        )
+    return size
+
+
+def _overlaps(bbox: tuple[float, float, float, float]) -> list[ColumnElement[bool]]:
+    """The frame's stored ground box overlaps `bbox`."""
+    west, south, east, north = bbox
+    lon_w, lon_e = col(ResultRow.west), col(ResultRow.east)
+    lats = [col(ResultRow.south) <= north, col(ResultRow.north) >= south]
+    if west <= east:
+        return [lon_w <= east, lon_e >= west, *lats]
+    return [or_(lon_e >= west, lon_w <= east), *lats]  # across the antimeridian
+
+
 @dataclass(frozen=True)
 class JobFilter:
     status: str | None = None
@@ -91,6 +132,12 @@ class JobFilter:
     label: str | None = None
     min_count: int | None = None
     q: str | None = None
+    bbox: tuple[float, float, float, float] | None = None  # west, south, east, north
+    min_size_m: float | None = None
+    flight: str | None = None
+    # A flight grouped by capture time has no column to match: its jobs, resolved by the
+    # caller (service/flights.py); they stand in for `flight`.
+    job_ids: tuple[int, ...] | None = None
 
     @classmethod
     def parse(cls, **raw: str | int | None) -> JobFilter:
@@ -111,7 +158,7 @@ class JobFilter:
         for name, value in given.items():  # q's control characters separate its words
             if name != "q" and isinstance(value, str) and "\x00" in value:
                 raise InvalidInput(f"{name} holds a NUL character", code="invalid_filter")
-        for name in ("folder", "label"):
+        for name in ("folder", "label", "flight"):
             if len(str(given.get(name, ""))) > MAX_TEXT:
                 raise InvalidInput(
                     f"{name} is longer than {MAX_TEXT} characters", code="invalid_filter"
@@ -122,8 +169,10 @@ class JobFilter:
                 raise InvalidInput(
                     "min_count must be a whole number 1..1000000", code="invalid_filter"
                 )
-            if "label" not in given:
-                raise InvalidInput("min_count needs a label to count", code="invalid_filter")
+            if "label" not in given and "min_size_m" not in given:
+                raise InvalidInput(
+                    "min_count needs a label or a min_size_m to count", code="invalid_filter"
+                )
         values: dict[str, Any] = {
             "status": status,
             "source": source,
@@ -134,6 +183,9 @@ class JobFilter:
             "label": given.get("label"),
             "min_count": min_count,
             "q": fts_query(str(given["q"])) if "q" in given else None,
+            "bbox": parse_bbox(str(given["bbox"])) if "bbox" in given else None,
+            "min_size_m": parse_size(str(given["min_size_m"])) if "min_size_m" in given else None,
+            "flight": str(given["flight"]) if "flight" in given else None,
         }
         for name in ("created_after", "created_before"):
             if name in given:
@@ -144,7 +196,11 @@ class JobFilter:
         return cls(**values)
 
     def as_query(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) and f.name != "job_ids"
+        }
 
     def conditions(self, dialect: str) -> list[ColumnElement[bool]]:
         """Conditions over JobRow (ImageRow joined when capture time is asked for), in the SQL
@@ -170,20 +226,24 @@ class JobFilter:
             if self.captured_before:
                 captured = captured.where(captured_at < self.captured_before)
             where.append(col(JobRow.image_sha256).in_(captured))
-        if self.label and self.min_count:
-            count = (
-                select(func.count())
-                .where(col(DetectionRow.job_id) == col(JobRow.id))
-                .where(col(DetectionRow.label) == self.label)
-                .scalar_subquery()
-            )
-            where.append(count >= self.min_count)
-        elif self.label:
-            where.append(
-                exists()
-                .where(col(DetectionRow.job_id) == col(JobRow.id))
-                .where(col(DetectionRow.label) == self.label)
-            )
+        # Detections counted or required: of the label, at least min_size_m across.
+        wanted = [col(DetectionRow.job_id) == col(JobRow.id)]
+        if self.label:
+            wanted.append(col(DetectionRow.label) == self.label)
+        if self.min_size_m is not None:
+            wanted.append(col(DetectionRow.size_m) >= self.min_size_m)
+        if self.min_count:
+            where.append(select(func.count()).where(*wanted).scalar_subquery() >= self.min_count)
+        elif len(wanted) > 1:
+            where.append(exists().where(*wanted))
+        if self.bbox is not None:
+            # Uncorrelated: the page's own query joins results, which would swallow its FROM.
+            ground = select(col(ResultRow.job_id)).where(*_overlaps(self.bbox)).correlate(None)
+            where.append(col(JobRow.id).in_(ground))
+        if self.job_ids is not None:
+            where.append(col(JobRow.id).in_(self.job_ids))
+        elif self.flight:
+            where.append(col(JobRow.flight) == self.flight)
         if self.q:
             where.append(full_text(dialect, fts_terms(self.q)))
         return where

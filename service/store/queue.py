@@ -69,6 +69,9 @@ class Claim:
     # This attempt's place since the job was last queued by hand (a retry starts again at 1):
     # the backoff grows with it, not with the attempts of earlier rounds.
     round_attempt: int = 1
+    # What the geometry of the frame reads (service/geo): its EXIF and its upright size.
+    image_exif: dict[str, Any] | None = None
+    image_size: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ class Outcome:
     planned_queries: list[str] | None = None  # what the reasoner proposed to look for
     tiling: dict[str, Any] | None = None  # tile grid and timings; None when not tiled
     redacted_path: str | None = None  # relative to the data directory
+    # Where the frame and each detection are on the ground (service/geo/georef.py); None
+    # for a job whose geometry was not worked out.
+    geo: dict[str, Any] | None = None
+    detection_geo: Sequence[dict[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,28 @@ class Heartbeat:
 
 def _json_or_null(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
+
+
+def _ground_bounds(geo: dict[str, Any] | None) -> tuple[float | None, ...]:
+    """The frame's ground footprint as (west, south, east, north), for the bbox filter; the
+    camera's position when the footprint is unknown; all None when neither is."""
+    if not geo:
+        return (None,) * 4
+    ring = geo.get("footprint")
+    if ring:
+        lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+        return (min(lons), min(lats), max(lons), max(lats))
+    camera = geo.get("camera") or {}
+    if "lat" in camera and "lon" in camera:
+        return (camera["lon"], camera["lat"], camera["lon"], camera["lat"])
+    return (None,) * 4
+
+
+def _ground_size(geo: dict[str, Any] | None) -> float | None:
+    """A located detection's larger ground side in metres, for the min_size_m filter."""
+    sides = [geo.get(k) for k in ("width_m", "height_m")] if geo else []
+    known = [s for s in sides if isinstance(s, int | float)]
+    return max(known) if known else None
 
 
 class ClaimNext(NamedTuple):
@@ -288,8 +317,8 @@ class Queue:
         )
         row = db.execute(
             "INSERT INTO jobs (source, source_path, image_sha256, input_name, params,"
-            " max_attempts, run_after, created_at, idempotency_key, request_hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            " max_attempts, run_after, created_at, idempotency_key, request_hash, flight)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 source,
                 source_path,
@@ -301,6 +330,7 @@ class Queue:
                 now,
                 idempotency_key,
                 request_hash,
+                params.get("flight"),
             ),
         ).fetchone()
         return int(row["id"])
@@ -353,7 +383,8 @@ class Queue:
         if row is None:
             return None
         image = db.execute(
-            "SELECT path FROM images WHERE sha256 = ?", (row["image_sha256"],)
+            "SELECT path, exif, width, height FROM images WHERE sha256 = ?",
+            (row["image_sha256"],),
         ).fetchone()
         db.execute(
             "INSERT INTO job_attempts (job_id, attempt, worker, started_at) VALUES (?, ?, ?, ?)",
@@ -369,6 +400,8 @@ class Queue:
             created_at=row["created_at"],
             started_at=now,
             round_attempt=row["round_attempt"],
+            image_exif=json.loads(image["exif"]) if image and image["exif"] else None,
+            image_size=(image["width"], image["height"]) if image else (0, 0),
         )
 
     async def heartbeat(self, claim: Claim, lease_seconds: float) -> Heartbeat:
@@ -468,7 +501,8 @@ class Queue:
             now = self._now(db)
             db.execute(
                 "INSERT INTO results (job_id, reasoning, created_at, answer, citations,"
-                " planned_queries, tiling, redacted_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " planned_queries, tiling, redacted_path, geo, west, south, east, north)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     claim.job_id,
                     outcome.reasoning,
@@ -478,11 +512,16 @@ class Queue:
                     _json_or_null(outcome.planned_queries),
                     _json_or_null(outcome.tiling),
                     outcome.redacted_path,
+                    _json_or_null(outcome.geo),
+                    *_ground_bounds(outcome.geo),
                 ),
             )
+            geo: list[dict[str, Any] | None] = [*outcome.detection_geo] or [None] * len(
+                outcome.detections
+            )
             db.executemany(
-                "INSERT INTO detections (job_id, idx, label, x1, y1, x2, y2, mask)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO detections (job_id, idx, label, x1, y1, x2, y2, mask, geo, size_m)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         claim.job_id,
@@ -490,8 +529,12 @@ class Queue:
                         d.label,
                         *d.box,
                         json.dumps(d.mask) if d.mask is not None else None,
+                        _json_or_null(where),
+                        _ground_size(where),
                     )
-                    for number, d in enumerate(outcome.detections, start=1)
+                    for number, (d, where) in enumerate(
+                        zip(outcome.detections, geo, strict=True), start=1
+                    )
                 ],
             )
             self._end_attempt(db, claim, "succeeded", None)

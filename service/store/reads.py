@@ -75,6 +75,7 @@ _VIEW_COLUMNS: tuple[Any, ...] = (
     col(JobRow.models),
     col(JobRow.error_code),
     col(JobRow.error_message),
+    col(JobRow.flight),
     col(ImageRow.sha256),
     col(ImageRow.bytes),
     col(ImageRow.width),
@@ -85,6 +86,7 @@ _VIEW_COLUMNS: tuple[Any, ...] = (
     col(ImageRow.pruned_at),
     col(ResultRow.job_id).label("result_of"),
     col(ResultRow.reasoning),
+    col(ResultRow.geo),
     # Last, so that a view without them (`_PLAIN_VIEWS`) keeps every other column's place.
     col(ResultRow.answer),
     col(ResultRow.citations),
@@ -103,6 +105,7 @@ _DETECTION_COLUMNS: tuple[Any, ...] = (
     col(DetectionRow.x2),
     col(DetectionRow.y2),
     col(DetectionRow.mask),
+    col(DetectionRow.geo),
 )
 
 
@@ -152,7 +155,7 @@ def _json(value: str | None) -> Any:
 
 
 def _detection_view(row: Sequence[Any], width: int, height: int) -> dict[str, Any]:
-    _job_id, number, label, x1, y1, x2, y2, mask = row  # _DETECTION_COLUMNS
+    _job_id, number, label, x1, y1, x2, y2, mask, geo = row  # _DETECTION_COLUMNS
     out: dict[str, Any] = {
         "number": number,
         "label": label,
@@ -166,6 +169,8 @@ def _detection_view(row: Sequence[Any], width: int, height: int) -> dict[str, An
     }
     if mask is not None:
         out["mask"] = _mask(mask)
+    if geo is not None:
+        out["geo"] = _json(geo)
     return out
 
 
@@ -198,8 +203,8 @@ def job_view(
     (
         job_id, status, source, source_path, attempts_so_far, max_attempts, cancel_requested,
         created_at, started_at, finished_at, input_name, params, timings, models, error_code,
-        error_message, sha256, size, width, height, image_format, captured_at, exif, pruned_at,
-        result_of, reasoning, answer, citations, planned_queries, tiling,
+        error_message, flight, sha256, size, width, height, image_format, captured_at, exif,
+        pruned_at, result_of, reasoning, geo, answer, citations, planned_queries, tiling,
     ) = row  # fmt: skip
     view: dict[str, Any] = {
         "id": job_id,
@@ -212,6 +217,7 @@ def job_view(
         "created_at": iso(created_at),
         "started_at": iso(started_at),
         "finished_at": iso(finished_at),
+        "flight": flight,
         "input": {
             "name": input_name,
             "sha256": sha256,
@@ -238,6 +244,7 @@ def job_view(
             "citations": _json(citations) or [],  # jobs before citations were kept: none
             "planned_queries": _json(planned_queries),
             "tiling": _json(tiling),
+            "geo": _json(geo),
         }
     if attempts is not None:
         view["attempt_history"] = [
@@ -267,9 +274,9 @@ Projection = Callable[[Sequence[Any], Sequence[Sequence[Any]]], dict[str, Any] |
 
 
 def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """The job, its input with EXIF, and its result's numbered, labelled boxes, reasoning and
-    structured answer: no parameters, timings, models, normalised boxes, masks, citations,
-    planned queries, tiling, attempts or follow-ups."""
+    """The job, its input with EXIF, and its result's numbered, labelled boxes with where they
+    are on the ground, reasoning and structured answer: no parameters, timings, models,
+    normalised boxes, masks, citations, planned queries, tiling, attempts or follow-ups."""
     width, height = row[_AT.width], row[_AT.height]
     view: dict[str, Any] = {
         "id": row[_AT.id],
@@ -290,7 +297,12 @@ def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict
     if row[_AT.result_of] is not None:
         view["result"] = {
             "detections": [
-                {"number": d[1], "label": d[2], "box": _box(d[3], d[4], d[5], d[6])}
+                {
+                    "number": d[1],
+                    "label": d[2],
+                    "box": _box(d[3], d[4], d[5], d[6]),
+                    "geo": _json(d[8]),
+                }
                 for d in detections
             ],
             "reasoning": row[_AT.reasoning],
@@ -300,14 +312,16 @@ def listed_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict
 
 
 def located_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any] | None:
-    """A job whose EXIF holds a GPS position: its name, status, capture time, EXIF, and its
-    result's labels and reasoning; None for any other job."""
+    """A job whose EXIF holds a GPS position: its name, status, flight, capture time, EXIF,
+    and its result's numbered labels with where they are on the ground, the frame's ground
+    geometry and reasoning; None for any other job."""
     input_exif = _exif(row[_AT.exif])
     if not (input_exif and input_exif.get("gps")):
         return None
     view: dict[str, Any] = {
         "id": row[_AT.id],
         "status": row[_AT.status],
+        "flight": row[_AT.flight],
         "input": {
             "name": row[_AT.input_name],
             "captured_at": row[_AT.captured_at],
@@ -317,8 +331,30 @@ def located_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dic
     }
     if row[_AT.result_of] is not None:
         view["result"] = {
-            "detections": [{"label": d[2]} for d in detections],
+            "detections": [{"number": d[1], "label": d[2], "geo": _json(d[8])} for d in detections],
             "reasoning": row[_AT.reasoning],
+            "geo": _json(row[_AT.geo]),
+        }
+    return view
+
+
+def flown_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any] | None:
+    """What grouping into flights reads of a job with a flight or a capture time: its flight,
+    capture time and EXIF, its detections' labels with where they are on the ground, and the
+    frame's ground geometry; None for any other job."""
+    if row[_AT.flight] is None and row[_AT.captured_at] is None:
+        return None
+    view: dict[str, Any] = {
+        "id": row[_AT.id],
+        "status": row[_AT.status],
+        "flight": row[_AT.flight],
+        "input": {"captured_at": row[_AT.captured_at], "exif": _exif(row[_AT.exif])},
+        "result": None,
+    }
+    if row[_AT.result_of] is not None:
+        view["result"] = {
+            "detections": [{"label": d[2], "geo": _json(d[8])} for d in detections],
+            "geo": _json(row[_AT.geo]),
         }
     return view
 
@@ -345,7 +381,7 @@ def annotated_view(
 
 
 # Projections that read none of the result's extra columns: their pages select without them.
-_PLAIN: frozenset[Projection] = frozenset({located_view, annotated_view})
+_PLAIN: frozenset[Projection] = frozenset({located_view, annotated_view, flown_view})
 
 # One job's rows; the view row itself is _ONE_JOB.
 _ITS_DETECTIONS = (

@@ -51,6 +51,7 @@ class JobRow(SQLModel, table=True):
     source_path: str | None = None
     attempt_budget: int | None = None
     queued_at: float | None = None
+    flight: str | None = None
 
 
 class InboxFileRow(SQLModel, table=True):
@@ -80,6 +81,11 @@ class ResultRow(SQLModel, table=True):
     planned_queries: str | None = None
     tiling: str | None = None
     redacted_path: str | None = None
+    geo: str | None = None
+    west: float | None = None
+    south: float | None = None
+    east: float | None = None
+    north: float | None = None
 
 
 class DetectionRow(SQLModel, table=True):
@@ -93,6 +99,8 @@ class DetectionRow(SQLModel, table=True):
     x2: float
     y2: float
     mask: str | None = None
+    geo: str | None = None
+    size_m: float | None = None
 
 
 class AttemptRow(SQLModel, table=True):

@@ -1,0 +1,116 @@
+"""Flight routes: the flights, one flight, its report (HTML, or PDF where Chromium is installed)
+and what changed between two flights (JSON or GeoJSON)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, Response
+
+from service import flights
+from service.api.deps import require_token, services
+from service.api.schemas import Flight as FlightBody
+from service.api.schemas import FlightChanges, FlightList, errors, typed
+from service.errors import InvalidInput, Unavailable
+from service.geo.pdf import PdfError, find_converter, html_to_pdf
+
+router = APIRouter(tags=["flights"], dependencies=[Depends(require_token)], responses=errors(401))
+FlightName = Annotated[str, Query(description="a flight's id, as GET /v1/flights lists it")]
+
+
+@router.get(
+    "/flights", summary="Frames grouped into flights, newest first", response_model=FlightList
+)
+async def list_flights(request: Request) -> Response:
+    found = await flights.all_flights(services(request))
+    return typed(FlightList, {"flights": [f.to_dict() for f in found]})
+
+
+@router.get(
+    "/flights/{name:path}",
+    summary="One flight: its frames, time span, ground covered, counts and sizes per label",
+    response_model=FlightBody,
+    responses=errors(404),
+)
+async def one_flight(request: Request, name: str) -> Response:
+    return typed(FlightBody, (await flights.flight(services(request), name)).to_dict())
+
+
+@router.get(
+    "/reports/{name:path}",
+    summary="The flight's report: map, counts and real sizes, annotated frames, answers",
+    response_class=HTMLResponse,
+    responses={
+        200: {"content": {"text/html": {}, "application/pdf": {}}},
+        **errors(404, 422, 503),
+    },
+)
+async def flight_report(
+    request: Request,
+    name: str,
+    since: Annotated[
+        str | None, Query(description="an earlier flight over the same ground: what changed")
+    ] = None,
+    format: Annotated[str, Query(description="html|pdf (pdf needs Chromium)")] = "html",
+) -> Response:
+    if format not in ("html", "pdf"):
+        raise InvalidInput("format must be html or pdf", code="unknown_format")
+    converter = find_converter() if format == "pdf" else None
+    if format == "pdf" and converter is None:
+        raise Unavailable(
+            "printing a PDF needs Chromium on this machine (apt-get install chromium, or set "
+            "AIP_CHROMIUM); the HTML report (format=html) needs nothing",
+            code="pdf_unavailable",
+        )
+    html = await flights.report(services(request), name, since=since)
+    filename = _filename(name)
+    if format == "html":
+        return HTMLResponse(
+            html, headers={"Content-Disposition": f'inline; filename="{filename}.html"'}
+        )
+    return Response(
+        await _pdf(html),
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="{filename}.pdf"'},
+    )
+
+
+@router.get(
+    "/changes",
+    summary="What changed between two flights over the same ground: new, gone, moved",
+    response_model=FlightChanges,
+    responses={200: {"content": {"application/geo+json": {}}}, **errors(404, 422)},
+)
+async def flight_changes(
+    request: Request,
+    before: FlightName,
+    after: FlightName,
+    format: Annotated[str, Query(description="json|geojson")] = "json",
+) -> Response:
+    if format not in ("json", "geojson"):
+        raise InvalidInput("format must be json or geojson", code="unknown_format")
+    found = await flights.changes(services(request), before, after)
+    if format == "geojson":
+        return Response(json.dumps(found.to_geojson()), media_type="application/geo+json")
+    return typed(FlightChanges, {"before": before, "after": after, **found.to_dict()})
+
+
+def _filename(name: str) -> str:
+    """The flight's name as a download's file name: letters, digits, `-`, `_`, `.` only."""
+    kept = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in name)
+    return f"flight-{kept.strip('-.')[:80] or 'report'}"
+
+
+async def _pdf(html: str) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="aip-report-") as folder:
+        target = Path(folder) / "report.pdf"
+        try:
+            await asyncio.to_thread(html_to_pdf, html, target)
+        except PdfError as exc:
+            raise Unavailable(str(exc), code="pdf_failed") from None
+        return target.read_bytes()

@@ -1,0 +1,94 @@
+"""Flights over the store: every frame grouped (service/geo/flights.py), one flight's jobs, its
+report, and what changed between two; reads only, shared by the API and its routes' CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+from service.annotated import annotated_jpeg
+from service.errors import AipError, InvalidInput, NotFound
+from service.geo.changes import Changes, compare
+from service.geo.flights import Flight, FlightFrame, group_flights
+from service.geo.report import render_report
+from service.services import Services
+from service.store.history import JobFilter
+from service.store.reads import flown_view
+
+# A report embeds each frame with detections; past this many it would be too large to open.
+MAX_REPORT_FRAMES = 500
+
+
+async def all_flights(svc: Services) -> list[Flight]:
+    """Every flight, newest first: one read of the jobs with a flight or a capture time."""
+    frames: list[FlightFrame] = []
+    async for page in await svc.reads.stream(JobFilter(), project=flown_view):
+        frames.extend(FlightFrame.from_job(job) for job in page)
+    return group_flights(frames)
+
+
+async def flight(svc: Services, name: str) -> Flight:
+    for found in await all_flights(svc):
+        if found.id == name:
+            return found
+    raise NotFound(
+        f"there is no flight named {name[:200]!r}; GET /v1/flights lists them",
+        code="flight_not_found",
+    )
+
+
+async def resolve(svc: Services, where: JobFilter) -> JobFilter:
+    """`where` with a flight grouped by capture time turned into its jobs: stored flights
+    (named on submission, or inbox folders) match on their column."""
+    if where.flight is None:
+        return where
+    found = await flight(svc, where.flight)
+    if found.explicit:
+        return where
+    return dataclasses.replace(where, job_ids=tuple(found.job_ids))
+
+
+async def flight_jobs(svc: Services, found: Flight) -> list[dict[str, Any]]:
+    """The flight's jobs as the API shows them, in capture order."""
+    where = JobFilter(job_ids=tuple(found.job_ids))
+    jobs: dict[int, dict[str, Any]] = {}
+    async for page in await svc.reads.stream(where):
+        jobs.update((job["id"], job) for job in page)
+    return [jobs[i] for i in found.job_ids if i in jobs]
+
+
+async def changes(svc: Services, before: str, after: str) -> Changes:
+    if before == after:
+        raise InvalidInput("compare two different flights", code="invalid_flight")
+    earlier, later = await flight(svc, before), await flight(svc, after)
+    return compare(await flight_jobs(svc, earlier), await flight_jobs(svc, later))
+
+
+async def report(svc: Services, name: str, *, since: str | None = None) -> str:
+    """The flight's report as one self-contained HTML document; with `since` (an earlier
+    flight over the same ground), what changed since it too."""
+    found = await flight(svc, name)
+    jobs = await flight_jobs(svc, found)
+    shown = [j for j in jobs if (j.get("result") or {}).get("detections")]
+    if len(shown) > MAX_REPORT_FRAMES:
+        raise InvalidInput(
+            f"flight {name!r} has {len(shown)} frames with detections; a report shows at most "
+            f"{MAX_REPORT_FRAMES}: export its detections instead "
+            f"(GET /v1/exports/jobs.geojson?flight=...)",
+            code="report_too_large",
+        )
+    frames: dict[int, bytes] = {}
+    for job in shown:
+        # A frame whose image is gone (retention) or still being redacted is listed unshown.
+        with contextlib.suppress(AipError):
+            frames[job["id"]] = await annotated_jpeg(svc, job)
+    compared = (await changes(svc, since, name)).to_dict() if since is not None else None
+    return render_report(
+        found.to_dict(),
+        jobs,
+        frames,
+        changes=compared,
+        generated_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    )
