@@ -90,5 +90,6 @@ async def report(svc: Services, name: str, *, since: str | None = None) -> str:
         jobs,
         frames,
         changes=compared,
+        title=f"Flight report: {name}" + (f", with what changed since {since}" if since else ""),
         generated_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     )

@@ -9,7 +9,6 @@ import base64
 import io
 import os
 import re
-import shutil
 import stat
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,7 +22,6 @@ from service.geo.pdf import PdfError, find_converter, html_to_pdf
 from service.geo.report import SVG_NS, render_report
 from tests.conftest import apt_install
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / "report.png"
 ORIGIN = (51.5, -0.12)  # take-off point, lat/lon
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_REASONING = 'Two cars. <img src="https://evil.example/x.png" onerror="alert(2)">'
@@ -402,12 +400,6 @@ def test_the_report_in_headless_chromium_without_network(browser: Any, tmp_path:
         map_shot = tmp_path / "map.png"
         page.locator("svg#map").screenshot(path=str(map_shot))
         assert colours(map_shot) > 20
-        if os.environ.get("AIP_WRITE_SCREENSHOTS") == "1":
-            top = tmp_path / "top.png"
-            page.set_viewport_size({"width": 1100, "height": 1500})
-            page.screenshot(path=str(top))
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(top, SCREENSHOT)
         assert network.refused == []
     finally:
         context.close()

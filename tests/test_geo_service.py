@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import shutil
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -331,3 +334,94 @@ def test_the_cli_lists_flights_and_writes_a_report(
     assert run(["report", "nope", "--url", service.url, "-o", str(tmp_path / "x.html")]) == 1
     assert "no flight named" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_finished_jobs_are_placed_again_with_a_new_ground(
+    geo_service: Callable[..., RunningService], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli.commands import run
+
+    service = geo_service()
+    jobs = survey(service, BEFORE, "survey-1")
+    placed = {j["id"]: j["result"] for j in jobs}
+    # As a job stored before geometry was worked out has it: none.
+    db = service.settings.database
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE results SET geo = NULL, west = NULL, south = NULL, east = NULL, north = NULL"
+        )
+        conn.execute("UPDATE detections SET geo = NULL, size_m = NULL")
+    bare = service.client.get(f"/v1/jobs/{jobs[0]['id']}").json()["result"]
+    assert bare["geo"] is None and "geo" not in bare["detections"][0]
+    assert service.client.get("/v1/jobs", params={"min_size_m": "1"}).json()["jobs"] == []
+
+    answer = service.client.post("/v1/georeference", params={"flight": "survey-1"}, json={})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"jobs": 2, "located": 2, "detections": 3}
+    for job_id, result in placed.items():
+        again = service.client.get(f"/v1/jobs/{job_id}").json()["result"]
+        assert again["geo"] == result["geo"] and again["detections"] == result["detections"]
+    assert len(service.client.get("/v1/jobs", params={"min_size_m": "1"}).json()["jobs"]) == 2
+
+    # The ground is 50 m above sea level, 30 m below the drone (absolute altitude 80 m).
+    assert run(["georeference", "--flight", "survey-1", "--ground-elevation", "50",
+                "--url", service.url]) == 0  # fmt: skip
+    assert "placed 2 finished jobs again: 2 frames and 3 detections" in capsys.readouterr().out
+    lower = service.client.get(f"/v1/jobs/{jobs[1]['id']}").json()
+    assert lower["params"]["ground_elevation"] == 50
+    tent = lower["result"]["detections"][0]["geo"]
+    assert tent["width_m"] == pytest.approx(3.0 * 30 / 50, rel=0.06)
+    sizes = service.client.get("/v1/flights/survey-1").json()["sizes"]
+    assert sizes["tent"]["max"] == pytest.approx(3.0 * 30 / 50, rel=0.06)
+
+    # Back to flat ground at take-off height: the parameter goes too.
+    assert (
+        service.client.post(
+            "/v1/georeference", params={"flight": "survey-1"}, json={"ground_elevation": None}
+        ).json()["jobs"]
+        == 2
+    )
+    back = service.client.get(f"/v1/jobs/{jobs[1]['id']}").json()
+    assert "ground_elevation" not in back["params"]
+    assert back["result"]["detections"] == placed[jobs[1]["id"]]["detections"]
+
+    for body, params in (
+        ({"ground_elevation": 10_000}, {}),
+        ({"ground_elevation": "high"}, {}),
+        ({"elevation": 3}, {}),
+        ({}, {"status": "failed"}),
+    ):
+        refused = service.client.post("/v1/georeference", params=params, json=body)
+        assert refused.status_code == 422, (body, params, refused.text)
+
+
+def test_the_report_of_a_flight_since_another_opens_whole_in_a_browser(
+    geo_service: Callable[..., RunningService], browser: Any, tmp_path: Path
+) -> None:
+    service = geo_service()
+    survey(service, BEFORE, "survey-1")
+    survey(service, AFTER, "survey-2")
+    context = browser.new_context(viewport={"width": 1100, "height": 1500})
+    fetched: list[str] = []
+    context.on("request", lambda request: fetched.append(request.url))
+    try:
+        page = context.new_page()
+        page.goto(f"{service.url}/v1/reports/survey-2?since=survey-1")
+        assert fetched == [f"{service.url}/v1/reports/survey-2?since=survey-1"]  # nothing else
+        assert page.locator("svg#map polygon.frame-footprint").count() == 2
+        assert page.locator("svg#map g.detection").count() == 3
+        for kind in ("new", "gone", "moved"):
+            mark = page.locator(f"svg#map g.change-{kind}")
+            assert mark.count() == 1 and mark.bounding_box()["width"] > 0
+        labels = page.locator("#label-counts tbody tr td:first-child").all_inner_texts()
+        assert [label.strip() for label in labels] == ["car"]
+        images = page.locator("section.frame img.annotated")
+        assert images.count() == 2
+        assert images.evaluate_all("all => all.every(i => i.complete && i.naturalWidth > 0)")
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot))
+        assert len(set(Image.open(shot).convert("RGB").getdata())) > 200
+        if os.environ.get("AIP_WRITE_SCREENSHOTS") == "1":  # the README's
+            shutil.copyfile(shot, Path(__file__).parents[1] / "docs/screenshots/report.png")
+    finally:
+        context.close()

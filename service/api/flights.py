@@ -1,5 +1,5 @@
-"""Flight routes: the flights, one flight, its report (HTML, or PDF where Chromium is installed)
-and what changed between two flights (JSON or GeoJSON)."""
+"""Flight routes: the flights, one flight, its report (HTML, or PDF where Chromium is installed),
+what changed between two flights (JSON or GeoJSON), and placing finished jobs again."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import asyncio
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import flights
 from service.api.deps import require_token, services
+from service.api.filters import resolved_filter, takes_only
 from service.api.schemas import Flight as FlightBody
-from service.api.schemas import FlightChanges, FlightList, errors, typed
+from service.api.schemas import FlightChanges, FlightList, Placed, errors, typed
 from service.errors import InvalidInput, Unavailable
 from service.geo.pdf import PdfError, find_converter, html_to_pdf
+from service.georeference import KEEP, place_again
+from service.jobspec import parse_options
+from service.store.history import JobFilter
 
 router = APIRouter(tags=["flights"], dependencies=[Depends(require_token)], responses=errors(401))
 FlightName = Annotated[str, Query(description="a flight's id, as GET /v1/flights lists it")]
@@ -98,6 +103,38 @@ async def flight_changes(
     if format == "geojson":
         return Response(json.dumps(found.to_geojson()), media_type="application/geo+json")
     return typed(FlightChanges, {"before": before, "after": after, **found.to_dict()})
+
+
+class GroundRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ground_elevation: float | None = Field(
+        None,
+        description="metres above sea level for every matching job, kept in its parameters; "
+        "null: flat ground at take-off height; absent: each job keeps its own",
+    )
+
+
+@router.post(
+    "/georeference",
+    summary="Work out where the matching finished jobs' detections are again",
+    response_model=Placed,
+    dependencies=[Depends(takes_only())],
+    responses=errors(422),
+)
+async def georeference_again(
+    request: Request,
+    where: Annotated[JobFilter, Depends(resolved_filter)],
+    body: GroundRequest | None = None,
+) -> Response:
+    elevation: Any = KEEP
+    if body is not None and "ground_elevation" in body.model_fields_set:
+        elevation = body.ground_elevation
+        if elevation is not None:
+            elevation = parse_options({"ground_elevation": elevation}, "the request")[
+                "ground_elevation"
+            ]
+    placed = await place_again(services(request), where, elevation)
+    return typed(Placed, placed.to_dict())
 
 
 def _filename(name: str) -> str:

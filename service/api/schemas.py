@@ -528,6 +528,12 @@ class FlightChanges(Body):
     )
 
 
+class Placed(Body):
+    jobs: int = Field(description="succeeded jobs placed again")
+    located: int = Field(description="of them, frames now on the ground")
+    detections: int = Field(description="detections now on the ground")
+
+
 class Health(Body):
     """Without the token (when one is set), only `status`."""
 

@@ -1,5 +1,5 @@
-"""`aip flights|report|changes`: flights, their reports and what changed between two; clients
-of a running service."""
+"""`aip flights|report|changes|georeference`: flights, their reports, what changed between two,
+and placing finished jobs on the ground again; clients of a running service."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from service.cli.filters import add_filters, filters
 from service.cli.output import print_json
 from service.client import Client, ClientError, add_client_command, settings_from
 
@@ -108,6 +109,24 @@ def cmd_changes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_georeference(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.takeoff_ground:
+        body["ground_elevation"] = None
+    elif args.ground_elevation is not None:
+        body["ground_elevation"] = args.ground_elevation
+    client = Client(settings_from(args), args.url)
+    placed = client.call("POST", "/v1/georeference", params=filters(args), json=body)
+    if args.json:
+        print_json(placed)
+    else:
+        print(
+            f"placed {placed['jobs']} finished jobs again: {placed['located']} frames and "
+            f"{placed['detections']} detections on the ground"
+        )
+    return 0
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the flight commands."""
     flights = add_client_command(commands, "flights", "the flights, or one flight in detail")
@@ -130,3 +149,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     changes.add_argument("after", metavar="AFTER", help="the later flight")
     changes.add_argument("--geojson", action="store_true", help="print the changes as GeoJSON")
     changes.set_defaults(func=cmd_changes)
+
+    again = add_client_command(
+        commands,
+        "georeference",
+        "work out where the filtered finished jobs' detections are again (jobs from before "
+        "geometry, or a new ground elevation)",
+    )
+    ground = again.add_mutually_exclusive_group()
+    ground.add_argument(
+        "--ground-elevation",
+        type=float,
+        metavar="METRES",
+        help="the ground's height above sea level, kept in the jobs' parameters",
+    )
+    ground.add_argument(
+        "--takeoff-ground",
+        action="store_true",
+        help="flat ground at take-off height again (drops a ground elevation)",
+    )
+    add_filters(again)
+    again.set_defaults(func=cmd_georeference)

@@ -26,6 +26,7 @@ from service.diskspace import DiskState, is_disk_full, watch
 from service.errors import Conflict, DiskFull, JobFailure, NotFound
 from service.profiles import NO_PROFILE
 from service.store.db import Db
+from service.store.ground import ground_bounds, ground_size
 from service.store.sqlite import connect_writer
 from service.store.writer import Writer
 
@@ -99,28 +100,6 @@ class Heartbeat:
 
 def _json_or_null(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
-
-
-def _ground_bounds(geo: dict[str, Any] | None) -> tuple[float | None, ...]:
-    """The frame's ground footprint as (west, south, east, north), for the bbox filter; the
-    camera's position when the footprint is unknown; all None when neither is."""
-    if not geo:
-        return (None,) * 4
-    ring = geo.get("footprint")
-    if ring:
-        lons, lats = [p[0] for p in ring], [p[1] for p in ring]
-        return (min(lons), min(lats), max(lons), max(lats))
-    camera = geo.get("camera") or {}
-    if "lat" in camera and "lon" in camera:
-        return (camera["lon"], camera["lat"], camera["lon"], camera["lat"])
-    return (None,) * 4
-
-
-def _ground_size(geo: dict[str, Any] | None) -> float | None:
-    """A located detection's larger ground side in metres, for the min_size_m filter."""
-    sides = [geo.get(k) for k in ("width_m", "height_m")] if geo else []
-    known = [s for s in sides if isinstance(s, int | float)]
-    return max(known) if known else None
 
 
 class ClaimNext(NamedTuple):
@@ -513,7 +492,7 @@ class Queue:
                     _json_or_null(outcome.tiling),
                     outcome.redacted_path,
                     _json_or_null(outcome.geo),
-                    *_ground_bounds(outcome.geo),
+                    *ground_bounds(outcome.geo, (claim.image_exif or {}).get("gps")),
                 ),
             )
             geo: list[dict[str, Any] | None] = [*outcome.detection_geo] or [None] * len(
@@ -530,7 +509,7 @@ class Queue:
                         *d.box,
                         json.dumps(d.mask) if d.mask is not None else None,
                         _json_or_null(where),
-                        _ground_size(where),
+                        ground_size(where),
                     )
                     for number, (d, where) in enumerate(
                         zip(outcome.detections, geo, strict=True), start=1
