@@ -11,7 +11,8 @@ from typing import Any
 from service.annotated import annotated_jpeg
 from service.errors import AipError, InvalidInput, NotFound
 from service.geo.changes import Changes, compare
-from service.geo.flights import Flight, FlightFrame, group_flights
+from service.geo.flights import Flight, FlightFrame, group_flights, summarize
+from service.geo.names import is_auto
 from service.geo.report import render_report
 from service.services import Services
 from service.store.history import JobFilter
@@ -21,32 +22,41 @@ from service.store.reads import flown_view
 MAX_REPORT_FRAMES = 500
 
 
+async def _frames(svc: Services, where: JobFilter) -> list[FlightFrame]:
+    frames: list[FlightFrame] = []
+    async for page in await svc.reads.stream(where, project=flown_view):
+        frames.extend(FlightFrame.from_job(job) for job in page)
+    return frames
+
+
 async def all_flights(svc: Services) -> list[Flight]:
     """Every flight, newest first: one read of the jobs with a flight or a capture time."""
-    frames: list[FlightFrame] = []
-    async for page in await svc.reads.stream(JobFilter(), project=flown_view):
-        frames.extend(FlightFrame.from_job(job) for job in page)
-    return group_flights(frames)
+    return group_flights(await _frames(svc, JobFilter()))
 
 
 async def flight(svc: Services, name: str) -> Flight:
-    for found in await all_flights(svc):
-        if found.id == name:
-            return found
-    raise NotFound(
-        f"there is no flight named {name[:200]!r}; GET /v1/flights lists them",
-        code="flight_not_found",
-    )
+    """One flight. A given name reads only its own jobs; a grouped one (auto-…, which no given
+    name may be) groups the jobs without a given flight."""
+    if is_auto(name):
+        grouped = group_flights(await _frames(svc, JobFilter(no_flight=True)))
+        found = next((f for f in grouped if f.id == name), None)
+    else:
+        frames = await _frames(svc, JobFilter(flight=name))
+        found = summarize(name, True, frames) if frames else None
+    if found is None:
+        raise NotFound(
+            f"there is no flight named {name[:200]!r}; GET /v1/flights lists them",
+            code="flight_not_found",
+        )
+    return found
 
 
 async def resolve(svc: Services, where: JobFilter) -> JobFilter:
-    """`where` with a flight grouped by capture time turned into its jobs: stored flights
-    (named on submission, or inbox folders) match on their column."""
-    if where.flight is None:
+    """`where` with a flight grouped by capture time turned into its jobs; a given flight
+    matches on its column."""
+    if where.flight is None or not is_auto(where.flight):
         return where
     found = await flight(svc, where.flight)
-    if found.explicit:
-        return where
     return dataclasses.replace(where, job_ids=tuple(found.job_ids))
 
 

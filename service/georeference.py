@@ -28,7 +28,7 @@ class Placed:
         return dataclasses.asdict(self)
 
 
-def _place(job: dict[str, Any], elevation: Any) -> tuple[int, dict[str, Any], list[Any], Any]:
+def _place(job: dict[str, Any], elevation: Any) -> tuple[int, dict[str, Any], list[Any], Any, Any]:
     params = job["params"]
     changed = None
     if elevation is not KEEP and params.get("ground_elevation") != elevation:
@@ -43,7 +43,7 @@ def _place(job: dict[str, Any], elevation: Any) -> tuple[int, dict[str, Any], li
         [d["box"] for d in detections],
         params.get("ground_elevation") if elevation is KEEP else elevation,
     )
-    return job["id"], geo, detection_geo, changed
+    return job["id"], geo, detection_geo, changed, (image["exif"] or {}).get("gps")
 
 
 async def place_again(svc: Services, where: JobFilter, elevation: Any = KEEP) -> Placed:
@@ -59,13 +59,12 @@ async def place_again(svc: Services, where: JobFilter, elevation: Any = KEEP) ->
     placed = Placed()
     async for page in await svc.reads.stream(where, batch=min(EXPORT_PAGE, 200)):
         rows = await asyncio.to_thread(lambda p=page: [_place(job, elevation) for job in p])
-        gps = {job["id"]: (job["input"]["exif"] or {}).get("gps") for job in page}
 
         def write(db: Db, rows: list[Any] = rows) -> list[tuple[dict[str, Any], list[Any]]]:
             return [
                 (geo, found)
-                for job_id, geo, found, params in rows
-                if rewrite(db, job_id, geo, found, gps[job_id], params)
+                for job_id, geo, found, params, gps in rows
+                if rewrite(db, job_id, geo, found, gps, params)
             ]
 
         for geo, found in await svc.queue.write(write):

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from service.config import MAX_WEBHOOK_URL, Settings, webhook_url
 from service.errors import InvalidInput, NotFound
+from service.geo.names import name_problem
 from service.params import TOKEN_LIMITS, JobParams, build_params, parse_queries, token_limit
 from service.profiles import NO_PROFILE
 from service.structured import check_schema
@@ -139,15 +140,12 @@ def _elevation(raw: Any, what: str) -> float:
 
 
 def _flight(raw: Any, what: str) -> str:
-    """A flight's name: printable text (it is shown and used in URLs), no leading `/`;
-    `auto` asks for grouping by capture time even in an inbox folder."""
+    """A flight's name (service/geo/names.py); `auto` asks for grouping by capture time even
+    in an inbox folder."""
     name = raw.strip() if isinstance(raw, str) else ""
-    if not 1 <= len(name) <= MAX_FLIGHT_NAME or not name.isprintable() or name.startswith("/"):
-        raise InvalidInput(
-            f"{what} must name a flight: 1 to {MAX_FLIGHT_NAME} printable characters, "
-            "not starting with /",
-            code="invalid_flight",
-        )
+    problem = name_problem(name, MAX_FLIGHT_NAME) if name != AUTO_FLIGHT else None
+    if problem:
+        raise InvalidInput(f"{what} must name a flight: {problem}", code="invalid_flight")
     return name
 
 

@@ -282,13 +282,40 @@ def test_frames_without_a_pose_or_a_name_still_say_where_they_stand(
     listed = service.client.get("/v1/jobs", params={"flight": "auto-20261123-080005"}).json()
     assert {j["id"] for j in listed["jobs"]} == {j["id"] for j in jobs[:3]}
 
-    refused = service.submit(frame(0.0, []), flight="\x07bell")
-    assert refused.status_code == 422 and refused.json()["code"] == "invalid_flight"
+    for name in (
+        "\x07bell",
+        ".",
+        "a/../b",
+        "a//b",
+        "x/",
+        "auto-20261123-080005",
+        "auto-20261123-080005-2",
+    ):
+        refused = service.submit(frame(0.0, []), flight=name)
+        assert refused.status_code == 422 and refused.json()["code"] == "invalid_flight", name
     refused = service.submit(frame(0.0, []), ground_elevation="high")
     assert refused.status_code == 422 and refused.json()["code"] == "invalid_option"
-    for path in ("/v1/reports/hill?format=doc", "/v1/changes?before=hill&after=hill"):
+    for path in (
+        "/v1/reports/hill?format=doc",
+        "/v1/reports/hill?sinc=x",
+        "/v1/flights?limit=5",
+        "/v1/changes?before=hill&after=hill",
+    ):
         answer = service.client.get(path)
         assert answer.status_code == 422, answer.text
+
+    # A frame whose footprint crosses the antimeridian is found where its camera is, not
+    # everywhere.
+    edge = dji_jpeg(
+        W, H, lat=10.0, lon=179.9999, relative_altitude=50, calibrated=(FOCAL, 400, 300)
+    )
+    east_edge = submit_all(service, [(edge, {})])[0]
+    ring = east_edge["result"]["geo"]["footprint"]
+    assert max(p[0] for p in ring) > 179 and min(p[0] for p in ring) < -179  # both sides
+    near_london = service.client.get("/v1/jobs", params={"bbox": "-1,51,1,52"}).json()["jobs"]
+    assert east_edge["id"] not in {j["id"] for j in near_london}
+    at_edge = service.client.get("/v1/jobs", params={"bbox": "179.99,9.99,-179.99,10.01"}).json()
+    assert [j["id"] for j in at_edge["jobs"]] == [east_edge["id"]]
 
 
 def test_an_inbox_subfolder_is_a_flight(
@@ -314,7 +341,10 @@ def test_an_inbox_subfolder_is_a_flight(
 
 
 def test_the_cli_lists_flights_and_writes_a_report(
-    geo_service: Callable[..., RunningService], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    geo_service: Callable[..., RunningService],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from service.cli.commands import run
 
@@ -328,9 +358,15 @@ def test_the_cli_lists_flights_and_writes_a_report(
     assert run(["flights", "--url", service.url]) == 0
     out = capsys.readouterr().out
     assert "north field/1" in out and "2 car" in out
-    target = tmp_path / "report.html"
-    assert run(["report", "north field/1", "--url", service.url, "-o", str(target)]) == 0
+    # West of Greenwich: a bbox starting with a minus is the flag's value, not another flag.
+    assert run(["jobs", "--bbox", "-0.2,51.4,0.0,51.6", "--url", service.url]) == 0
+    assert len(re.findall(r"DJI_000\d\.JPG", capsys.readouterr().out)) == 2
+    monkeypatch.chdir(tmp_path)
+    assert run(["report", "north field/1", "--url", service.url]) == 0
+    target = tmp_path / "flight-north-field-1.html"  # the name the service gave it
     assert target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    report = service.client.get("/v1/reports/north field/1")
+    assert report.headers["content-security-policy"].startswith("default-src 'none'")
     assert run(["report", "nope", "--url", service.url, "-o", str(tmp_path / "x.html")]) == 1
     assert "no flight named" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()

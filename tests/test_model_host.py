@@ -332,3 +332,44 @@ def test_the_cli_lists_loads_with_progress_and_unloads(
     assert cli.main(["models", "unload", "reasoner", *url]) == 0
     assert role(service, "reasoner")["state"] == "unloaded"
     assert service.client.post("/v1/models/planner/unload").json()["code"] == "not_found"
+
+
+def test_health_is_ready_only_once_each_model_has_warmed_up(
+    tmp_path: Path,
+    serve: Serve,
+    own_host: Callable[..., ModelHost],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each real model runs one small inference as it loads, before /v1/health turns ready:
+    503 (the role loading, phase `warmup`) while it runs, 200 after, with each role's warm-up
+    seconds among its phases. Once per load: a job after ready warms nothing up again."""
+    from service.models import device, loading
+
+    ran: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+    real = loading.warm_up
+
+    def held(name: str, runtime: Any) -> str:
+        ran.append(name)
+        if name == "detector":
+            inside.set()
+            release.wait(timeout=60)
+        return real(name, runtime)
+
+    monkeypatch.setattr(loading, "warm_up", held)
+    service = serve(make_settings(tmp_path), host=own_host())
+    try:
+        assert inside.wait(timeout=60), "the detector was never warmed up"
+        warming = service.client.get("/v1/health")
+        assert warming.status_code == 503 and warming.json()["status"] == "loading"
+        detector = next(m for m in warming.json()["models"] if m["role"] == "detector")
+        assert detector["state"] == "loading" and detector["progress"]["phase"] == "warmup"
+    finally:
+        release.set()
+    body = ready(service).client.get("/v1/health").json()
+    assert ran == ["detector", "reasoner"]
+    assert all(m["phases"]["warmup"] > 0 for m in body["models"])
+    assert body["device"]["backend"] == device.backend()
+    job = service.submit(queries="car").json()
+    assert service.wait(job["id"])["status"] == "succeeded"
+    assert ran == ["detector", "reasoner"]

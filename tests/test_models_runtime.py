@@ -305,3 +305,36 @@ def test_reason_uses_the_checkpoint_chat_template_and_greedy_decoding(
     # generation_config.json asks to sample; reason() must decode greedily regardless.
     runs: list[Any] = [reasoner.reason(picture, "Count cars", max_tokens=24) for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def half_precision_model() -> Any:
+    """A tiny model in bfloat16: a plain layer and a 4-bit one (its scales are bfloat16)."""
+    import mlx.nn as nn
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.QuantizedLinear(64, 64, group_size=64, bits=4))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_the_cpu_backend_casts_half_precision_weights_to_float32() -> None:
+    if not mlx_runtime.on_cpu():
+        pytest.skip("this machine's MLX computes on a GPU")
+    model = half_precision_model()
+    assert mlx_runtime.use_fast_dtype(model) == 2  # the plain layer's weight and bias
+    dtypes = {name: value.dtype for name, value in parameters(model).items()}
+    assert dtypes["layers.0.weight"] == dtypes["layers.0.bias"] == mx.float32
+    assert dtypes["layers.1.scales"] == mx.bfloat16  # quantised layers keep theirs
+    assert dtypes["layers.1.weight"] == mx.uint32
+
+
+def test_a_gpu_backend_keeps_bfloat16_whatever_the_platform(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rule reads MLX's default device, not the operating system: a stand-in GPU default
+    device on this machine keeps every bfloat16 weight."""
+    model = half_precision_model()
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert not mlx_runtime.on_cpu()
+    assert mlx_runtime.use_fast_dtype(model) == 0
+    assert {v.dtype for v in parameters(model).values()} == {mx.bfloat16, mx.uint32}

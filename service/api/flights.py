@@ -1,5 +1,6 @@
 """Flight routes: the flights, one flight, its report (HTML, or PDF where Chromium is installed),
-what changed between two flights (JSON or GeoJSON), and placing finished jobs again."""
+what changed between two flights (JSON or GeoJSON; described by the reasoner on request), and
+placing finished jobs again."""
 
 from __future__ import annotations
 
@@ -13,11 +14,18 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import flights
+from service import change_pairs, flights
 from service.api.deps import require_token, services
 from service.api.filters import resolved_filter, takes_only
+from service.api.schemas import (
+    ChangeDescriptions,
+    FlightChanges,
+    FlightList,
+    Placed,
+    errors,
+    typed,
+)
 from service.api.schemas import Flight as FlightBody
-from service.api.schemas import FlightChanges, FlightList, Placed, errors, typed
 from service.errors import InvalidInput, Unavailable
 from service.geo.pdf import PdfError, find_converter, html_to_pdf
 from service.georeference import KEEP, place_again
@@ -26,10 +34,31 @@ from service.store.history import JobFilter
 
 router = APIRouter(tags=["flights"], dependencies=[Depends(require_token)], responses=errors(401))
 FlightName = Annotated[str, Query(description="a flight's id, as GET /v1/flights lists it")]
+# The report's own policy, sent as a header too: it runs nothing and fetches nothing.
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def takes(*own: str) -> Any:
+    """A dependency refusing query parameters other than `own`: a misspelt `since` would
+    otherwise give a report without the changes and not a word."""
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - set(own))
+        if unknown:
+            raise InvalidInput(
+                f"this route does not take the query parameter {unknown[0][:100]!r}; it takes "
+                f"{', '.join(own) or 'none'}",
+                code="invalid_filter",
+            )
+
+    return Depends(check)
 
 
 @router.get(
-    "/flights", summary="Frames grouped into flights, newest first", response_model=FlightList
+    "/flights",
+    summary="Frames grouped into flights, newest first",
+    response_model=FlightList,
+    dependencies=[takes()],
 )
 async def list_flights(request: Request) -> Response:
     found = await flights.all_flights(services(request))
@@ -41,6 +70,7 @@ async def list_flights(request: Request) -> Response:
     summary="One flight: its frames, time span, ground covered, counts and sizes per label",
     response_model=FlightBody,
     responses=errors(404),
+    dependencies=[takes()],
 )
 async def one_flight(request: Request, name: str) -> Response:
     return typed(FlightBody, (await flights.flight(services(request), name)).to_dict())
@@ -54,6 +84,7 @@ async def one_flight(request: Request, name: str) -> Response:
         200: {"content": {"text/html": {}, "application/pdf": {}}},
         **errors(404, 422, 503),
     },
+    dependencies=[takes("since", "format")],
 )
 async def flight_report(
     request: Request,
@@ -76,7 +107,11 @@ async def flight_report(
     filename = _filename(name)
     if format == "html":
         return HTMLResponse(
-            html, headers={"Content-Disposition": f'inline; filename="{filename}.html"'}
+            html,
+            headers={
+                "Content-Disposition": f'inline; filename="{filename}.html"',
+                "Content-Security-Policy": REPORT_CSP,
+            },
         )
     return Response(
         await _pdf(html),
@@ -90,6 +125,7 @@ async def flight_report(
     summary="What changed between two flights over the same ground: new, gone, moved",
     response_model=FlightChanges,
     responses={200: {"content": {"application/geo+json": {}}}, **errors(404, 422)},
+    dependencies=[takes("before", "after", "format")],
 )
 async def flight_changes(
     request: Request,
@@ -103,6 +139,38 @@ async def flight_changes(
     if format == "geojson":
         return Response(json.dumps(found.to_geojson()), media_type="application/geo+json")
     return typed(FlightChanges, {"before": before, "after": after, **found.to_dict()})
+
+
+@router.post(
+    "/changes/describe",
+    status_code=202,
+    summary="Queue a job per new, gone or moved object: the reasoner describes the change, "
+    "given its place in both flights side by side",
+    response_model=ChangeDescriptions,
+    responses=errors(404, 413, 422, 507),
+)
+async def describe_changes(
+    request: Request,
+    before: FlightName,
+    after: FlightName,
+    kinds: Annotated[str | None, Query(description="any of new,gone,moved (default: all)")] = None,
+    limit: Annotated[
+        int | None,
+        Query(
+            description=f"describe the first N (1..{change_pairs.MAX_LIMIT}); without it more "
+            f"than {change_pairs.MAX_UNASKED} changes is refused"
+        ),
+    ] = None,
+) -> Response:
+    described = await change_pairs.describe(
+        services(request),
+        before,
+        after,
+        kinds=change_pairs.parse_kinds(kinds),
+        limit=limit,
+    )
+    body = {"before": before, "after": after, "jobs": [d.to_dict() for d in described]}
+    return typed(ChangeDescriptions, body, 202)
 
 
 class GroundRequest(BaseModel):

@@ -1,5 +1,5 @@
 """GET /v1/health: are the models loaded, how deep is the queue, which version is this and
-which CPU BLAS it multiplies with. With a token configured, a caller without it learns the
+which CPU BLAS and device it computes with. With a token configured, a caller without it learns the
 status and nothing else."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from service import __version__
 from service.api.deps import has_token, services
 from service.api.schemas import Health, typed
 from service.diskspace import problem
-from service.models import blas
+from service.models import blas, device
 from service.services import Services
 
 router = APIRouter(tags=["health"])
@@ -60,5 +60,6 @@ async def health(request: Request) -> Response:
             "current_job": svc.worker.current.job_id if svc.worker.current else None,
         },
         "cpu_blas": blas.describe(),  # measured once at model-host start: a read here
+        "device": device.describe(),  # likewise
     }
     return typed(Health, body, status_code=code)

@@ -32,17 +32,23 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-cache",
 }
-PAGES = ("/", "/submit", "/models", "/inbox", "/stats", "/map", "/nodes")
+# The page that shows a flight report fetched with the token: the report is one file whose
+# styles are inline, so that page alone allows inline styles (never scripts).
+REPORT_HEADERS = {
+    **HEADERS,
+    "Content-Security-Policy": CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'"),
+}
+PAGES = ("/", "/submit", "/models", "/inbox", "/stats", "/map", "/flights", "/nodes")
 # Misses under these are an API's, whatever the client accepts: they answer JSON.
 NOT_PAGES = ("/v1", "/static", "/metrics", "/docs", "/openapi.json")
 
 router = APIRouter(include_in_schema=False)
 
 
-def shell(status_code: int = 200) -> HTMLResponse:
+def shell(status_code: int = 200, headers: dict[str, str] = HEADERS) -> HTMLResponse:
     """The one HTML document; the path tells the modules which page to draw."""
     text = (WEB / "index.html").read_text(encoding="utf-8")
-    return HTMLResponse(text, status_code=status_code, headers=HEADERS)
+    return HTMLResponse(text, status_code=status_code, headers=headers)
 
 
 def wants_page(request: Request) -> bool:
@@ -67,6 +73,17 @@ for _path in PAGES:
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 async def job_page(job_id: str) -> HTMLResponse:
     return shell()
+
+
+# A flight's id may hold slashes (an inbox folder's): the page asks the API whether it exists.
+@router.get("/flights/{name:path}", response_class=HTMLResponse)
+async def flight_page(name: str) -> HTMLResponse:
+    return shell()
+
+
+@router.get("/reports/{name:path}", response_class=HTMLResponse)
+async def report_page(name: str) -> HTMLResponse:
+    return shell(headers=REPORT_HEADERS)
 
 
 class Assets(StaticFiles):

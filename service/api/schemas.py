@@ -329,7 +329,7 @@ class PruneReport(Body):
 
 
 class LoadProgress(Body):
-    phase: str = Field(description="resolve|convert|load|swap")
+    phase: str = Field(description="resolve|convert|load|warmup|swap")
     percent: float | None = Field(description="null where it cannot be measured")
     elapsed_seconds: float
 
@@ -528,10 +528,50 @@ class FlightChanges(Body):
     )
 
 
+class ChangeSighting(Body):
+    job_id: int
+    number: int = Field(description="the detection's number in its job")
+
+
+class DescribedChange(Body):
+    kind: Literal["new", "gone", "moved"]
+    label: str
+    before: ChangeSighting | None
+    after: ChangeSighting | None
+    distance_m: float | None = None
+    job_id: int | None = Field(
+        description="the queued job describing the change; null when no picture of the place "
+        "could be made (see reason)"
+    )
+    reason: str | None = None
+
+
+class ChangeDescriptions(Body):
+    before: str
+    after: str
+    jobs: list[DescribedChange] = Field(description="one per change, in report order")
+
+
 class Placed(Body):
     jobs: int = Field(description="succeeded jobs placed again")
     located: int = Field(description="of them, frames now on the ground")
     detections: int = Field(description="detections now on the ground")
+
+
+class KernelCache(Body):
+    path: str = Field(description="MLX_PTX_CACHE_DIR: where MLX's CUDA backend keeps kernels")
+    set_by: Literal["aip", "user"] = Field(description="aip: in the data directory; user: yours")
+
+
+class DeviceReport(Body):
+    """What MLX computes on, measured once when the model host starts."""
+
+    backend: str = Field(description="metal|cuda|cpu")
+    name: str | None = Field(None, description="device name (architecture)")
+    total_bytes: int | None = Field(None, description="device memory; null on the CPU")
+    free_bytes: int | None = Field(None, description="free at start (CUDA only)")
+    working_set_bytes: int | None = Field(None, description="recommended working set (Metal)")
+    kernel_cache: KernelCache | None = None
 
 
 class Health(Body):
@@ -547,6 +587,7 @@ class Health(Body):
     queue: QueueDepth | None = None
     worker: WorkerState | None = None
     cpu_blas: CpuBlas | None = Field(None, description="null until the BLAS is chosen")
+    device: DeviceReport | None = Field(None, description="null until the model host starts")
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

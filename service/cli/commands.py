@@ -71,9 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose values may start with `-` (west longitudes, ground below sea level): argparse
+# would take `--bbox -0.1,51.4,0.1,51.6` for two options, so such a value is joined to its flag.
+_SIGNED_VALUES = ("--bbox", "--ground-elevation")
+
+
+def _joined(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    pending = False
+    for arg in argv:
+        if pending and arg.startswith("-") and arg != "--":
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+        pending = arg in _SIGNED_VALUES
+    return out
+
+
 def run(argv: list[str]) -> int:
     """Parse `argv` and run the command it names; its exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined(argv))
     try:
         return int(args.func(args))
     except ClientError as exc:

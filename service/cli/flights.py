@@ -4,6 +4,8 @@ and placing finished jobs on the ground again; clients of a running service."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from urllib.parse import quote
 
 from service.cli.filters import add_filters, filters
 from service.cli.output import print_json
+from service.cli.waiting import wait_for
 from service.client import Client, ClientError, add_client_command, settings_from
 
 
@@ -60,23 +63,33 @@ def cmd_flights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attachment_name(disposition: str, fallback: str) -> str:
+    """The file name the service gave its answer (already made safe there), else `fallback`."""
+    found = re.search(r'filename="([^"/\\]+)"', disposition)
+    return found.group(1) if found else fallback
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     fmt = "pdf" if args.pdf or (args.output or "").lower().endswith(".pdf") else "html"
-    target = Path(args.output or f"{args.flight.replace('/', '-')}.{fmt}")
     params = {"format": fmt, **({"since": args.since} if args.since else {})}
     client = Client(settings_from(args), args.url)
-    try:
-        with (
-            client.stream("GET", _path("/v1/reports", args.flight), params=params) as response,
-            target.open("wb") as out,
-        ):
-            for chunk in response.iter_bytes():
-                out.write(chunk)
-    except OSError as exc:
-        raise ClientError(f"cannot write the report to {target}: {exc.strerror}") from None
-    except ClientError:
-        target.unlink(missing_ok=True)
-        raise
+    with client.stream("GET", _path("/v1/reports", args.flight), params=params) as response:
+        if response.status_code != 200:  # a redirect, say: not a report
+            raise ClientError(
+                f"the service answered {response.status_code} instead of the report"
+            )
+        disposition = response.headers.get("content-disposition", "")
+        target = Path(args.output or _attachment_name(disposition, f"report.{fmt}"))
+        try:
+            with target.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                target.unlink(missing_ok=True)  # never leave half a report behind
+            if isinstance(exc, OSError):
+                raise ClientError(f"cannot write the report to {target}: {exc.strerror}") from None
+            raise
     print(f"wrote {target}", file=sys.stderr)
     return 0
 
@@ -98,9 +111,48 @@ def print_changes(report: dict[str, Any]) -> None:
             )
 
 
+def _change_line(change: dict[str, Any]) -> str:
+    moved = f" by {change['distance_m']:.1f} m" if change.get("distance_m") is not None else ""
+    seen = change["after"] or change["before"]
+    return f"{change['kind']:<5} {change['label']}{moved} (job {seen['job_id']} #{seen['number']})"
+
+
+def describe_changes(client: Client, params: dict[str, Any], args: argparse.Namespace) -> int:
+    """Queue the reasoner's descriptions of the changes; with --wait, print each one."""
+    asked = {**params, "kinds": args.kinds, "limit": args.limit}
+    queued = client.call(
+        "POST", "/v1/changes/describe", params={k: v for k, v in asked.items() if v is not None}
+    )
+    if args.json and not args.wait:
+        print_json(queued)
+        return 0
+    ids = [entry["job_id"] for entry in queued["jobs"] if entry["job_id"] is not None]
+    ended = {job["id"]: job for job in (wait_for(client, ids) if args.wait and ids else [])}
+    if args.json:
+        print_json({**queued, "described": list(ended.values())})
+        return 0
+    if not queued["jobs"]:
+        print(f"{args.before} -> {args.after}: nothing new, gone or moved to describe")
+    for entry in queued["jobs"]:
+        job = ended.get(entry["job_id"])
+        if entry["job_id"] is None:
+            print(f"{_change_line(entry)}: not described: {entry.get('reason')}")
+        elif job is None:
+            print(f"{_change_line(entry)}: job {entry['job_id']} queued")
+        elif job["status"] == "succeeded":
+            text = " ".join(str((job.get("result") or {}).get("reasoning") or "").split())
+            print(f"{_change_line(entry)}: {text or '(no description)'}")
+        else:
+            why = (job.get("error") or {}).get("message") or job["status"]
+            print(f"{_change_line(entry)}: job {job['id']} {job['status']}: {why}")
+    return 0
+
+
 def cmd_changes(args: argparse.Namespace) -> int:
     params = {"before": args.before, "after": args.after}
     client = Client(settings_from(args), args.url)
+    if args.describe:
+        return describe_changes(client, params, args)
     if args.geojson:
         print_json(client.call("GET", "/v1/changes", params={**params, "format": "geojson"}))
         return 0
@@ -137,7 +189,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         commands, "report", "write a flight's report: one HTML file (or a PDF)"
     )
     report.add_argument("flight", metavar="FLIGHT", help="the flight's id (aip flights)")
-    report.add_argument("-o", "--output", metavar="FILE", help="default: FLIGHT.html")
+    report.add_argument(
+        "-o", "--output", metavar="FILE", help="default: flight-NAME.html (or .pdf) here"
+    )
     report.add_argument("--pdf", action="store_true", help="a PDF (needs Chromium on the service)")
     report.add_argument("--since", metavar="FLIGHT", help="also what changed since this flight")
     report.set_defaults(func=cmd_report)
@@ -148,6 +202,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     changes.add_argument("before", metavar="BEFORE", help="the earlier flight")
     changes.add_argument("after", metavar="AFTER", help="the later flight")
     changes.add_argument("--geojson", action="store_true", help="print the changes as GeoJSON")
+    changes.add_argument(
+        "--describe",
+        action="store_true",
+        help="queue a job per new, gone or moved object: the reasoner describes the change "
+        "from its place in both flights, side by side",
+    )
+    changes.add_argument("--kinds", metavar="KINDS", help="with --describe: e.g. new,gone")
+    changes.add_argument(
+        "--limit", type=int, metavar="N", help="with --describe: describe the first N changes"
+    )
+    changes.add_argument(
+        "--wait", action="store_true", help="with --describe: wait and print each description"
+    )
     changes.set_defaults(func=cmd_changes)
 
     again = add_client_command(

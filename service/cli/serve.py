@@ -53,9 +53,16 @@ def prepare_models(settings: Settings) -> Settings:
 def prepare_node(
     settings: Settings, probes: Sequence[DataDirLock | InboxLock], log_level: str
 ) -> Settings | None:
-    """What `serve` and `worker` do before they start: refuse a data directory or inbox in
-    use (before the demo models are written into it), start logging, prepare the models.
+    """What `serve` and `worker` do before they start: refuse an install without exactly one
+    MLX backend, and a data directory or inbox in use (before the demo models are written into
+    it), start logging, prepare the models.
     None once it has said, in one line, why the node cannot start."""
+    from service.models import backends
+
+    problem = backends.backend_problem()  # no backend, or two sharing one libmlx.so
+    if problem is not None:
+        print(f"aip: {problem}", file=sys.stderr)
+        return None
     try:
         with contextlib.ExitStack() as held:
             for probe in probes:
@@ -71,6 +78,12 @@ def prepare_node(
         )
         return None
     configure_logging(log_level, settings.logs_dir, stderr=settings.log_stderr)
+    from service.models.device import use_kernel_cache
+
+    # Before anything imports mlx (the demo checkpoints are built with it).
+    cache = use_kernel_cache(settings.data_dir)
+    how = "MLX_PTX_CACHE_DIR as set" if cache["set_by"] == "user" else "in the data directory"
+    log.info("MLX kernel cache (CUDA): %s (%s)", cache["path"], how)
     try:
         return prepare_models(settings)
     except AipError as exc:

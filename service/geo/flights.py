@@ -15,6 +15,8 @@ import shapely
 from shapely.geometry import Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
+from service.geo.names import auto_name
+
 __all__ = [
     "Flight",
     "FlightFrame",
@@ -177,6 +179,9 @@ class FlightFrame:
         for detection in detections if isinstance(detections, list) else []:
             detection = as_mapping(detection)
             labels.append(str(detection.get("label", "")))
+            if "size_m" in detection:  # the store's column: the larger side, already known
+                sizes.append(finite(detection["size_m"]))
+                continue
             geo = as_mapping(detection.get("geo"))
             extents = [
                 v
@@ -361,7 +366,7 @@ def group_flights(
     for members in _split((f for f in frames if not f.flight), gap_s, takeoff_m):
         first = parse_time(members[0].captured_at)
         assert first is not None  # _split only keeps timed frames
-        base = first.strftime("auto-%Y%m%d-%H%M%S")
+        base = auto_name(first)
         flight_id, n = base, 1
         while flight_id in taken:
             n += 1

@@ -1,6 +1,7 @@
-"""A flight's report as one self-contained HTML document (map, counts and sizes, annotated
-frames, answers, assumptions, changes) built from plain job and flight dicts; it refers to
-nothing outside itself, so it opens offline, prints, and converts to PDF as it is."""
+"""A flight's report as one self-contained HTML document (header, map, counts and sizes,
+frames, answers, assumptions, changes) built from plain job and flight dicts; the map is drawn
+by report_map, the style read from report.css and inlined, so the document refers to nothing
+outside itself: it opens offline, prints, and converts to PDF as it is."""
 
 from __future__ import annotations
 
@@ -10,26 +11,30 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
+from importlib import resources
 from typing import Any
 
-import numpy as np
-import pymap3d
 from PIL import Image
 
 from service.annotate import PALETTE
+from service.geo.report_map import (
+    SVG_NS,
+    ChangeMark,
+    DetectionMark,
+    Footprint,
+    Layers,
+    Point,
+    map_section,
+    swatch,
+)
 
-SVG_NS = "http://www.w3.org/2000/svg"
-MAP_WIDTH = 1000  # SVG user units; the SVG scales to the page
-MAP_MIN_HEIGHT = 420
-MAP_MAX_HEIGHT = 1000
-MAP_MARGIN = 48
+__all__ = ["SVG_NS", "render_report"]
+
 MAX_IMAGE_PX = 1600  # longest side of an embedded frame: about 200 dpi across A4
-MIN_EXTENT_M = 50.0  # a single point still gets a map with a readable scale
-CHANGE_COLOURS = {"new": "#1a9850", "gone": "#d73027", "moved": "#f28e2b"}
-Point = tuple[float, float]  # lon, lat
+# Inlined, never linked: the document must refer to nothing outside itself.
+STYLE = resources.files("service.geo").joinpath("report.css").read_text(encoding="utf-8")
 TALLIES = {
     "new": "new",
     "gone": "gone",
@@ -58,7 +63,7 @@ def render_report(
     heading = title or f"Flight report: {flight.get('id', '')}"
     body = [
         _header(heading, flight, ordered, generated_at),
-        _map_section(ordered, colours, changes),
+        map_section(_layers(ordered, changes), colours),
         _labels_section(flight, ordered, colours),
         _frame_list_section(ordered),
         _answers_section(ordered),
@@ -80,7 +85,7 @@ def render_report(
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         "img-src data:; style-src 'unsafe-inline'\">\n"
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(heading)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        f"<title>{_e(heading)}</title>\n<style>\n{STYLE}</style>\n</head>\n<body>\n"
         + "\n".join(body)
         + "\n</body>\n</html>\n"
     )
@@ -244,10 +249,6 @@ def _area(value: Any) -> str:
     return f"{value:,.0f} m² ({value / 10_000:,.2f} ha)"
 
 
-def _swatch(colour: str) -> str:
-    return f'<span class="swatch" style="background:{colour}"></span>'
-
-
 def _image_uri(data: bytes) -> str:
     data = _fitted(data)
     kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
@@ -294,76 +295,11 @@ def _header(
     return f'<header id="summary"><h1>{_e(heading)}</h1><dl class="facts">{items}</dl></header>'
 
 
-# --- the map ---------------------------------------------------------------------------------
+# --- the map's layers ------------------------------------------------------------------------
 
 
-@dataclass
-class _Layers:
-    """What the map draws, in lon/lat, before the projection is known."""
-
-    footprints: list[tuple[dict[str, Any], list[Point]]] = field(default_factory=list)
-    path: list[Point] = field(default_factory=list)
-    detections: list[tuple[dict[str, Any], dict[str, Any], Point, list[Point] | None]] = field(
-        default_factory=list
-    )
-    changes: list[tuple[str, dict[str, Any], Point | None, Point]] = field(default_factory=list)
-
-    def points(self) -> Iterable[Point]:
-        for _, frame_ring in self.footprints:
-            yield from frame_ring
-        yield from self.path
-        for _, _, centre, ring in self.detections:
-            yield centre
-            yield from ring or ()
-        for _, _, before, after in self.changes:
-            if before:
-                yield before
-            yield after
-
-
-class _Projection:
-    """Local east-north metres around a centre (pymap3d), scaled into the SVG's box with
-    north up and equal scale on both axes."""
-
-    def __init__(self, points: list[Point]) -> None:
-        lons = [p[0] for p in points]
-        lats = [p[1] for p in points]
-        self.lat0 = (min(lats) + max(lats)) / 2
-        self.lon0 = (min(lons) + max(lons)) / 2
-        enu = self._enu(points)
-        low, high = enu.min(axis=0), enu.max(axis=0)
-        span = np.maximum(high - low, MIN_EXTENT_M)
-        middle = (low + high) / 2
-        inner_w = MAP_WIDTH - 2 * MAP_MARGIN
-        self.scale = inner_w / span[0]  # SVG units per metre
-        if span[1] * self.scale > MAP_MAX_HEIGHT - 2 * MAP_MARGIN:
-            self.scale = (MAP_MAX_HEIGHT - 2 * MAP_MARGIN) / span[1]
-        self.height = max(MAP_MIN_HEIGHT, math.ceil(span[1] * self.scale + 2 * MAP_MARGIN))
-        self.middle = middle
-
-    def _enu(self, points: Sequence[Point]) -> np.ndarray:
-        lonlat = np.asarray(points, dtype=float).reshape(-1, 2)
-        east, north, _ = pymap3d.geodetic2enu(
-            lonlat[:, 1], lonlat[:, 0], 0.0, self.lat0, self.lon0, 0.0
-        )
-        return np.column_stack([np.atleast_1d(east), np.atleast_1d(north)])
-
-    def xy(self, points: Sequence[Point]) -> list[tuple[float, float]]:
-        enu = self._enu(points)
-        x = MAP_WIDTH / 2 + (enu[:, 0] - self.middle[0]) * self.scale
-        y = self.height / 2 - (enu[:, 1] - self.middle[1]) * self.scale
-        return [(float(a), float(b)) for a, b in zip(x, y, strict=True)]
-
-    def point(self, point: Point) -> tuple[float, float]:
-        return self.xy([point])[0]
-
-
-def _points_attr(xy: Sequence[tuple[float, float]]) -> str:
-    return " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-
-
-def _collect(jobs: Sequence[dict[str, Any]], changes: dict[str, Any] | None) -> _Layers:
-    layers = _Layers()
+def _layers(jobs: Sequence[dict[str, Any]], changes: dict[str, Any] | None) -> Layers:
+    layers = Layers()
     for job in jobs:
         geo = _frame_geo(job)
         camera = _camera(job)
@@ -372,155 +308,18 @@ def _collect(jobs: Sequence[dict[str, Any]], changes: dict[str, Any] | None) -> 
         layers.path.append((float(camera["lon"]), float(camera["lat"])))
         ring = _ring(geo.get("footprint"))
         if ring:
-            layers.footprints.append((job, ring))
+            layers.footprints.append(Footprint(job.get("id"), _name(job), ring))
         for detection in _detections(job):
             at = _detection_geo(detection)
             if at:
                 centre = (float(at["lon"]), float(at["lat"]))
-                layers.detections.append((job, detection, centre, _ring(at.get("footprint"))))
-    for kind, entry, before, after in _change_marks(changes):
-        layers.changes.append((kind, entry, before, after))
+                layers.detections.append(
+                    DetectionMark(
+                        job.get("id"), _name(job), detection, centre, _ring(at.get("footprint"))
+                    )
+                )
+    layers.changes.extend(_change_marks(changes))
     return layers
-
-
-def _map_section(
-    jobs: Sequence[dict[str, Any]], colours: Mapping[str, str], changes: dict[str, Any] | None
-) -> str:
-    layers = _collect(jobs, changes)
-    points = list(layers.points())
-    if not points:
-        return (
-            '<section id="map-section"><h2>Map</h2><p id="map" class="empty">No frame of this '
-            "flight could be placed on the ground, so there is no map.</p></section>"
-        )
-    projection = _Projection(points)
-    svg = [
-        f'<svg id="map" xmlns="{SVG_NS}" viewBox="0 0 {MAP_WIDTH} {projection.height}" '
-        f'role="img" aria-label="Map of the flight">',
-        f'<rect class="map-background" x="0" y="0" width="{MAP_WIDTH}" '
-        f'height="{projection.height}"/>',
-        _grid(projection),
-        '<g class="footprints">',
-    ]
-    for job, frame_ring in layers.footprints:
-        svg.append(
-            f'<polygon class="frame-footprint" data-job="{_e(job.get("id"))}" '
-            f'points="{_points_attr(projection.xy(frame_ring))}"><title>{_e(_name(job))}</title>'
-            "</polygon>"
-        )
-    svg.append("</g>")
-    if layers.path:
-        xy = projection.xy(layers.path)
-        svg.append(f'<polyline class="flight-path" points="{_points_attr(xy)}"/>')
-        svg.extend(
-            f'<circle class="camera-position" cx="{x:.1f}" cy="{y:.1f}" r="3"/>' for x, y in xy
-        )
-        x, y = xy[0]
-        svg.append(f'<rect class="flight-start" x="{x - 5:.1f}" y="{y - 5:.1f}" '
-                   'width="10" height="10"><title>first frame</title></rect>')  # fmt: skip
-    svg.append('<g class="detections">')
-    for job, detection, centre, ring in layers.detections:
-        label = str(detection.get("label", ""))
-        colour = colours.get(label, "#555555")
-        x, y = projection.point(centre)
-        shape = (
-            f'<polygon points="{_points_attr(projection.xy(ring))}" fill="{colour}" '
-            f'stroke="{colour}"/>'
-            if ring
-            else ""
-        )
-        svg.append(
-            f'<g class="detection" data-label="{_e(label)}" data-job="{_e(job.get("id"))}" '
-            f'data-number="{_e(detection.get("number", ""))}">'
-            f"<title>{_e(label)} #{_e(detection.get('number', ''))} in {_e(_name(job))}</title>"
-            f'{shape}<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{colour}"/></g>'
-        )
-    svg.append("</g>")
-    if layers.changes:
-        svg.append('<g class="changes">')
-        svg.extend(_change_mark(projection, *mark) for mark in layers.changes)
-        svg.append("</g>")
-    svg.append(_scale_bar(projection))
-    svg.append(_north_arrow())
-    svg.append("</svg>")
-    legend = _legend(colours, layers)
-    return (
-        '<section id="map-section"><h2>Map</h2><figure class="map">'
-        + "".join(svg)
-        + f"<figcaption>{legend}</figcaption></figure></section>"
-    )
-
-
-def _nice_length(metres: float) -> float:
-    """The largest 1, 2 or 5 times a power of ten not above `metres`."""
-    power = 10 ** math.floor(math.log10(metres))
-    return max(step * power for step in (1, 2, 5) if step * power <= metres)
-
-
-def _distance_text(metres: float) -> str:
-    return f"{metres / 1000:g} km" if metres >= 1000 else f"{metres:g} m"
-
-
-def _grid(projection: _Projection) -> str:
-    """Faint lines every scale-bar length, so distances read anywhere on the map."""
-    step = _nice_length(MAP_WIDTH / projection.scale / 5) * projection.scale
-    lines = [
-        f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{projection.height}"/>'
-        for x in np.arange(MAP_WIDTH / 2 % step, MAP_WIDTH, step)
-    ]
-    lines += [
-        f'<line x1="0" y1="{y:.1f}" x2="{MAP_WIDTH}" y2="{y:.1f}"/>'
-        for y in np.arange(projection.height / 2 % step, projection.height, step)
-    ]
-    return f'<g class="grid">{"".join(lines)}</g>'
-
-
-def _scale_bar(projection: _Projection) -> str:
-    metres = _nice_length(MAP_WIDTH / projection.scale / 5)
-    length = metres * projection.scale
-    x, y = 20.0, projection.height - 22.0
-    half = length / 2
-    return (
-        f'<g id="scale-bar" class="scale-bar" transform="translate({x:.1f},{y:.1f})">'
-        f'<rect class="plate" x="-8" y="-24" width="{length + 16:.1f}" height="36" rx="4"/>'
-        f'<rect class="bar-dark" x="0" y="0" width="{half:.1f}" height="6"/>'
-        f'<rect class="bar-light" x="{half:.1f}" y="0" width="{half:.1f}" height="6"/>'
-        f'<text x="0" y="-6">0</text>'
-        f'<text x="{length:.1f}" y="-6" text-anchor="end">{_distance_text(metres)}</text></g>'
-    )
-
-
-def _north_arrow() -> str:
-    x, y = MAP_WIDTH - 36, 20
-    return (
-        f'<g id="north-arrow" class="north-arrow" transform="translate({x},{y})">'
-        '<rect class="plate" x="-18" y="-8" width="36" height="62" rx="4"/>'
-        '<polygon points="0,10 9,40 0,33 -9,40"/>'
-        '<text x="0" y="52" text-anchor="middle">N</text></g>'
-    )
-
-
-def _legend(colours: Mapping[str, str], layers: _Layers) -> str:
-    items = [
-        f"<li>{_swatch(colour)}{_e(label)}</li>"
-        for label, colour in colours.items()
-        if any(d.get("label") == label for _, d, _, _ in layers.detections)
-    ]
-    items.append('<li><span class="swatch footprint"></span>frame on the ground</li>')
-    if layers.path:
-        items.append(
-            '<li><span class="swatch path"></span>flight path (camera positions in capture '
-            "order; square: first frame)</li>"
-        )
-    kinds = {kind for kind, *_ in layers.changes}
-    for kind, text in (
-        ("new", "&#9650; new since the earlier flight"),
-        ("gone", "&#10005; gone since the earlier flight"),
-        ("moved", "&#10230; moved (from earlier position)"),
-    ):
-        if kind in kinds:
-            items.append(f'<li><span style="color:{CHANGE_COLOURS[kind]}">{text}</span></li>')
-    return f'<ul class="legend" id="map-legend">{"".join(items)}</ul>'
 
 
 # --- changes ---------------------------------------------------------------------------------
@@ -539,62 +338,19 @@ def _change_entries(changes: Mapping[str, Any] | None, kind: str) -> list[dict[s
 
 def _change_marks(
     changes: Mapping[str, Any] | None,
-) -> Iterable[tuple[str, dict[str, Any], Point | None, Point]]:
-    """(kind, entry, earlier position for a move, position) for each drawable change."""
+) -> Iterable[ChangeMark]:
+    """Each change the map can draw."""
     for kind in ("new", "gone"):
         for entry in _change_entries(changes, kind):
             side = "after" if kind == "new" else "before"
             at = _position(entry) or _position(entry.get(side))
             if at:
-                yield kind, entry, None, at
+                yield ChangeMark(kind, entry.get("label", ""), None, at)
     for entry in _change_entries(changes, "moved"):
         before, after = _position(entry.get("before")), _position(entry.get("after"))
         after = after or _position(entry)
         if after:
-            yield "moved", entry, before, after
-
-
-def _change_mark(
-    projection: _Projection, kind: str, entry: dict[str, Any], before: Point | None, at: Point
-) -> str:
-    x, y = projection.point(at)
-    colour = CHANGE_COLOURS[kind]
-    label = _e(entry.get("label", ""))
-    title = f"<title>{_e(kind)}: {label}</title>"
-    head = f'<g class="change change-{kind}" data-label="{label}">{title}'
-    if kind == "new":
-        triangle = _points_attr([(x, y - 9), (x + 8, y + 6), (x - 8, y + 6)])
-        return (
-            f'{head}<polygon points="{triangle}" fill="{colour}" stroke="#fff" '
-            'stroke-width="1.5"/></g>'
-        )
-    if kind == "gone":
-        cross = (
-            f"M{x - 7:.1f},{y - 7:.1f} L{x + 7:.1f},{y + 7:.1f} "
-            f"M{x + 7:.1f},{y - 7:.1f} L{x - 7:.1f},{y + 7:.1f}"
-        )
-        return (
-            f'{head}<path d="{cross}" stroke="#fff" stroke-width="6"/>'
-            f'<path d="{cross}" stroke="{colour}" stroke-width="3.5"/></g>'
-        )
-    parts = [head]
-    if before:
-        bx, by = projection.point(before)
-        angle = math.atan2(y - by, x - bx)
-        tip = [(x, y)] + [
-            (x - 11 * math.cos(angle + turn), y - 11 * math.sin(angle + turn))
-            for turn in (0.45, -0.45)
-        ]
-        parts.append(
-            f'<circle cx="{bx:.1f}" cy="{by:.1f}" r="4" fill="#fff" stroke="{colour}" '
-            f'stroke-width="2"/><line x1="{bx:.1f}" y1="{by:.1f}" x2="{x:.1f}" y2="{y:.1f}" '
-            f'stroke="{colour}" stroke-width="2.5"/>'
-            f'<polygon points="{_points_attr(tip)}" fill="{colour}"/>'
-        )
-    else:
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{colour}"/>')
-    parts.append("</g>")
-    return "".join(parts)
+            yield ChangeMark("moved", entry.get("label", ""), before, after)
 
 
 def _ref(entry: Mapping[str, Any], side: str | None = None) -> str:
@@ -671,7 +427,7 @@ def _labels_section(
         found = sizes.get(label)
         size: dict[str, Any] = found if isinstance(found, dict) else {}
         rows.append(
-            f'<tr data-label="{_e(label)}"><td>{_swatch(colours.get(label, "#555"))}'
+            f'<tr data-label="{_e(label)}"><td>{swatch(colours.get(label, "#555"))}'
             f"{_e(label)}</td><td class='n'>{counts[label]}</td>"
             f"<td class='n'>{located.get(label, 0)}</td>"
             + "".join(f"<td class='n'>{_num(size.get(k))}</td>" for k in ("min", "median", "max"))
@@ -761,7 +517,7 @@ def _frame(job: Mapping[str, Any], image: bytes | None, colours: Mapping[str, st
         at = _detection_geo(detection)
         head = (
             f'<tr data-label="{_e(label)}"><td class="n">{_e(detection.get("number", ""))}</td>'
-            f"<td>{_swatch(colours.get(label, '#555'))}{_e(label)}</td>"
+            f"<td>{swatch(colours.get(label, '#555'))}{_e(label)}</td>"
         )
         if at:
             rows.append(
@@ -847,82 +603,3 @@ def _assumptions_section(jobs: Sequence[dict[str, Any]]) -> str:
         + (f"<h3>Frames not located</h3><ul>{unlocated}</ul>" if unlocated else "")
         + "</section>"
     )
-
-
-STYLE = """
-:root { --ink: #1d2430; --muted: #5f6b7a; --rule: #d5dbe3; --band: #f3f5f8; --accent: #0b5cad; }
-* { box-sizing: border-box; }
-html { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
-body { margin: 0 auto; max-width: 1100px; padding: 24px 32px 48px; color: var(--ink);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
-  "Liberation Sans", sans-serif; background: #fff; }
-h1 { font-size: 26px; margin: 0 0 12px; letter-spacing: -0.01em; }
-h2 { font-size: 19px; margin: 28px 0 10px; padding-bottom: 4px;
-  border-bottom: 2px solid var(--accent); }
-h3 { font-size: 15px; margin: 16px 0 6px; }
-h4 { font-size: 13px; margin: 10px 0 4px; color: var(--muted); text-transform: uppercase;
-  letter-spacing: 0.04em; }
-header#summary { border-bottom: 1px solid var(--rule); padding-bottom: 12px; }
-dl.facts { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr));
-  gap: 8px 18px; margin: 0; }
-dl.facts div { background: var(--band); border-radius: 6px; padding: 6px 10px; }
-dt { font-size: 11px; text-transform: uppercase; letter-spacing: 0.05em; color: var(--muted); }
-dd { margin: 2px 0 0; font-weight: 600; overflow-wrap: anywhere; }
-.muted { color: var(--muted); font-weight: 400; }
-.warn { color: #a4461a; }
-table { border-collapse: collapse; width: 100%; margin: 8px 0 4px; font-size: 13px; }
-th, td { border-bottom: 1px solid var(--rule); padding: 4px 8px; text-align: left;
-  vertical-align: top; overflow-wrap: break-word; }
-th { background: var(--band); font-weight: 600; font-size: 12px; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-code { font: 12px/1.3 ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace;
-  white-space: pre-wrap; overflow-wrap: anywhere; }
-.swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px;
-  margin-right: 6px; vertical-align: -1px; border: 1px solid rgba(0,0,0,0.35); }
-.swatch.footprint { background: rgba(11,92,173,0.12); border-color: #0b5cad; }
-.swatch.path { background: none; border: none; border-top: 2px dashed #333; height: 0;
-  vertical-align: 3px; }
-figure.map { margin: 0; }
-#map { display: block; width: 100%; height: auto; border: 1px solid var(--rule);
-  border-radius: 6px; }
-#map .map-background { fill: #fbfcfd; }
-#map .grid line { stroke: #e7ebf0; stroke-width: 1; }
-#map .frame-footprint { fill: rgba(11,92,173,0.08); stroke: #0b5cad; stroke-width: 1;
-  stroke-opacity: 0.7; }
-#map .flight-path { fill: none; stroke: #333; stroke-width: 1.6; stroke-dasharray: 5 4; }
-#map .camera-position { fill: #333; }
-#map .flight-start { fill: #fff; stroke: #333; stroke-width: 2; }
-#map .detection polygon { fill-opacity: 0.35; stroke-width: 1.5; }
-#map .detection circle { stroke: #fff; stroke-width: 1.5; }
-#map .plate { fill: rgba(255,255,255,0.88); stroke: #c9d0d9; }
-#map .bar-dark { fill: #1d2430; }
-#map .bar-light { fill: #fff; stroke: #1d2430; }
-#map text { font-size: 13px; fill: #1d2430; font-weight: 600; }
-#map .north-arrow polygon { fill: #1d2430; }
-.legend { list-style: none; padding: 0; margin: 8px 0 0; display: flex; flex-wrap: wrap;
-  gap: 4px 18px; font-size: 12.5px; }
-.tallies { display: flex; gap: 12px; margin: 6px 0 10px; }
-.tally { background: var(--band); border-radius: 6px; padding: 6px 14px; }
-.tally b { font-size: 18px; }
-.kind { font-weight: 600; }
-.kind-new { color: #1a9850; } .kind-gone { color: #d73027; } .kind-moved { color: #c0661a; }
-section.frame { margin-top: 32px; }
-img.annotated { display: block; max-width: 100%; height: auto; margin: 10px 0;
-  border-radius: 4px; border: 1px solid var(--rule); }
-.reasoning p { white-space: pre-wrap; margin: 0; }
-footer.notes { margin-top: 36px; border-top: 1px solid var(--rule); padding-top: 8px;
-  color: var(--muted); font-size: 12px; }
-@page { size: A4; margin: 14mm 12mm; }
-@media print {
-  body { max-width: none; padding: 0; font-size: 10pt; }
-  h1 { font-size: 18pt; }
-  h2 { font-size: 13pt; break-after: avoid; }
-  table { font-size: 8.5pt; }
-  tr, dl.facts div, .legend li { break-inside: avoid; }
-  thead { display: table-header-group; }
-  #map { max-height: 235mm; }
-  section.frame { break-before: page; margin-top: 0; }
-  img.annotated { max-height: 150mm; width: auto; margin-left: auto; margin-right: auto; }
-  code { font-size: 8pt; }
-}
-"""

@@ -21,6 +21,10 @@ CHUNK_BYTES = 16 * 1024 * 1024
 MIN_CHUNK_BYTES = 1024 * 1024
 # Without a GPU working set to go by, models may take this share of physical memory.
 RAM_SHARE = 0.75
+# On a CUDA device, models may take this share of the device memory free at start. The rest is
+# headroom for activations and other processes: MLX's CUDA allocator may use managed memory,
+# which past capacity pages to host RAM (slow) rather than failing.
+DEVICE_FREE_SHARE = 0.9
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -147,11 +151,16 @@ def conversion_peak(tensors: Collection[Tensor]) -> int:
     return sum(t.nbytes for t in tensors)
 
 
-def default_budget(physical_bytes: int, recommended_working_set: int | None) -> int:
+def default_budget(
+    physical_bytes: int, recommended_working_set: int | None, device_free: int | None = None
+) -> int:
     """The GPU's recommended working set when MLX reports one (Apple silicon), else a share of
-    physical memory."""
+    the device memory free at start when it reports that (CUDA), else a share of physical
+    memory (the CPU)."""
     if recommended_working_set:
         return int(recommended_working_set)
+    if device_free:
+        return int(device_free * DEVICE_FREE_SHARE)
     return int(physical_bytes * RAM_SHARE)
 
 

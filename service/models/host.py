@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.errors import AipError, Conflict, JobFailure, ModelUnavailable, NotFound
 from service.events import EventBus
-from service.models import blas, loading, swap
+from service.models import blas, device, loading, swap
 from service.models import budget as budgets
 from service.models import quantize as quant
-from service.models.roles import Loaded, RoleState, Target
+from service.models.roles import Loaded, Progress, RoleState, Target
 from service.models.sources import ROLES
 from service.models.thread import ModelThread
 from service.periodic import every
@@ -118,9 +118,11 @@ class ModelHost:
 
     async def budget_bytes(self) -> int:
         if self._budget is None:
-            recommended = await self.thread.run(loading.recommended_working_set)
+            found = await self.thread.run(device.measure)
             physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            self._budget = budgets.default_budget(physical, recommended)
+            self._budget = budgets.default_budget(
+                physical, found.working_set_bytes, found.free_bytes
+            )
         return self._budget
 
     def resident(self) -> dict[str, int]:
@@ -150,6 +152,8 @@ class ModelHost:
                 for state in self.roles.values():
                     state.state, state.error = "failed", exc.message
                 raise
+        if self.stand_ins is None:
+            _said_device(await self.thread.run(device.measure))
         for role in ROLES:
             await self.load(role)
 
@@ -219,13 +223,25 @@ class ModelHost:
         self.events.publish("model.loaded", {"role": role})
 
     def install(self, role: str, loaded: Loaded) -> None:
-        """On the model thread, between jobs: the new model takes over, the old one is freed."""
+        """On the model thread, between jobs: the new model is warmed up, then takes over and
+        the old one is freed."""
         state = self.roles[role]
+        if self.stand_ins is None:
+            self._warm_up(state, loaded.runtime)
         held = state.current.resident_bytes if state.current else 0
         loading.let_go(lambda: setattr(state, "current", loaded), held)
         state.last = replace(loaded, runtime=None)  # a description only: holds no weights
         state.loads += 1
         self.fit_caches()
+
+    def _warm_up(self, state: RoleState, runtime: Any) -> None:
+        """Every load of a real model runs one small inference before the model serves (stand-in
+        runtimes are not warmed): the role stays `loading`, in phase `warmup` (/v1/health is
+        503 until every role serves), and its seconds join the load's phases. Within the
+        budget: it runs on the model just loaded, before anything else loads."""
+        state.progress = Progress("warmup")
+        began = time.perf_counter()
+        swap.phase(state, "warmup", began, loading.warm_up(state.role, runtime))
 
     # -- caches -------------------------------------------------------------------------------
 
@@ -399,6 +415,19 @@ class ModelHost:
         for state in self.roles.values():
             state.current, state.state = None, "unloaded"
         await asyncio.to_thread(self.thread.close)
+
+
+def _said_device(found: device.Device) -> None:
+    """The start-up line that says what MLX computes on."""
+    memory = "host memory"
+    if found.total_bytes:
+        memory = budgets.format_bytes(found.total_bytes)
+        if found.free_bytes is not None:
+            memory += f", {budgets.format_bytes(found.free_bytes)} free"
+    cache = (device.describe() or {}).get("kernel_cache")
+    kernels = f"; kernel cache {cache['path']}" if cache and found.backend == "cuda" else ""
+    name = found.name or "an unnamed device"
+    log.info("MLX backend %s on %s (%s)%s", found.backend, name, memory, kernels)
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,7 +1,7 @@
 """The model thread's side of loads and unloads: open a checkpoint in stages and wrap it as its
-role's runtime (or call a stand-in loader once), measure what it holds, give memory back, and
-read MLX's counters. Called by the host on its model thread; decides no budget (it only sizes
-its loading steps by the budget module's arithmetic) and knows no roles' states."""
+role's runtime (or call a stand-in loader once), measure what it holds, warm it up, give
+memory back, and read MLX's counters. Called by the host on its model thread; decides no budget
+(it only sizes its loading steps by the budget module's arithmetic) and knows no roles' states."""
 
 from __future__ import annotations
 
@@ -45,16 +45,6 @@ def memory() -> dict[str, int]:
 def memory_if_imported() -> dict[str, int] | None:
     """The counters for a report, without importing MLX into a process that has not."""
     return memory() if "mlx.core" in sys.modules else None
-
-
-def recommended_working_set() -> int | None:
-    """The GPU's recommended working set, where MLX reports one (Apple silicon); else None."""
-    import mlx.core as mx
-
-    if mlx_runtime.on_cpu():
-        return None
-    size = mx.device_info().get("max_recommended_working_set_size")
-    return int(size) if size else None
 
 
 def give_back_memory() -> None:
@@ -170,3 +160,40 @@ def one_shot(loader: Callable[[Path], Any], path: Path) -> tuple[Any, int, int]:
     start = _mark()
     runtime = loader(path)
     return runtime, max(int(mx.get_active_memory()) - start, 0), int(mx.get_peak_memory()) - start
+
+
+# A warm-up's input: small, so it costs little on the CPU, yet a real image and a real prompt,
+# so it runs the kernels (and compiled graphs) a job's first call would.
+WARMUP_IMAGE = (128, 96)
+WARMUP_TOKENS = 8
+
+
+def warm_up(role: str, runtime: Any) -> str:
+    """One small inference through a runtime just loaded, on the model thread, before it
+    serves: MLX compiles its kernels (on CUDA into MLX_PTX_CACHE_DIR, 40-50 s on a fresh
+    machine) and mlx-vlm sets up its lazy state on first use, which a job would otherwise pay.
+    Leaves no prompt state behind: the model holds what a load leaves. Returns what it ran,
+    for the log."""
+    from PIL import Image
+
+    image = Image.new("RGB", WARMUP_IMAGE, (90, 120, 150))
+    image.paste((200, 60, 40), (32, 24, 96, 72))
+    size = "x".join(map(str, WARMUP_IMAGE))
+    if role == "detector":
+        runtime.detect(image, "object", max_new_tokens=WARMUP_TOKENS)
+        # mlx-vlm's Falcon Perception keeps its last prompt's pixels and attention mask on the
+        # model until the next one replaces them: here that would be the warm-up's.
+        model = getattr(runtime, "model", None)
+        _forget(model, "_prefill_pixel_values")
+        _forget(getattr(model, "language_model", None), "_full_attn_mask")
+        return f"one query on a {size} image"
+    runtime.reason(image, "Describe the image.", max_tokens=WARMUP_TOKENS)
+    prefixes = getattr(runtime, "prefixes", None)
+    if prefixes is not None:
+        prefixes.clear()
+    return f"up to {WARMUP_TOKENS} tokens over a {size} image"
+
+
+def _forget(owner: Any, name: str) -> None:
+    if getattr(owner, name, None) is not None:
+        setattr(owner, name, None)

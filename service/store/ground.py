@@ -14,12 +14,15 @@ def ground_bounds(
     geo: dict[str, Any] | None, gps: dict[str, Any] | None = None
 ) -> tuple[float | None, ...]:
     """(west, south, east, north) of the frame's footprint on the ground, for the bbox filter;
-    the camera's position when there is no footprint (an oblique frame's centre above the
-    horizon, a frame with GPS but no pose); all None when neither is known."""
+    the camera's position when there is no footprint (a frame with GPS but no pose) or it
+    crosses the antimeridian; all None when neither is known."""
     ring = (geo or {}).get("footprint")
     if ring:
         lons, lats = [p[0] for p in ring], [p[1] for p in ring]
-        return (min(lons), min(lats), max(lons), max(lats))
+        # A footprint across the antimeridian would span the globe as a plain box: it is
+        # filtered by its camera's position instead.
+        if max(lons) - min(lons) <= 180:
+            return (min(lons), min(lats), max(lons), max(lats))
     camera = (geo or {}).get("camera") or {}
     lat, lon = camera.get("lat"), camera.get("lon")
     if (lat is None or lon is None) and gps:

@@ -138,6 +138,7 @@ class JobFilter:
     # A flight grouped by capture time has no column to match: its jobs, resolved by the
     # caller (service/flights.py); they stand in for `flight`.
     job_ids: tuple[int, ...] | None = None
+    no_flight: bool = False  # only jobs without a given flight (grouping by capture time)
 
     @classmethod
     def parse(cls, **raw: str | int | None) -> JobFilter:
@@ -199,7 +200,7 @@ class JobFilter:
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if getattr(self, f.name) and f.name != "job_ids"
+            if getattr(self, f.name) and f.name not in ("job_ids", "no_flight")
         }
 
     def conditions(self, dialect: str) -> list[ColumnElement[bool]]:
@@ -244,6 +245,8 @@ class JobFilter:
             where.append(col(JobRow.id).in_(self.job_ids))
         elif self.flight:
             where.append(col(JobRow.flight) == self.flight)
+        if self.no_flight:
+            where.append(col(JobRow.flight).is_(None))
         if self.q:
             where.append(full_text(dialect, fts_terms(self.q)))
         return where

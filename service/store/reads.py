@@ -106,6 +106,7 @@ _DETECTION_COLUMNS: tuple[Any, ...] = (
     col(DetectionRow.y2),
     col(DetectionRow.mask),
     col(DetectionRow.geo),
+    col(DetectionRow.size_m),
 )
 
 
@@ -155,7 +156,7 @@ def _json(value: str | None) -> Any:
 
 
 def _detection_view(row: Sequence[Any], width: int, height: int) -> dict[str, Any]:
-    _job_id, number, label, x1, y1, x2, y2, mask, geo = row  # _DETECTION_COLUMNS
+    _job_id, number, label, x1, y1, x2, y2, mask, geo, _size = row  # _DETECTION_COLUMNS
     out: dict[str, Any] = {
         "number": number,
         "label": label,
@@ -340,8 +341,8 @@ def located_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dic
 
 def flown_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[str, Any] | None:
     """What grouping into flights reads of a job with a flight or a capture time: its flight,
-    capture time and EXIF, its detections' labels with where they are on the ground, and the
-    frame's ground geometry; None for any other job."""
+    capture time and EXIF, its detections' labels and ground sizes, and the frame's ground
+    geometry; None for any other job."""
     if row[_AT.flight] is None and row[_AT.captured_at] is None:
         return None
     view: dict[str, Any] = {
@@ -353,7 +354,7 @@ def flown_view(row: Sequence[Any], detections: Sequence[Sequence[Any]]) -> dict[
     }
     if row[_AT.result_of] is not None:
         view["result"] = {
-            "detections": [{"label": d[2], "geo": _json(d[8])} for d in detections],
+            "detections": [{"label": d[2], "size_m": d[9]} for d in detections],
             "geo": _json(row[_AT.geo]),
         }
     return view

@@ -12,6 +12,10 @@ const ROUTES = [
   [/^\/inbox$/, "inbox", () => import("./pages/inbox.js")],
   [/^\/stats$/, "stats", () => import("./pages/stats.js")],
   [/^\/map$/, "map", () => import("./pages/map.js")],
+  [/^\/flights$/, "flights", () => import("./pages/flights.js")],
+  // A flight's id, encoded as one segment; its raw slashes (an inbox folder's) also reach it.
+  [/^\/flights\/(.+)$/, "flights", () => import("./pages/flight.js")],
+  [/^\/reports\/(.+)$/, "flights", () => import("./pages/flight-report.js")],
   [/^\/nodes$/, "nodes", () => import("./pages/nodes.js")],
 ];
 
