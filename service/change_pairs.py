@@ -5,7 +5,6 @@ outlined), built from the images the jobs may hand out and queued as an ordinary
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import math
 import re
@@ -19,14 +18,15 @@ import pymap3d
 from PIL import Image, ImageDraw, ImageFont
 
 from service import flights
-from service.errors import AipError, Gone, InvalidInput
+from service.errors import AipError, InvalidInput
 from service.geo.camera import Camera, Unlocated, camera_from_exif
 from service.geo.changes import Change, ObjectRef
 from service.geo.project import project
-from service.intake import inspect_image, open_stored
+from service.handout import handed_out
+from service.intake import open_stored
 from service.jobspec import parse_options, resolve
-from service.redact import redacted_copy
 from service.services import Services
+from service.uploads import announce, store_image
 
 KINDS = ("new", "gone", "moved")
 # A call may queue this many descriptions unasked; more need an explicit `limit`, never over
@@ -252,29 +252,11 @@ async def _half(
         return half
     _, half.job_id, half.camera = best
     try:
-        half.source = await _handed_out(svc, half.job_id)
+        half.source = (await handed_out(svc, half.job_id)).relative
         half.reason = None
     except AipError as exc:
         half.reason = exc.message
     return half
-
-
-async def _handed_out(svc: Services, job_id: int) -> str:
-    """The stored image a job may hand out, relative to the data directory: the redacted copy
-    of a job that redacts (never its original), as service/annotated.py finds it."""
-    image_row = await svc.reads.image_of(job_id)
-    wanted = image_row.redacted_path if image_row.redact else image_row.path
-    if wanted is not None and (image_row.redact or image_row.pruned_at is None):
-        with contextlib.suppress(FileNotFoundError):  # said below, as for a local file
-            await svc.files.local(wanted)  # written by another node, perhaps
-    copy = redacted_copy(
-        svc.files.root, job_id, image_row.redact, image_row.redacted_path, image_row.job_status
-    )
-    if copy is None and image_row.pruned_at is not None:
-        raise Gone(f"job {job_id}'s stored image was removed by retention", code="image_gone")
-    if copy is None and not svc.files.path(image_row.path).is_file():
-        raise Gone(f"job {job_id}'s stored image is no longer in the data directory")
-    return image_row.path if copy is None else str(image_row.redacted_path)
 
 
 # -- pixels (on a worker thread) --------------------------------------------------------------
@@ -395,17 +377,13 @@ async def _params(svc: Services, label: str, prompt: str) -> dict[str, Any]:
 async def _enqueue(svc: Services, data: bytes, name: str, params: dict[str, Any]) -> int:
     """Queue the picture as an upload is: the image inspected and stored by content, the job
     enqueued and announced."""
-    settings = svc.settings
-    async with svc.intake_slots:
-        record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
-        await svc.files.put(record.path, data)
+    record = await store_image(svc, data)
     job_id, _ = await svc.queue.enqueue(
         record,
         params,
         input_name=name,
         source="api",
-        max_attempts=settings.max_attempts,
+        max_attempts=svc.settings.max_attempts,
     )
-    svc.events.publish("job.created", {"source": "api", "input_name": name}, job_id=job_id)
-    svc.worker.notify()
+    announce(svc, job_id, "api", name)
     return job_id

@@ -32,7 +32,9 @@ from service.georeference import KEEP, place_again
 from service.jobspec import parse_options
 from service.store.history import JobFilter
 
-router = APIRouter(tags=["flights"], dependencies=[Depends(require_token)], responses=errors(401))
+router = APIRouter(
+    tags=["flights"], dependencies=[Depends(require_token)], responses=errors(401, 422)
+)
 FlightName = Annotated[str, Query(description="a flight's id, as GET /v1/flights lists it")]
 # The report's own policy, sent as a header too: it runs nothing and fetches nothing.
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -187,7 +189,7 @@ class GroundRequest(BaseModel):
     summary="Work out where the matching finished jobs' detections are again",
     response_model=Placed,
     dependencies=[Depends(takes_only())],
-    responses=errors(422),
+    responses=errors(413, 422),
 )
 async def georeference_again(
     request: Request,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -18,14 +17,14 @@ from service.api.deps import require_token, services
 from service.api.filters import Sort, resolved_filter, takes_only
 from service.api.schemas import Job, JobId, JobPage, errors, refuse_unencodable, typed
 from service.confine import read_confined
-from service.errors import Gone, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.intake import inspect_image
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from service.handout import handed_out
 from service.jobspec import parse_options, resolve
 from service.params import TOKEN_LIMITS, token_limit
-from service.redact import redacted_copy
 from service.services import Services
 from service.store.history import JobFilter
 from service.store.reads import MAX_PAGE
+from service.uploads import announce, store_image
 
 log = logging.getLogger("aip")
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_token)], responses=errors(401, 422))
@@ -317,9 +316,7 @@ async def submit(
     given = parse_options({**raw, "queries": queries, "prompt": prompt}, "the request")
     params = await resolve(given, None, svc.profiles, settings)
     max_attempts = _max_attempts(options["max_attempts"], settings.max_attempts)
-    async with svc.intake_slots:
-        record = await asyncio.to_thread(inspect_image, data, max_pixels=settings.max_pixels)
-        await svc.files.put(record.path, data)
+    record = await store_image(svc, data)
     request_hash = hashlib.sha256(
         json.dumps([record.sha256, params.to_dict(), max_attempts]).encode()
     ).hexdigest()
@@ -333,11 +330,10 @@ async def submit(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
-    if created:  # said before anything can claim it (no await between the commit and this)
-        svc.events.publish(
-            "job.created", {"source": source, "input_name": PurePath(name).name}, job_id=job_id
-        )
-    svc.worker.notify()
+    if created:
+        announce(svc, job_id, source, PurePath(name).name)
+    else:
+        svc.worker.notify()
     location = {"Location": f"/v1/jobs/{job_id}"}
     return await job_after_commit(svc, job_id, "queued", 202 if created else 200, location)
 
@@ -425,21 +421,5 @@ async def retry_job(request: Request, job_id: JobId) -> Response:
 )
 async def job_image(request: Request, job_id: JobId) -> FileResponse:
     svc = services(request)
-    image = await svc.reads.image_of(job_id)
-    files = svc.files
-    wanted = image.redacted_path if image.redact else image.path
-    if wanted is not None and (image.redact or image.pruned_at is None):
-        with contextlib.suppress(FileNotFoundError):  # said below, as for a local file
-            await files.local(wanted)  # written by another node, perhaps
-    copy = redacted_copy(files.root, job_id, image.redact, image.redacted_path, image.job_status)
-    if copy is not None:
-        return FileResponse(copy, media_type=_MEDIA["PNG" if copy.suffix == ".png" else "JPEG"])
-    path = files.path(image.path)
-    if image.pruned_at is not None or not path.is_file():
-        raise Gone(
-            f"job {job_id}'s stored image is no longer in the data directory", code="image_gone"
-        )
-    return FileResponse(
-        path,
-        media_type=_MEDIA.get(image.format, "application/octet-stream"),
-    )
+    found = await handed_out(svc, job_id)
+    return FileResponse(found.path, media_type=_MEDIA.get(found.format, "application/octet-stream"))

@@ -75,9 +75,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     client = Client(settings_from(args), args.url)
     with client.stream("GET", _path("/v1/reports", args.flight), params=params) as response:
         if response.status_code != 200:  # a redirect, say: not a report
-            raise ClientError(
-                f"the service answered {response.status_code} instead of the report"
-            )
+            raise ClientError(f"the service answered {response.status_code} instead of the report")
         disposition = response.headers.get("content-disposition", "")
         target = Path(args.output or _attachment_name(disposition, f"report.{fmt}"))
         try:
