@@ -21,6 +21,7 @@ REGISTRY = {
     "api": "bench.api_bench",
     "blas": "bench.blas_bench",
     "history": "bench.history_bench",
+    "geo": "bench.geo_bench",
     "inbox": "bench.inbox_bench",
     "events": "bench.events_bench",
     "model_host": "bench.model_host_bench",

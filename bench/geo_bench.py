@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,7 @@ from bench.profiling import hotspots
 from bench.table import Row, compare, interleaved, main_for, median
 from service import flights
 from service.detection import Detection
+from service.geo.changes import compare as compare_flights
 from service.geo.georef import georeference
 from service.intake import inspect_image
 from service.services import Services
@@ -52,12 +54,24 @@ GEOREF_FINDING = (
     "on arrays of every box's points (pymap3d vectorises), and the rotation built once a frame"
 )
 
+# Taken with cProfile on 2026-11-28 (quick size: 2 x 100 frames, 500 detections a side).
+CHANGES_FINDING = (
+    "Profile (cProfile of geo.changes.compare): ~45% in _holders, which calls "
+    "LocalPlane.union once per frame footprint (200 pymap3d projections and union_all calls of "
+    "one polygon each); ~25% in _assign, where every still object is its own connected group, "
+    "so ~500 groups each pay two np.unique and a linear_sum_assignment; ~20% in _side. The "
+    "route also reads each flight twice (its summary, then its full job views). Closing it: "
+    "project all footprints in one call and union once per side; solve one-edge groups "
+    "directly; read the flight's jobs once through a projection (id, footprint, detections' "
+    "label and geo) as the exports do"
+)
+
 
 def _boxes(count: int) -> list[list[float]]:
     """`count` boxes spread over the frame, in pixels of the upright 4000x3000 image."""
     boxes = []
     for i in range(count):
-        x, y = 150 + (i * 733) % 3500, 150 + (i * 457) % 2600
+        x, y = 150.0 + (i * 733) % 3500, 150.0 + (i * 457) % 2600
         boxes.append([x, y, x + 160 + 10 * (i % 5), y + 90 + 8 * (i % 4)])
     return boxes
 
@@ -125,7 +139,7 @@ def _history(jobs: int, changes_frames: int) -> tuple[list[Frame], list[str], tu
     """Half the jobs in GIVEN_FLIGHTS given flights, half grouped by capture time (as many
     automatic flights, an hour apart), all flying one mission of jobs/40 waypoints with 5
     detections a frame; and two given flights of `changes_frames` over the same ground, the
-    later with a detection moved, one gone and one new in every tenth frame."""
+    later with a detection moved (450 px, ~13 m), one gone and one new in every tenth frame."""
     template, place = _template_exif(), Placer()
     per_flight = max(1, jobs // (2 * GIVEN_FLIGHTS))
     mission = _waypoints(max(per_flight, changes_frames))
@@ -139,7 +153,7 @@ def _history(jobs: int, changes_frames: int) -> tuple[list[Frame], list[str], tu
             boxes, labels = _boxes(5), [LABELS[(k + i) % len(LABELS)] for i in range(5)]
             if moved and k % 10 == 0:
                 boxes = [
-                    [b[0] + 200, b[1], b[2] + 200, b[3]] if i == 0 else b
+                    [b[0] + 450, b[1], b[2] + 450, b[3]] if i == 0 else b
                     for i, b in enumerate(boxes)
                 ]
                 boxes, labels = [*boxes[:4], _boxes(6)[5]], [*labels[:4], "boat"]
@@ -239,8 +253,13 @@ async def _georef_row(work: Path, rounds: int) -> Row:
             if k:  # the first round warms the statements
                 ours.append((placed - began) * 1000)
                 base.append((time.perf_counter() - placed) * 1000)
+        profile = hotspots(lambda: georeference(template, WIDTH, HEIGHT, boxes), top=4)
     finally:
         await queue.close()
+    if median(ours) > median(base):
+        finding = f"Profile (pyinstrument, this run): {profile.split(': ', 1)[-1]}. "
+    else:
+        finding = ""
     return compare(
         "georeference a finished job (4000×3000 DJI frame, 20 detections) vs persisting it",
         median(ours),
@@ -252,7 +271,9 @@ async def _georef_row(work: Path, rounds: int) -> Row:
         "(results, 20 detection rows, attempt, status; synchronous=FULL commit), the write "
         "every finished job pays; target proposed here (the issue sets none): placing a job "
         "costs no more than persisting it, i.e. still small against 1-5 s of model time a "
-        f"frame; {rounds} rounds, each georeference then its complete, medians. " + GEOREF_FINDING,
+        f"frame; {rounds} rounds, each georeference then its complete, medians. "
+        + finding
+        + GEOREF_FINDING,
     )
 
 
@@ -266,6 +287,30 @@ def _get_ms(client: httpx.Client, *paths: str) -> float:
         if response.status_code != 200:
             raise RuntimeError(f"GET {path}: {response.status_code} {response.text[:300]}")
     return (time.perf_counter() - began) * 1000
+
+
+async def _changes_stages(db_path: Path, before: str, after: str) -> str:
+    """Where GET /v1/changes spends its time, stage by stage (service/flights.py changes)."""
+    reads = Reads(read_engine(db_path))
+    svc = cast(Services, SimpleNamespace(reads=reads))
+    stages: dict[str, list[float]] = {"summaries": [], "job views": [], "compare": []}
+    try:
+        for _ in range(3):
+            began = time.perf_counter()
+            earlier, later = await flights.flight(svc, before), await flights.flight(svc, after)
+            summarised = time.perf_counter()
+            jobs = [await flights.flight_jobs(svc, f) for f in (earlier, later)]
+            read = time.perf_counter()
+            found = compare_flights(*jobs).to_dict()
+            done = time.perf_counter()
+            stages["summaries"].append((summarised - began) * 1000)
+            stages["job views"].append((read - summarised) * 1000)
+            stages["compare"].append((done - read) * 1000)
+    finally:
+        await reads.close()
+    counts = ", ".join(f"{len(found[k])} {k}" for k in ("same", "moved", "new", "gone"))
+    split = ", ".join(f"{name} {median(ms):.0f} ms" for name, ms in stages.items())
+    return f"{split} (found {counts}); the rest is HTTP and the response's validation"
 
 
 def _profile(db_path: Path, route_work: Callable[[Services], Awaitable[Any]]) -> str:
@@ -349,6 +394,9 @@ def _route_rows(work: Path, jobs: int, rounds: int) -> list[Row]:
             if row.met is False:
                 found = _profile(db_path, route_work)
                 row.note += f". Profile (pyinstrument, the route's work in process): {found}"
+                if ours_paths[0].startswith("/v1/changes"):
+                    split = asyncio.run(_changes_stages(db_path, before, after))
+                    row.note += f"; in process, this run: {split}. {CHANGES_FINDING}"
             rows.append(row)
     rows[0].note += (
         f"; {len(frames):,} jobs ({jobs:,} in {2 * GIVEN_FLIGHTS} flights half given, half "
@@ -359,10 +407,13 @@ def _route_rows(work: Path, jobs: int, rounds: int) -> list[Row]:
 
 
 def run(quick: bool) -> list[Row]:
-    jobs, georef_rounds, rounds = (2_000, 20, 5) if quick else (10_000, 60, 9)
+    jobs, georef_rounds, rounds = (2_000, 20, 5) if quick else (10_000, 40, 7)
     work = Path(tempfile.mkdtemp(prefix="aip-bench-geo-"))
-    first = asyncio.run(_georef_row(work, georef_rounds))
-    return [first, *_route_rows(work, jobs, rounds)]
+    try:
+        first = asyncio.run(_georef_row(work, georef_rounds))
+        return [first, *_route_rows(work, jobs, rounds)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from service.geo.names import is_auto
 from service.geo.report import render_report
 from service.services import Services
 from service.store.history import JobFilter
-from service.store.reads import flown_view
+from service.store.reads import flown_view, located_view
 
 # A report embeds each frame with detections; past this many it would be too large to open.
 MAX_REPORT_FRAMES = 500
@@ -69,11 +69,24 @@ async def flight_jobs(svc: Services, found: Flight) -> list[dict[str, Any]]:
     return [jobs[i] for i in found.job_ids if i in jobs]
 
 
+async def _located(svc: Services, name: str) -> list[dict[str, Any]]:
+    """What comparing reads of a flight's jobs (their detections on the ground and frame
+    footprints), in one read for a given flight."""
+    where = JobFilter(flight=name)
+    if is_auto(name):
+        where = JobFilter(job_ids=tuple((await flight(svc, name)).job_ids))
+    jobs: list[dict[str, Any]] = []
+    async for page in await svc.reads.stream(where, project=located_view):
+        jobs.extend(page)
+    if not jobs and not is_auto(name):
+        await flight(svc, name)  # NotFound, unless its frames are merely unplaced
+    return jobs
+
+
 async def changes(svc: Services, before: str, after: str) -> Changes:
     if before == after:
         raise InvalidInput("compare two different flights", code="invalid_flight")
-    earlier, later = await flight(svc, before), await flight(svc, after)
-    return compare(await flight_jobs(svc, earlier), await flight_jobs(svc, later))
+    return compare(await _located(svc, before), await _located(svc, after))
 
 
 async def report(svc: Services, name: str, *, since: str | None = None) -> str:

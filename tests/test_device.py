@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlx.core as mx
@@ -52,7 +53,8 @@ def pretend(monkeypatch: pytest.MonkeyPatch, kind: str, info: dict[str, Any]) ->
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     monkeypatch.setattr(mx, "device_info", lambda *_: dict(info))
     monkeypatch.setattr(mx.metal, "is_available", lambda: kind == "metal")
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: kind == "cuda")
+    cuda = SimpleNamespace(is_available=lambda: kind == "cuda")
+    monkeypatch.setattr(mx, "cuda", cuda, raising=False)  # older builds have no mx.cuda
 
 
 def default_budget() -> int:
