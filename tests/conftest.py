@@ -429,3 +429,11 @@ def inbox_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
     for service in started:
         if service._thread.is_alive():
             service.stop()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Slow waits on the network start before the first test, to overlap the others."""
+    if any(item.name.startswith("test_the_resolver_installs") for item in session.items):
+        from tests.test_install import start_dry_runs
+
+        start_dry_runs()

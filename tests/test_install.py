@@ -6,19 +6,22 @@ and `aip worker` give without exactly one backend."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.metadata
 import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,20 +266,34 @@ def dry_run(extras: frozenset[str], folder: Path) -> DryRun:
     return DryRun(extras, done.returncode, done.stderr, seconds, names)
 
 
-def test_the_resolver_installs_one_backend_for_each_documented_linux_install(
-    tmp_path: Path,
-) -> None:
+_started: list[Future[DryRun]] = []
+
+
+def start_dry_runs() -> None:
+    """The dry runs, begun in the background as the session starts (tests/conftest.py, when
+    the test below was collected): mostly waiting on the index, they overlap the other
+    tests instead of adding a minute or two to the run."""
+    if _started or not sys.platform.startswith("linux"):
+        return
+    bearing = {e for e in project() if e and backends_of(frozenset({e}), "linux-x86_64")}
+    wanted = sorted(
+        {i.extras & bearing for i in documented_installs() if i.extras & bearing}, key=sorted
+    )
+    root = Path(tempfile.mkdtemp(prefix="aip-dry-run-"))
+    pool = ThreadPoolExecutor(len(wanted), thread_name_prefix="dry-run")
+    _started.extend(pool.submit(dry_run, extras, root / str(n)) for n, extras in enumerate(wanted))
+    pool.shutdown(wait=False)
+    atexit.register(shutil.rmtree, root, True)
+
+
+def test_the_resolver_installs_one_backend_for_each_documented_linux_install() -> None:
     """One dry run per distinct set of backend-bearing extras among the documented installs
     (the others add only packages that bring none). The resolver must agree with the
     metadata walk, on this machine's platform (Linux)."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the resolver's dry run answers for the machine it runs on: Linux only")
-    bearing = {e for e in project() if e and backends_of(frozenset({e}), "linux-x86_64")}
-    wanted = sorted(
-        {i.extras & bearing for i in documented_installs() if i.extras & bearing}, key=sorted
-    )
-    with ThreadPoolExecutor(len(wanted)) as pool:  # mostly waiting on the index: side by side
-        runs = list(pool.map(dry_run, wanted, [tmp_path / str(n) for n in range(len(wanted))]))
+    start_dry_runs()  # already running, unless this test runs alone
+    runs = [future.result() for future in _started]
     failed = [r for r in runs if r.returncode != 0]
     if failed:
         reason = failed[0].stderr

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service.geo.sensors import sensor_for
+
+Coordinate = TypeVar("Coordinate", float, np.ndarray)  # one point, or arrays of them
 
 FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
 RTK_FIXED = 50  # DJI RtkFlag: 0 none, 16 single point, 34 float, 50 fixed
@@ -74,8 +76,9 @@ class Camera:
             return self.sensor_height, self.sensor_width
         return self.sensor_width, self.sensor_height
 
-    def to_sensor(self, x: float, y: float) -> tuple[float, float]:
-        """A point of the upright image in sensor pixels (undoing EXIF orientation 1..8)."""
+    def to_sensor(self, x: Coordinate, y: Coordinate) -> tuple[Coordinate, Coordinate]:
+        """A point (or arrays of points) of the upright image in sensor pixels (undoing EXIF
+        orientation 1..8)."""
         w, h = self.sensor_width, self.sensor_height
         return {
             1: (x, y),

@@ -210,11 +210,16 @@ def _assign(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, allowed: np.nd
         shape=(height + int(cols.max()) + 1,) * 2,
     )
     _, group = connected_components(graph, directed=False)
+    of_edge = group[rows[edges]]
+    # Groups in the order of their first edge; a group of one edge is that pair, solved as is.
+    order = np.argsort(of_edge, kind="stable")
+    _, first, sizes = np.unique(of_edge[order], return_index=True, return_counts=True)
     chosen: list[int] = []
-    by_group: dict[int, list[int]] = {}
-    for e in edges.tolist():
-        by_group.setdefault(int(group[rows[e]]), []).append(e)
-    for members in by_group.values():
+    for at in np.argsort(order[first], kind="stable").tolist():
+        members = edges[order[first[at] : first[at] + sizes[at]]]
+        if len(members) == 1:
+            chosen.append(int(members[0]))
+            continue
         local_rows, r_index = np.unique(rows[members], return_inverse=True)
         local_cols, c_index = np.unique(cols[members], return_inverse=True)
         # A missing pair costs more than every allowed pair together, so the optimum first
@@ -319,7 +324,9 @@ def _holders(
     plane: LocalPlane, frames: list[tuple[int, list[list[float]]]], xy: np.ndarray
 ) -> list[tuple[int, ...]]:
     """For each point, the frames whose footprints hold it (the coverage holds it when any does)."""
-    footprints = [(job_id, plane.union([ring])) for job_id, ring in frames]
+    footprints = [
+        (job_id, g) for (job_id, _), g in zip(frames, _shapes(plane, frames), strict=True)
+    ]
     footprints = [(job_id, g) for job_id, g in footprints if not g.is_empty]
     held: list[set[int]] = [set() for _ in range(len(xy))]
     if footprints and len(xy):
@@ -328,6 +335,25 @@ def _holders(
         for point, hit in zip(points.tolist(), hits.tolist(), strict=True):
             held[point].add(footprints[hit][0])
     return [tuple(sorted(jobs)) for jobs in held]
+
+
+def _shapes(plane: LocalPlane, frames: list[tuple[int, list[list[float]]]]) -> list[Any]:
+    """Each frame's footprint in plane metres, as LocalPlane.union makes it for a lone ring,
+    with every ring projected in one call and built in one."""
+    if not frames:
+        return []
+    lengths = [len(ring) for _, ring in frames]
+    xy = plane.project(
+        [p[0] for _, ring in frames for p in ring], [p[1] for _, ring in frames for p in ring]
+    )
+    shapes = shapely.polygons(
+        shapely.linearrings(xy, indices=np.repeat(np.arange(len(frames)), lengths))
+    )
+    broken = np.flatnonzero(~shapely.is_valid(shapes))
+    # A footprint whose corners came out crossed still covers its valid part.
+    for k in broken.tolist():
+        shapes[k] = shapely.union_all([shapely.make_valid(shapes[k])])
+    return list(shapes)
 
 
 def _sort_key(change: Change) -> tuple[str, int, int, int, int]:

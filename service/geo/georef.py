@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from service.geo.camera import Unlocated, camera_from_exif
-from service.geo.ground import box_geo, frame_geo
+from service.geo.ground import locate
 
 
 def georeference(
@@ -23,4 +23,4 @@ def georeference(
     if isinstance(camera, Unlocated):
         frame = {"reason": camera.reason, "assumptions": list(camera.assumptions)}
         return frame, [{"reason": f"the frame is not located: {camera.reason}"} for _ in boxes]
-    return frame_geo(camera), [box_geo(camera, box) for box in boxes]
+    return locate(camera, boxes)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,11 +33,25 @@ def hit(
     east, north = float(direction[0]) * scale, float(direction[1]) * scale
     reach = math.hypot(east, north)
     if limit and reach > MAX_RANGE_M:
-        return (
-            f"meets the ground {reach / 1000:.1f} km away, beyond the "
-            f"{MAX_RANGE_M / 1000:g} km the flat-ground model is used to"
-        )
+        return _too_far(reach)
     return east, north
+
+
+def _cast(
+    camera: Camera, xs: np.ndarray, ys: np.ndarray, turns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`hit` for many points under each of K rotations at once, unlimited: (east, north, below
+    the horizon), each K x N."""
+    u, v = camera.to_sensor(xs, ys)
+    plane = np.column_stack(
+        [(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, np.ones(len(u))]
+    )
+    direction = plane @ np.swapaxes(turns, 1, 2)
+    direction /= np.linalg.norm(direction, axis=2, keepdims=True)
+    down = -direction[..., 2]
+    below = down > 1e-9
+    scale = camera.height_m / np.where(below, down, 1.0)
+    return direction[..., 0] * scale, direction[..., 1] * scale, below
 
 
 def to_wgs84(camera: Camera, point: Ground) -> tuple[float, float]:
@@ -73,28 +88,35 @@ def uncertainty(camera: Camera, x: float, y: float) -> float | None:
     sources: position (moves every point by its sigma); height (scales the point's distance
     from beneath the camera); attitude, turned by its sigma both ways about each of the camera's
     own axes (free of the gimbal lock of yaw/pitch/roll at nadir), the larger displacement kept."""
-    base = hit(camera, x, y, limit=False)
-    if isinstance(base, str):
-        return None
-    total = camera.sigma_position_m**2
-    total += (math.hypot(*base) * camera.sigma_height_m / camera.height_m) ** 2
+    return _uncertainties(camera, np.array([x], dtype=float), np.array([y], dtype=float))[0]
+
+
+def _uncertainties(camera: Camera, xs: np.ndarray, ys: np.ndarray) -> list[float | None]:
+    """`uncertainty` of many points at once, all of them under every perturbation in one cast."""
     rotation = camera.rotation()
     sigma = camera.sigma_attitude_deg
+    turns = [rotation] + [rotation @ _turn(axis, t) for axis in range(3) for t in (sigma, -sigma)]
+    east, north, below = _cast(camera, xs, ys, np.array(turns))
+    moved = np.hypot(east[0] - east[1:], north[0] - north[1:])  # 6 x N: per axis, + then -
+    total = (
+        camera.sigma_position_m**2
+        + (np.hypot(east[0], north[0]) * camera.sigma_height_m / camera.height_m) ** 2
+    )
+    failed = ~below[0]
     for axis in range(3):
-        both = [
-            hit(camera, x, y, limit=False, rotation=rotation @ _turn(axis, t))
-            for t in (sigma, -sigma)
-        ]
-        points = [p for p in both if not isinstance(p, str)]
-        if len(points) == 2:
-            total += max(_distance(base, p) for p in points) ** 2
-            continue
-        # A whole sigma turns the ray off the ground (near the horizon): first order instead.
-        small = hit(camera, x, y, limit=False, rotation=rotation @ _turn(axis, sigma * 1e-3))
-        if isinstance(small, str):
-            return None
-        total += (_distance(base, small) * 1e3) ** 2
-    return math.sqrt(total)
+        on_ground = below[0] & below[1 + 2 * axis] & below[2 + 2 * axis]
+        attitude = np.maximum(moved[2 * axis], moved[2 * axis + 1]) ** 2
+        off = below[0] & ~on_ground
+        if off.any():
+            # A whole sigma turns the ray off the ground (near the horizon): first order instead.
+            small = np.array([rotation @ _turn(axis, sigma * 1e-3)])
+            e, n, ok = _cast(camera, xs, ys, small)
+            gap = np.hypot(east[0] - e[0], north[0] - n[0]) * 1e3
+            attitude = np.where(off, gap**2, attitude)
+            failed |= off & ~ok[0]
+        total = total + np.where(on_ground | off, attitude, 0.0)
+    root = np.sqrt(total)
+    return [None if bad else float(value) for bad, value in zip(failed, root, strict=True)]
 
 
 def _signed_area(points: Sequence[Ground]) -> float:
@@ -103,15 +125,52 @@ def _signed_area(points: Sequence[Ground]) -> float:
     )
 
 
+def _counter_clockwise(points: Sequence[Ground]) -> list[Ground]:
+    """The ring's corners in GeoJSON's right-hand order."""
+    return list(reversed(points)) if _signed_area(points) < 0 else list(points)
+
+
+class _Places:
+    """Ground points gathered from a whole frame for one vectorised WGS84 conversion
+    (pymap3d's per-call overhead dwarfs its maths on a single point)."""
+
+    def __init__(self, camera: Camera) -> None:
+        self.camera = camera
+        self.points: list[Ground] = []
+        self.lat: list[float] = []
+        self.lon: list[float] = []
+
+    def add(self, points: Sequence[Ground]) -> int:
+        """Where the points start among the converted ones."""
+        self.points.extend(points)
+        return len(self.points) - len(points)
+
+    def convert(self) -> None:
+        if not self.points:
+            return
+        ground = np.array(self.points, dtype=float)
+        lat, lon, _ = pymap3d.enu2geodetic(
+            ground[:, 0],
+            ground[:, 1],
+            0.0,
+            self.camera.lat,
+            self.camera.lon,
+            self.camera.ground_altitude_m,
+        )
+        self.lat, self.lon = np.atleast_1d(lat).tolist(), np.atleast_1d(lon).tolist()
+
+    def ring(self, start: int, count: int) -> list[list[float]]:
+        """A closed [lon, lat] ring of `count` converted points."""
+        ring = [[round(self.lon[k], 7), round(self.lat[k], 7)] for k in range(start, start + count)]
+        return [*ring, ring[0]]
+
+
 def _ring(camera: Camera, points: Sequence[Ground]) -> list[list[float]]:
     """A closed, counter-clockwise [lon, lat] ring (GeoJSON's right-hand rule)."""
-    if _signed_area(points) < 0:
-        points = list(reversed(points))
-    ring = []
-    for point in points:
-        lat, lon = to_wgs84(camera, point)
-        ring.append([round(lon, 7), round(lat, 7)])
-    return [*ring, ring[0]]
+    places = _Places(camera)
+    start = places.add(_counter_clockwise(points))
+    places.convert()
+    return places.ring(start, len(points))
 
 
 def _numbers(box: Any) -> list[float] | None:
@@ -129,34 +188,101 @@ def _numbers(box: Any) -> list[float] | None:
 
 def box_geo(camera: Camera, box: Any) -> dict[str, Any]:
     """DETECTION_GEO (see GEO shapes) of a box [x1, y1, x2, y2] in upright-image pixels."""
-    numbers = _numbers(box)
+    return locate(camera, [box])[1][0]
+
+
+def _too_far(reach: float) -> str:
+    return (
+        f"meets the ground {reach / 1000:.1f} km away, beyond the "
+        f"{MAX_RANGE_M / 1000:g} km the flat-ground model is used to"
+    )
+
+
+class _Cast:
+    """Many upright-image points cast onto the ground at once (`hit`, as plain floats)."""
+
+    def __init__(self, camera: Camera, xs: np.ndarray, ys: np.ndarray) -> None:
+        east, north, below = _cast(camera, xs, ys, camera.rotation()[np.newaxis])
+        self.east, self.north, self.below = east[0].tolist(), north[0].tolist(), below[0].tolist()
+
+    def unlimited(self, k: int) -> Ground | str:
+        if not self.below[k]:
+            return "is at or above the horizon"
+        return self.east[k], self.north[k]
+
+    def ground(self, k: int) -> Ground | str:
+        found = self.unlimited(k)
+        if isinstance(found, str):
+            return found
+        reach = math.hypot(*found)
+        return _too_far(reach) if reach > MAX_RANGE_M else found
+
+
+def _spans(boxes: Sequence[Any]) -> tuple[list[list[float] | None], np.ndarray]:
+    """Each box's four numbers (None when it has none), and its x1, x2, y1, y2 sorted (N x 4)."""
+    numbers = [_numbers(box) for box in boxes]
+    spans = np.array(
+        [[*sorted(n[0::2]), *sorted(n[1::2])] if n is not None else [0.0] * 4 for n in numbers],
+        dtype=float,
+    ).reshape(-1, 4)
+    return numbers, spans
+
+
+def _box(
+    camera: Camera,
+    numbers: list[float] | None,
+    cast: _Cast,
+    at: int,
+    sigma: float | None,
+    places: _Places,
+) -> Callable[[], dict[str, Any]]:
+    """A box's DETECTION_GEO, to be built once `places` holds its WGS84 points; `at`: where its
+    centre and then corners top-left, top-right, bottom-right, bottom-left are in `cast`."""
     if numbers is None:
-        return {"reason": "the box is not four finite numbers"}
-    x1, x2 = sorted(numbers[0::2])
-    y1, y2 = sorted(numbers[1::2])
-    centre = hit(camera, (x1 + x2) / 2, (y1 + y2) / 2)
+        return partial(dict, reason="the box is not four finite numbers")
+    centre = cast.ground(at)
     if isinstance(centre, str):
-        return {"reason": f"the box centre {centre}"}
-    lat, lon = to_wgs84(camera, centre)
-    corners = [hit(camera, x, y) for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))]
-    sizes: dict[str, Any] = {"footprint": None, "width_m": None, "height_m": None, "area_m2": None}
+        return partial(dict, reason=f"the box centre {centre}")
+    corners = [cast.ground(at + k) for k in range(1, 5)]
     points = [c for c in corners if not isinstance(c, str)]
+    ring = _counter_clockwise(points) if len(points) == 4 else []
+    return partial(
+        _box_dict,
+        places,
+        centre,
+        places.add([centre]),
+        points,
+        places.add(ring),
+        sigma,
+        camera.height_m,
+    )
+
+
+def _box_dict(
+    places: _Places,
+    centre: Ground,
+    at: int,
+    points: list[Ground],
+    ring_at: int,
+    sigma: float | None,
+    height_m: float,
+) -> dict[str, Any]:
+    sizes: dict[str, Any] = {"footprint": None, "width_m": None, "height_m": None, "area_m2": None}
     if len(points) == 4:
         top_left, top_right, bottom_right, bottom_left = points
         width = (_distance(top_left, top_right) + _distance(bottom_left, bottom_right)) / 2
         height = (_distance(top_left, bottom_left) + _distance(top_right, bottom_right)) / 2
         sizes = {
-            "footprint": _ring(camera, points),
+            "footprint": places.ring(ring_at, 4),
             "width_m": round(width, 2),
             "height_m": round(height, 2),
             "area_m2": round(abs(_signed_area(points)), 2),
         }
-    sigma = uncertainty(camera, (x1 + x2) / 2, (y1 + y2) / 2)
     return {
-        "lat": round(lat, 7),
-        "lon": round(lon, 7),
+        "lat": round(places.lat[at], 7),
+        "lon": round(places.lon[at], 7),
         **sizes,
-        "distance_m": round(math.hypot(*centre, camera.height_m), 2),
+        "distance_m": round(math.hypot(*centre, height_m), 2),
         "uncertainty_m": None if sigma is None else round(sigma, 2),
     }
 
@@ -217,18 +343,39 @@ def footprint(camera: Camera) -> list[Ground] | None:
 
 def frame_geo(camera: Camera) -> dict[str, Any]:
     """FRAME_GEO (see GEO shapes) of a located frame."""
+    return locate(camera, [])[0]
+
+
+def locate(camera: Camera, boxes: Sequence[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(FRAME_GEO, [DETECTION_GEO per box]) of a located frame: every point of the frame and its
+    boxes cast onto the ground in one array, their uncertainties perturbed together, and the
+    ground points converted to WGS84 in one call."""
     width, height = camera.image_size
     x, y = width / 2, height / 2
-    centre = hit(camera, x, y)
+    numbers, spans = _spans(boxes)
+    x1, x2, y1, y2 = spans.T
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    # The image centre and the four half-pixel steps around it, then per box its centre and
+    # corners top-left, top-right, bottom-right, bottom-left.
+    cast = _Cast(
+        camera,
+        np.concatenate(
+            [[x, x - 0.5, x + 0.5, x, x], np.column_stack([cx, x1, x2, x2, x1]).ravel()]
+        ),
+        np.concatenate(
+            [[y, y, y, y - 0.5, y + 0.5], np.column_stack([cy, y1, y1, y2, y2]).ravel()]
+        ),
+    )
+    sigmas = _uncertainties(camera, np.concatenate([[x], cx]), np.concatenate([[y], cy]))
+    places = _Places(camera)
+    centre = cast.ground(0)
     gsd_cm = None
     sigma = None
-    located = None
+    centre_at = None
     if not isinstance(centre, str):
-        lat, lon = to_wgs84(camera, centre)
-        located = {"lat": round(lat, 7), "lon": round(lon, 7)}
+        centre_at = places.add([centre])
         # The square root of the ground area one pixel covers at the centre.
-        left, right = hit(camera, x - 0.5, y, limit=False), hit(camera, x + 0.5, y, limit=False)
-        top, bottom = hit(camera, x, y - 0.5, limit=False), hit(camera, x, y + 0.5, limit=False)
+        left, right, top, bottom = (cast.unlimited(k) for k in range(1, 5))
         if not (
             isinstance(left, str)
             or isinstance(right, str)
@@ -237,9 +384,17 @@ def frame_geo(camera: Camera) -> dict[str, Any]:
         ):
             gsd = math.sqrt(_distance(left, right) * _distance(top, bottom))
             gsd_cm = round(100 * gsd, 3)
-        sigma = uncertainty(camera, x, y)
+        sigma = sigmas[0]
     seen = footprint(camera)
-    return {
+    seen_at = None if seen is None else places.add(_counter_clockwise(seen))
+    detections = [
+        _box(camera, n, cast, 5 + 5 * i, sigmas[1 + i], places) for i, n in enumerate(numbers)
+    ]
+    places.convert()
+    located = None
+    if centre_at is not None:
+        located = {"lat": round(places.lat[centre_at], 7), "lon": round(places.lon[centre_at], 7)}
+    frame = {
         "camera": {
             "lat": round(camera.lat, 7),
             "lon": round(camera.lon, 7),
@@ -255,7 +410,8 @@ def frame_geo(camera: Camera) -> dict[str, Any]:
         },
         "assumptions": list(camera.assumptions),
         "centre": located,
-        "footprint": None if seen is None else _ring(camera, seen),
+        "footprint": None if seen is None or seen_at is None else places.ring(seen_at, len(seen)),
         "gsd_cm": gsd_cm,
         "uncertainty_m": None if sigma is None else round(sigma, 2),
     }
+    return frame, [build() for build in detections]
