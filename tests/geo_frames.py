@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import pymap3d
 from PIL import ExifTags, Image, ImageDraw
 
 Box = Sequence[float]
@@ -151,3 +152,18 @@ def no_pose_jpeg(width: int = 800, height: int = 600, *, model: str = "FC6310") 
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif, quality=90)
     return buffer.getvalue()
+
+
+def lonlat(east: float, north: float, origin: tuple[float, float]) -> list[float]:
+    """[lon, lat] of a point `east`, `north` metres from `origin` (lat, lon) on the ellipsoid."""
+    lat, lon, _ = pymap3d.enu2geodetic(east, north, 0.0, *origin, 0.0)
+    return [float(lon), float(lat)]
+
+
+def square(
+    east: float, north: float, side: float, origin: tuple[float, float]
+) -> list[list[float]]:
+    """A closed footprint ring of a side x side metre square centred at east/north."""
+    h = side / 2
+    corners = [(-h, -h), (h, -h), (h, h), (-h, h), (-h, -h)]
+    return [lonlat(east + dx, north + dy, origin) for dx, dy in corners]

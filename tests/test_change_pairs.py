@@ -18,17 +18,8 @@ from service.geo.camera import Camera
 from service.geo.ground import locate_pixel
 from service.geo.project import from_sensor, project
 from tests.conftest import RunningService
-from tests.geo_frames import dji_jpeg
-from tests.test_geo_service import (
-    COLOURS,
-    FOCAL,
-    GSD,
-    HEIGHT,
-    SIZES,
-    H,
-    W,
-    place,
-)
+from tests.test_geo_service import AFTER, BEFORE, COLOURS, WHITE
+from tests.test_geo_service import frame as painted
 from tests.test_geo_service import geo_service as geo_service_fixture
 
 geo_service = geo_service_fixture  # the fixture, shared
@@ -147,31 +138,12 @@ def test_a_half_shows_the_ground_north_up_at_its_scale(name: str, span: float) -
 
 # -- through the service -----------------------------------------------------------------------
 
-WHITE = (255, 255, 255)
-
 
 def frame(centre_east: float, objects: list[tuple[str, float, float]]) -> bytes:
-    """A nadir frame (north up) over (centre_east, 0) with each (label, east, north) painted at
-    its real size, a small white dot at each car's middle (what redaction blurs away)."""
-    lat, lon = place(centre_east, 0.0)
-    draw = []
-    for label, east, north in objects:
-        width, height = SIZES[label]
-        x = W / 2 + (east - centre_east) / GSD
-        y = H / 2 - north / GSD
-        draw.append(
-            ((round(x - width / GSD / 2), round(y - height / GSD / 2),
-              round(x + width / GSD / 2), round(y + height / GSD / 2)), COLOURS[label])
-        )  # fmt: skip
-        if label == "car":
-            draw.append(((round(x) - 3, round(y) - 3, round(x) + 3, round(y) + 3), WHITE))
-    return dji_jpeg(W, H, lat=lat, lon=lon, relative_altitude=HEIGHT, absolute_altitude=80.0,
-                    calibrated=(FOCAL, W / 2, H / 2), rtk_flag=50, draw=draw)  # fmt: skip
+    return painted(centre_east, objects, dots=True)
 
 
-# The first car stays, the second moves 8 m east, the tent is gone and a car is new.
-BEFORE = [(0.0, [("car", -10.0, 5.0), ("car", 10.0, -8.0)]), (40.0, [("tent", 35.0, 0.0)])]
-AFTER = [(0.0, [("car", -10.0, 5.0), ("car", 18.0, -8.0)]), (40.0, [("car", 50.0, 10.0)])]
+# BEFORE / AFTER: the first car stays, the second moves 8 m east, the tent goes, a car comes.
 
 
 def survey(service: RunningService, plan: list[Any], flight: str, **fields: Any) -> list[int]:

@@ -4,23 +4,20 @@ import json
 import math
 
 import geojson
-import pymap3d
 import pytest
 
 from service.geo.changes import compare, tolerance_m
+from tests import geo_frames
 
 LAT0, LON0 = -33.86, 151.21
 
 
 def lonlat(east: float, north: float) -> list[float]:
-    lat, lon, _ = pymap3d.enu2geodetic(east, north, 0.0, LAT0, LON0, 0.0)
-    return [float(lon), float(lat)]
+    return geo_frames.lonlat(east, north, (LAT0, LON0))
 
 
 def square(east: float, north: float, side: float) -> list[list[float]]:
-    h = side / 2
-    corners = [(-h, -h), (h, -h), (h, h), (-h, h), (-h, -h)]
-    return [lonlat(east + dx, north + dy) for dx, dy in corners]
+    return geo_frames.square(east, north, side, (LAT0, LON0))
 
 
 class Flight:

@@ -3,24 +3,20 @@
 import json
 import random
 
-import pymap3d
 import pytest
 
 from service.geo.flights import FlightFrame, group_flights
+from tests import geo_frames
 
 LAT0, LON0 = 51.5, -0.12
 
 
 def lonlat(east: float, north: float) -> list[float]:
-    lat, lon, _ = pymap3d.enu2geodetic(east, north, 0.0, LAT0, LON0, 0.0)
-    return [float(lon), float(lat)]
+    return geo_frames.lonlat(east, north, (LAT0, LON0))
 
 
 def square(east: float, north: float, side: float) -> list[list[float]]:
-    """A closed footprint ring of a side x side metre square centred at east/north."""
-    h = side / 2
-    corners = [(-h, -h), (h, -h), (h, h), (-h, h), (-h, -h)]
-    return [lonlat(east + dx, north + dy) for dx, dy in corners]
+    return geo_frames.square(east, north, side, (LAT0, LON0))
 
 
 def job(

@@ -62,9 +62,19 @@ def place(east: float, north: float) -> tuple[float, float]:
     return float(lat), float(lon)
 
 
-def frame(centre_east: float, objects: list[tuple[str, float, float]], **changes: Any) -> bytes:
+WHITE = (255, 255, 255)
+
+
+def frame(
+    centre_east: float,
+    objects: list[tuple[str, float, float]],
+    *,
+    dots: bool = False,
+    **changes: Any,
+) -> bytes:
     """A nadir frame (north up) over (centre_east, 0) with each (label, east, north) painted
-    at its real size."""
+    at its real size; with `dots`, a small white dot at each car's middle (what redaction
+    blurs away)."""
     lat, lon = place(centre_east, 0.0)
     draw = []
     for label, east, north in objects:
@@ -78,6 +88,8 @@ def frame(centre_east: float, objects: list[tuple[str, float, float]], **changes
             round(y + height / GSD / 2),
         )
         draw.append((box, COLOURS[label]))
+        if dots and label == "car":
+            draw.append(((round(x) - 3, round(y) - 3, round(x) + 3, round(y) + 3), WHITE))
     fields: dict[str, Any] = {
         "lat": lat,
         "lon": lon,
