@@ -4,9 +4,13 @@ import json
 import math
 
 import geojson
+import numpy as np
 import pytest
+import shapely
+from scipy.optimize import linear_sum_assignment
 
-from service.geo.changes import compare, tolerance_m
+from service.geo.changes import _assign, _holders, compare, tolerance_m
+from service.geo.flights import LocalPlane
 from tests import geo_frames
 
 LAT0, LON0 = -33.86, 151.21
@@ -245,3 +249,58 @@ def test_moves_pair_up_as_many_objects_as_possible() -> None:
     found = outcome(compare(before.jobs, after.jobs).to_dict())
     assert found["moved"] == {("car", (1, 1), (2, 2)), ("car", (1, 2), (2, 1))}
     assert found["gone"] == found["new"] == set()
+
+
+def _random_flight(seed: int, first_job: int) -> list[tuple[int, list[list[float]]]]:
+    """Overlapping footprints: squares, a few rotated quadrilaterals and one bow-tie."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(40):
+        east, north = rng.uniform(-200, 200, 2)
+        ring = square(float(east), float(north), float(rng.uniform(20, 150)))
+        if k % 7 == 3:  # corners 1 and 2 swapped: a crossed ring, made valid
+            ring = [ring[0], ring[2], ring[1], ring[3], ring[0]]
+        frames.append((first_job + k, ring))
+    frames.append((first_job, square(0, 0, 30)))  # a job with two footprints
+    return frames
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_coverage_matches_each_footprint_tested_on_its_own(seed: int) -> None:
+    frames = _random_flight(seed, 500)
+    plane = LocalPlane.around(
+        [p[0] for _, r in frames for p in r], [p[1] for _, r in frames for p in r]
+    )
+    rng = np.random.default_rng(seed + 10)
+    xy = np.vstack(
+        [rng.uniform(-260, 260, (300, 2)), plane.project(*zip(*frames[0][1], strict=True))]
+    )
+    shapes = [(job, plane.union([ring])) for job, ring in frames]
+    expected = [
+        tuple(sorted({job for job, shape in shapes if shape.covers(shapely.Point(x, y))}))
+        for x, y in xy.tolist()
+    ]
+    assert _holders(plane, frames, xy) == expected
+    assert any(len(jobs) > 1 for jobs in expected) and () in expected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cluster_by_cluster_assignment_is_a_global_optimum(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_rows, n_cols = 60, 50
+    rows = rng.integers(0, n_rows, 400)
+    cols = rng.integers(0, n_cols, 400)
+    pairs = np.unique(np.column_stack([rows, cols]), axis=0)
+    rows, cols = pairs[:, 0], pairs[:, 1]
+    cost = rng.uniform(0, 10, len(rows))
+    allowed = rng.uniform(size=len(rows)) < [0.05, 0.2, 0.5, 1.0, 0.02, 0.1][seed]
+    chosen = _assign(rows, cols, cost, allowed)
+    assert all(allowed[chosen])
+    assert len(set(rows[chosen].tolist())) == len(set(cols[chosen].tolist())) == len(chosen)
+    missing = float(cost[allowed].sum()) + 1.0
+    matrix = np.full((n_rows, n_cols), missing)
+    matrix[rows[allowed], cols[allowed]] = cost[allowed]
+    r, c = linear_sum_assignment(matrix)
+    best = matrix[r, c] < missing
+    assert len(chosen) == int(best.sum())
+    assert float(cost[chosen].sum()) == pytest.approx(float(matrix[r, c][best].sum()), rel=1e-12)

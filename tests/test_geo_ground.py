@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -15,7 +16,15 @@ import pytest
 from service.decode import decode
 from service.geo.camera import SIGMA_ATTITUDE_DEG, SIGMA_GNSS_M, Camera
 from service.geo.georef import georeference
-from service.geo.ground import MAX_RANGE_M, box_geo, footprint, frame_geo, hit, locate_pixel
+from service.geo.ground import (
+    MAX_RANGE_M,
+    box_geo,
+    footprint,
+    frame_geo,
+    hit,
+    locate,
+    locate_pixel,
+)
 from service.intake import inspect_image
 from tests.geo_frames import dji_jpeg
 
@@ -258,3 +267,110 @@ def test_a_planted_object_gets_its_real_size_and_place(
     )
     heading = math.degrees(math.atan2(long_side[0], long_side[1])) % 180
     assert heading == pytest.approx((yaw + 90) % 180, abs=1.0)  # the long side lies along x
+
+
+def _turned(rotation: np.ndarray, axis: int, degrees: float) -> np.ndarray:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    i, j = [k for k in range(3) if k != axis]
+    turn = np.eye(3)
+    turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+    return rotation @ turn
+
+
+def _one_by_one_sigma(cam: Camera, x: float, y: float) -> float | None:
+    """The uncertainty from single rays through `hit` (the frame is placed in arrays)."""
+    base = hit(cam, x, y, limit=False)
+    if isinstance(base, str):
+        return None
+    total = cam.sigma_position_m**2 + (math.hypot(*base) * cam.sigma_height_m / cam.height_m) ** 2
+    for axis in range(3):
+        both = [
+            hit(cam, x, y, limit=False, rotation=_turned(cam.rotation(), axis, t))
+            for t in (cam.sigma_attitude_deg, -cam.sigma_attitude_deg)
+        ]
+        points = [p for p in both if not isinstance(p, str)]
+        if len(points) == 2:
+            total += max(math.dist(base, p) for p in points) ** 2
+            continue
+        rotation = _turned(cam.rotation(), axis, cam.sigma_attitude_deg * 1e-3)
+        small = hit(cam, x, y, limit=False, rotation=rotation)
+        if isinstance(small, str):
+            return None
+        total += (math.dist(base, small) * 1e3) ** 2
+    return math.sqrt(total)
+
+
+EQUIVALENCE_BOXES: list[Any] = [
+    *([x, y, x + 180, y + 120] for x in range(-100, 4000, 610) for y in range(-50, 3000, 530)),
+    [0, 0, W, H],
+    [2000, 1500, 2000, 1500],
+    [300, 900, 100, 700],
+    [1, 2, 3],
+    [0, float("inf"), 1, 1],
+]
+
+
+@pytest.mark.parametrize(
+    ("yaw", "pitch", "roll", "orientation"),
+    [
+        (0, -90, 0, 1),
+        (30, -90, 0, 3),
+        (123, -60, 0, 6),
+        (200, -30, 5, 8),
+        (10, -8, 0, 1),
+        (300, -2, -12, 5),
+        (45, 10, 0, 1),
+    ],
+)
+def test_a_frame_placed_at_once_matches_its_points_placed_one_by_one(
+    yaw: float, pitch: float, roll: float, orientation: int
+) -> None:
+    """Every box of a frame is cast and converted in arrays; the one-ray-at-a-time path
+    (`hit`, `locate_pixel`) gives the same rounded numbers, but for the last rounded digit,
+    which a last-bit difference between array and scalar float maths may flip."""
+    cam = dataclasses.replace(camera(yaw, pitch, roll), orientation=orientation)
+    frame, found = locate(cam, EQUIVALENCE_BOXES)
+    assert frame == frame_geo(cam)
+    assert found == [box_geo(cam, box) for box in EQUIVALENCE_BOXES]
+    degree, metre = 1.01e-7, 0.0101
+    kinds = set()
+    for box, geo in zip(EQUIVALENCE_BOXES, found, strict=True):
+        if len(box) != 4 or not all(map(math.isfinite, box)):
+            assert geo == {"reason": "the box is not four finite numbers"}
+            continue
+        x1, x2 = sorted(box[0::2])
+        y1, y2 = sorted(box[1::2])
+        centre = hit(cam, (x1 + x2) / 2, (y1 + y2) / 2)
+        if isinstance(centre, str):
+            assert geo == {"reason": f"the box centre {centre}"}
+            kinds.add("unlocated")
+            continue
+        place = locate_pixel(cam, (x1 + x2) / 2, (y1 + y2) / 2)
+        assert not isinstance(place, str)
+        lat, lon = place
+        assert geo["lat"] == pytest.approx(lat, abs=degree)
+        assert geo["lon"] == pytest.approx(lon, abs=degree)
+        assert geo["distance_m"] == pytest.approx(math.hypot(*centre, cam.height_m), abs=metre)
+        sigma = _one_by_one_sigma(cam, (x1 + x2) / 2, (y1 + y2) / 2)
+        assert sigma is not None and geo["uncertainty_m"] == pytest.approx(sigma, abs=metre)
+        pixels = ((x1, y1), (x2, y1), (x2, y2), (x1, y2))
+        corners = [
+            c for c in (locate_pixel(cam, x, y) for x, y in pixels) if not isinstance(c, str)
+        ]
+        if len(corners) < 4:
+            assert geo["footprint"] is geo["width_m"] is geo["area_m2"] is None
+            kinds.add("no footprint")
+            continue
+        kinds.add("footprint")
+        ring = geo["footprint"]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        for corner in corners:
+            assert any(
+                abs(lon - corner[1]) <= degree and abs(lat - corner[0]) <= degree
+                for lon, lat in ring
+            )
+        ground = [g for g in (hit(cam, x, y) for x, y in pixels) if not isinstance(g, str)]
+        top_left, top_right, bottom_right, bottom_left = ground
+        width = (math.dist(top_left, top_right) + math.dist(bottom_left, bottom_right)) / 2
+        assert geo["width_m"] == pytest.approx(width, abs=metre)
+    assert "footprint" in kinds

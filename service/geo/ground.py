@@ -51,7 +51,8 @@ def _cast(
     down = -direction[..., 2]
     below = down > 1e-9
     scale = camera.height_m / np.where(below, down, 1.0)
-    return direction[..., 0] * scale, direction[..., 1] * scale, below
+    with np.errstate(over="ignore"):  # an absurd height reaches infinity, as plain floats do
+        return direction[..., 0] * scale, direction[..., 1] * scale, below
 
 
 def to_wgs84(camera: Camera, point: Ground) -> tuple[float, float]:
@@ -97,25 +98,29 @@ def _uncertainties(camera: Camera, xs: np.ndarray, ys: np.ndarray) -> list[float
     sigma = camera.sigma_attitude_deg
     turns = [rotation] + [rotation @ _turn(axis, t) for axis in range(3) for t in (sigma, -sigma)]
     east, north, below = _cast(camera, xs, ys, np.array(turns))
-    moved = np.hypot(east[0] - east[1:], north[0] - north[1:])  # 6 x N: per axis, + then -
-    total = (
-        camera.sigma_position_m**2
-        + (np.hypot(east[0], north[0]) * camera.sigma_height_m / camera.height_m) ** 2
-    )
-    failed = ~below[0]
-    for axis in range(3):
-        on_ground = below[0] & below[1 + 2 * axis] & below[2 + 2 * axis]
-        attitude = np.maximum(moved[2 * axis], moved[2 * axis + 1]) ** 2
-        off = below[0] & ~on_ground
-        if off.any():
-            # A whole sigma turns the ray off the ground (near the horizon): first order instead.
-            small = np.array([rotation @ _turn(axis, sigma * 1e-3)])
-            e, n, ok = _cast(camera, xs, ys, small)
-            gap = np.hypot(east[0] - e[0], north[0] - n[0]) * 1e3
-            attitude = np.where(off, gap**2, attitude)
-            failed |= off & ~ok[0]
-        total = total + np.where(on_ground | off, attitude, 0.0)
-    root = np.sqrt(total)
+    # Every point is perturbed, also those whose own ground point is not used; an absurd height
+    # (1e300 m) overflows there, and a sigma that is not finite is no sigma.
+    with np.errstate(over="ignore", invalid="ignore"):
+        moved = np.hypot(east[0] - east[1:], north[0] - north[1:])  # 6 x N: per axis, + then -
+        total = (
+            camera.sigma_position_m**2
+            + (np.hypot(east[0], north[0]) * camera.sigma_height_m / camera.height_m) ** 2
+        )
+        failed = ~below[0]
+        for axis in range(3):
+            on_ground = below[0] & below[1 + 2 * axis] & below[2 + 2 * axis]
+            attitude = np.maximum(moved[2 * axis], moved[2 * axis + 1]) ** 2
+            off = below[0] & ~on_ground
+            if off.any():
+                # A whole sigma turns the ray off the ground (near the horizon): first order.
+                small = np.array([rotation @ _turn(axis, sigma * 1e-3)])
+                e, n, ok = _cast(camera, xs, ys, small)
+                gap = np.hypot(east[0] - e[0], north[0] - n[0]) * 1e3
+                attitude = np.where(off, gap**2, attitude)
+                failed |= off & ~ok[0]
+            total = total + np.where(on_ground | off, attitude, 0.0)
+        root = np.sqrt(total)
+        failed |= ~np.isfinite(root)
     return [None if bad else float(value) for bad, value in zip(failed, root, strict=True)]
 
 
@@ -163,14 +168,6 @@ class _Places:
         """A closed [lon, lat] ring of `count` converted points."""
         ring = [[round(self.lon[k], 7), round(self.lat[k], 7)] for k in range(start, start + count)]
         return [*ring, ring[0]]
-
-
-def _ring(camera: Camera, points: Sequence[Ground]) -> list[list[float]]:
-    """A closed, counter-clockwise [lon, lat] ring (GeoJSON's right-hand rule)."""
-    places = _Places(camera)
-    start = places.add(_counter_clockwise(points))
-    places.convert()
-    return places.ring(start, len(points))
 
 
 def _numbers(box: Any) -> list[float] | None:
