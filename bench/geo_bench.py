@@ -45,27 +45,6 @@ LABELS = ("car", "truck", "person", "roof", "tree")
 GIVEN_FLIGHTS = 20
 PARAMS = {"queries": list(LABELS), "prompt": "Describe.", "options": {}}
 
-# Taken with cProfile on 2026-11-28 (20 boxes on a 4000x3000 nadir frame, ~70 ms a job then).
-GEOREF_FINDING = (
-    "Profile (cProfile): ~70% of the time is pymap3d.enu2geodetic -> ecef2geodetic called once "
-    "per point (5 points a box: 4 corners and the centre, 105 calls a job) on scalars, each "
-    "call paying numpy's isclose/all checks (~25% on their own); the ray maths itself "
-    "(camera.rotation/ray, ground.hit) is ~20%. Closing it: one enu2geodetic call per frame "
-    "on arrays of every box's points (pymap3d vectorises), and the rotation built once a frame"
-)
-
-# Taken with cProfile on 2026-11-28 (quick size: 2 x 100 frames, 500 detections a side).
-CHANGES_FINDING = (
-    "Profile (cProfile of geo.changes.compare): ~45% in _holders, which calls "
-    "LocalPlane.union once per frame footprint (200 pymap3d projections and union_all calls of "
-    "one polygon each); ~25% in _assign, where every still object is its own connected group, "
-    "so ~500 groups each pay two np.unique and a linear_sum_assignment; ~20% in _side. The "
-    "route also reads each flight twice (its summary, then its full job views). Closing it: "
-    "project all footprints in one call and union once per side; solve one-edge groups "
-    "directly; read the flight's jobs once through a projection (id, footprint, detections' "
-    "label and geo) as the exports do"
-)
-
 
 def _boxes(count: int) -> list[list[float]]:
     """`count` boxes spread over the frame, in pixels of the upright 4000x3000 image."""
@@ -271,9 +250,7 @@ async def _georef_row(work: Path, rounds: int) -> Row:
         "(results, 20 detection rows, attempt, status; synchronous=FULL commit), the write "
         "every finished job pays; target proposed here (the issue sets none): placing a job "
         "costs no more than persisting it, i.e. still small against 1-5 s of model time a "
-        f"frame; {rounds} rounds, each georeference then its complete, medians. "
-        + finding
-        + GEOREF_FINDING,
+        f"frame; {rounds} rounds, each georeference then its complete, medians. " + finding,
     )
 
 
@@ -396,7 +373,7 @@ def _route_rows(work: Path, jobs: int, rounds: int) -> list[Row]:
                 row.note += f". Profile (pyinstrument, the route's work in process): {found}"
                 if ours_paths[0].startswith("/v1/changes"):
                     split = asyncio.run(_changes_stages(db_path, before, after))
-                    row.note += f"; in process, this run: {split}. {CHANGES_FINDING}"
+                    row.note += f"; in process, this run: {split}"
             rows.append(row)
     rows[0].note += (
         f"; {len(frames):,} jobs ({jobs:,} in {2 * GIVEN_FLIGHTS} flights half given, half "

@@ -46,6 +46,10 @@ def _place(job: dict[str, Any], elevation: Any) -> tuple[int, dict[str, Any], li
     return job["id"], geo, detection_geo, changed, (image["exif"] or {}).get("gps")
 
 
+def _place_all(jobs: list[dict[str, Any]], elevation: Any) -> list[Any]:
+    return [_place(job, elevation) for job in jobs]
+
+
 async def place_again(svc: Services, where: JobFilter, elevation: Any = KEEP) -> Placed:
     """Work out the geometry of every succeeded job `where` matches again, from its stored EXIF
     and boxes; with `elevation` (metres above sea level, or None for flat ground at take-off
@@ -58,7 +62,7 @@ async def place_again(svc: Services, where: JobFilter, elevation: Any = KEEP) ->
     where = dataclasses.replace(where, status="succeeded")
     placed = Placed()
     async for page in await svc.reads.stream(where, batch=min(EXPORT_PAGE, 200)):
-        rows = await asyncio.to_thread(lambda p=page: [_place(job, elevation) for job in p])
+        rows = await asyncio.to_thread(_place_all, page, elevation)
 
         def write(db: Db, rows: list[Any] = rows) -> list[tuple[dict[str, Any], list[Any]]]:
             return [

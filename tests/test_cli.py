@@ -616,7 +616,7 @@ def test_show_lists_the_timings_in_pipeline_order_with_total_last(
     code, out, _ = run(capsys, "show", str(job["id"]), "--url", service.url)
     assert code == 0
     stages = re.findall(r"(\w+) \d+ ms", out)
-    assert stages == ["queue_wait", "decode", "detect", "reason", "persist", "total"], out
+    assert stages == ["queue_wait", "decode", "detect", "reason", "geo", "persist", "total"], out
 
 
 def test_inbox_reprocess_runs_a_handled_file_again(

@@ -121,7 +121,7 @@ def test_a_kernel_cache_the_user_set_is_left_alone(tmp_path: Path) -> None:
 
 def test_aip_serve_points_the_kernel_cache_into_the_data_directory(tmp_path: Path) -> None:
     """The real start-up path, ended early to stay cheap: `aip serve` sets MLX_PTX_CACHE_DIR
-    before anything imports mlx and says so in its start-up lines; a missing model then stops
+    before anything imports mlx and says so at debug level; a missing model then stops
     it before any model loads."""
     data_dir, missing = tmp_path / "data", tmp_path / "missing"
     env = subprocess_env(
@@ -129,7 +129,7 @@ def test_aip_serve_points_the_kernel_cache_into_the_data_directory(tmp_path: Pat
     )
     env.pop("MLX_PTX_CACHE_DIR", None)
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--log-level", "info"],
+        [sys.executable, "-m", "service.cli", "serve", "--log-level", "debug"],
         env=env,
         capture_output=True,
         text=True,

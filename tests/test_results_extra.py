@@ -197,6 +197,7 @@ def test_job_json_shows_the_new_params_and_result_fields(settings: Settings, ser
         "citations": [],
         "planned_queries": None,
         "tiling": None,
+        "geo": None,  # stored before geometry was worked out
     }
 
     page = service.client.get("/v1/jobs")

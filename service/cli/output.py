@@ -65,7 +65,7 @@ def _pack(items: list[str], width: int) -> list[str]:
     return lines
 
 
-STAGES = ("queue_wait", "decode", "plan", "detect", "reason", "persist")
+STAGES = ("queue_wait", "decode", "plan", "detect", "reason", "geo", "persist")
 
 
 def _in_pipeline_order(timings: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -83,7 +83,8 @@ def prepare_node(
     # Before anything imports mlx (the demo checkpoints are built with it).
     cache = use_kernel_cache(settings.data_dir)
     how = "MLX_PTX_CACHE_DIR as set" if cache["set_by"] == "user" else "in the data directory"
-    log.info("MLX kernel cache (CUDA): %s (%s)", cache["path"], how)
+    # Said at info level once the models load on CUDA, the one backend that uses it.
+    log.debug("MLX kernel cache (CUDA): %s (%s)", cache["path"], how)
     try:
         return prepare_models(settings)
     except AipError as exc:
