@@ -35,7 +35,8 @@ def _span(flight: dict[str, Any]) -> str:
 def print_flight(flight: dict[str, Any], *, detail: bool) -> None:
     counts = ", ".join(f"{n} {label}" for label, n in flight["counts"].items()) or "nothing"
     print(
-        f"{flight['id']}  {_span(flight)}  {flight['frames']} frames "
+        f"{flight['id']}  {_span(flight)}  {flight['frames']} frame"
+        f"{'s' if flight['frames'] != 1 else ''} "
         f"({flight['located']} located), {_size(flight['area_m2'])}: {counts}"
     )
     if detail:
