@@ -102,12 +102,13 @@ async def report(svc: Services, name: str, *, since: str | None = None) -> str:
             f"(GET /v1/exports/jobs.geojson?flight=...)",
             code="report_too_large",
         )
+    # Compared first: an unknown `since` is refused before any frame is drawn.
+    compared = (await changes(svc, since, name)).to_dict() if since is not None else None
     frames: dict[int, bytes] = {}
     for job in shown:
         # A frame whose image is gone (retention) or still being redacted is listed unshown.
         with contextlib.suppress(AipError):
             frames[job["id"]] = await annotated_jpeg(svc, job)
-    compared = (await changes(svc, since, name)).to_dict() if since is not None else None
     return render_report(
         found.to_dict(),
         jobs,

@@ -77,10 +77,11 @@ async def resolved_filter(
     return await flights.resolve(services(request), where)
 
 
-def takes_only(*own: str) -> Callable[[Request], Any]:
-    """A dependency refusing query parameters other than the filters and `own`: a misspelt
-    filter would otherwise be ignored and widen the answer without a word."""
-    allowed = (*own, *FILTERS)
+def takes_only(*own: str, filters: bool = True) -> Callable[[Request], Any]:
+    """A dependency refusing query parameters other than the filters (unless `filters` is
+    False) and `own`: a misspelt filter would otherwise be ignored and widen the answer
+    without a word, a misspelt `since` give a report without the changes."""
+    allowed = (*own, *(FILTERS if filters else ()))
 
     def check(request: Request) -> None:
         unknown = sorted(set(request.query_params) - set(allowed))
@@ -94,7 +95,7 @@ def takes_only(*own: str) -> Callable[[Request], Any]:
         )
         raise InvalidInput(
             f"this route does not take the query parameter {name[:100]!r}{why}; it takes "
-            f"{', '.join(allowed)}",
+            f"{', '.join(allowed) or 'none'}",
             code="invalid_filter",
         )
 

@@ -41,19 +41,7 @@ REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def takes(*own: str) -> Any:
-    """A dependency refusing query parameters other than `own`: a misspelt `since` would
-    otherwise give a report without the changes and not a word."""
-
-    def check(request: Request) -> None:
-        unknown = sorted(set(request.query_params) - set(own))
-        if unknown:
-            raise InvalidInput(
-                f"this route does not take the query parameter {unknown[0][:100]!r}; it takes "
-                f"{', '.join(own) or 'none'}",
-                code="invalid_filter",
-            )
-
-    return Depends(check)
+    return Depends(takes_only(*own, filters=False))
 
 
 @router.get(
@@ -150,6 +138,7 @@ async def flight_changes(
     "given its place in both flights side by side",
     response_model=ChangeDescriptions,
     responses=errors(404, 413, 422, 507),
+    dependencies=[takes("before", "after", "kinds", "limit")],
 )
 async def describe_changes(
     request: Request,
