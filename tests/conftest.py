@@ -402,20 +402,25 @@ class InstantReasoner:
         return "ok"
 
 
+def stand_in_host(detector: Any, reasoner: Any = None) -> ModelHost:
+    """A model host serving these stand-ins (the reasoner answers "ok" at once by default)."""
+    return ModelHost(
+        {"detector": "stand-in", "reasoner": "stand-in"},
+        loaders={
+            "detector": lambda p: detector,
+            "reasoner": lambda p: reasoner or InstantReasoner(),
+        },
+        resolve_sources=False,
+    )
+
+
 @pytest.fixture
 def inbox_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
     """Services whose models answer at once: these tests are about files, not inference."""
     started: list[RunningService] = []
 
     def _serve(**changes: Any) -> RunningService:
-        host = ModelHost(
-            {"detector": "fake", "reasoner": "fake"},
-            loaders={
-                "detector": lambda p: InstantDetector(),
-                "reasoner": lambda p: InstantReasoner(),
-            },
-            resolve_sources=False,
-        )
+        host = stand_in_host(InstantDetector())
         defaults = {
             "inbox": tmp_path / "inbox",
             "inbox_settle_seconds": 0.3,

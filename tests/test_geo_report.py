@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 import stat
 from html.parser import HTMLParser
@@ -20,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from service.geo.pdf import PdfError, find_converter, html_to_pdf
 from service.geo.report import SVG_NS, render_report
-from tests.conftest import apt_install
+from tests.conftest import _chromium
 
 ORIGIN = (51.5, -0.12)  # take-off point, lat/lon
 HOSTILE = "<script>alert(1)</script>"
@@ -408,12 +407,8 @@ def test_the_report_in_headless_chromium_without_network(browser: Any, tmp_path:
 def converter() -> str:
     """The Chromium that prints PDFs: skipped without one, as the browser tests are; with CI
     set, installed as they install it, and a must."""
-    found = find_converter()
-    if found is None and os.environ.get("CI"):
-        failed = apt_install("chromium")
-        found = find_converter()
-        if found is None:
-            pytest.fail(f"CI: no Chromium for the PDF: {failed}")
+    chromium = _chromium()  # on CI installed when missing, or the test fails
+    found = find_converter() or (str(chromium) if chromium else None)
     if found is None:
         pytest.skip(
             "PDF test skipped: install Chromium (Debian: apt-get install chromium) or set "

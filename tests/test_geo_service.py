@@ -23,8 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from service.detection import Detection
-from service.models.host import ModelHost
-from tests.conftest import InstantReasoner, RunningService, make_settings, until
+from tests.conftest import RunningService, make_settings, stand_in_host, until
 from tests.geo_frames import dji_jpeg, no_pose_jpeg
 
 LAT0, LON0 = 51.4800, -0.1100
@@ -120,14 +119,7 @@ def geo_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
     started: list[RunningService] = []
 
     def _serve(**changes: Any) -> RunningService:
-        host = ModelHost(
-            {"detector": "painted", "reasoner": "fake"},
-            loaders={
-                "detector": lambda p: PaintedDetector(),
-                "reasoner": lambda p: InstantReasoner(),
-            },
-            resolve_sources=False,
-        )
+        host = stand_in_host(PaintedDetector())
         settings = make_settings(tmp_path, default_queries=("car", "tent"), **changes)
         service = RunningService(settings, host).start()
         started.append(service)
